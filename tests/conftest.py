@@ -62,7 +62,7 @@ class PahoDevice:
     def __init__(self, cloud: Cloud, thing: str, client_id: Optional[str] = None,
                  cert=None, subscribe: Optional[str] = None) -> None:
         self.thing = thing
-        self.messages: "queue.Queue[tuple[str, dict]]" = queue.Queue()
+        self.messages: queue.Queue[tuple[str, dict]] = queue.Queue()
         self.all: list[tuple[str, dict]] = []
         self.connected = threading.Event()
         self.subscribed = threading.Event()

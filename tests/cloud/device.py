@@ -32,9 +32,12 @@ HOOK_SCRIPT = """#!/bin/sh
 # Look-alike managed-respawn script: logs each call, can be told to fail or to hang.
 name=$(basename "$0")
 {lab}mkdir -p "$lab"
-echo "$name job=${{GGC_OTA_JOB_ID:-}} component=${{GGC_OTA_COMPONENT:-}} from=${{GGC_OTA_OLD_VERSION:-}} to=${{GGC_OTA_NEW_VERSION:-}}" >> "$lab/hooks.log"
+echo "$name job=${{GGC_OTA_JOB_ID:-}} component=${{GGC_OTA_COMPONENT:-}}" \
+  "from=${{GGC_OTA_OLD_VERSION:-}} to=${{GGC_OTA_NEW_VERSION:-}}" >> "$lab/hooks.log"
 if [ -f "$lab/$name.hang" ]; then sleep "$(cat "$lab/$name.hang")"; fi
-if [ -f "$lab/$name.fail-once" ]; then code=$(cat "$lab/$name.fail-once"); rm -f "$lab/$name.fail-once"; exit "$code"; fi
+if [ -f "$lab/$name.fail-once" ]; then
+  code=$(cat "$lab/$name.fail-once"); rm -f "$lab/$name.fail-once"; exit "$code"
+fi
 if [ -f "$lab/$name.fail" ]; then exit "$(cat "$lab/$name.fail")"; fi
 case "$name" in
   ggc_pre_update.sh) exec "$root/ggc/core/greengrassd" stop ;;

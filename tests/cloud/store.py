@@ -125,9 +125,11 @@ class ArtifactStore:
         try:
             amz_date, expires, sig = query["X-Amz-Date"], query["X-Amz-Expires"], query["X-Amz-Signature"]
         except KeyError:
-            return 403, "AccessDenied", "Query-string authentication requires X-Amz-Date, X-Amz-Expires and X-Amz-Signature"
+            return (403, "AccessDenied",
+                    "Query-string authentication requires X-Amz-Date, X-Amz-Expires and X-Amz-Signature")
         if not hmac.compare_digest(sig, self._signature(path, amz_date, expires)):
-            return 403, "SignatureDoesNotMatch", "The request signature we calculated does not match the signature you provided."
+            return (403, "SignatureDoesNotMatch",
+                    "The request signature we calculated does not match the signature you provided.")
         try:
             signed_at = calendar.timegm(time.strptime(amz_date, "%Y%m%dT%H%M%SZ"))
             lifetime = int(expires)

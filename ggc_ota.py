@@ -1,0 +1,938 @@
+#!/usr/bin/env python3
+"""ggc-ota: over-the-air update agent for AWS IoT Greengrass v1 cores.
+
+One module, standard library only, CPython 3.8+. It reads top to bottom in sections:
+
+    errors        exception classes, each with a machine reason code for statusDetails.reason
+    logging       the agent's logger
+    MQTT codec    MQTT 3.1.1 packets: encode, decode, validate (bounded, never trusts lengths)
+    MQTT client   TLS transport and one network thread: keepalive, QoS 1, reconnect with backoff
+    CLI           the command line
+
+See README.md for the contract it keeps (SPEC.md in the shared folder).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import select
+import socket
+import ssl
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+__version__ = "0.1.0"
+
+# ============================================================================================
+# errors: every failure the agent reports carries a short machine reason code, which goes
+# straight into statusDetails.reason of the job it was working on.
+# ============================================================================================
+
+
+class OtaError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+    reason = "INTERNAL_ERROR"
+
+    def __init__(self, message: str, reason: Optional[str] = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+class MqttError(OtaError):
+    reason = "MQTT_ERROR"
+
+
+class MqttProtocolError(MqttError):
+    """The peer sent bytes that are not valid MQTT 3.1.1; the connection is closed."""
+
+    reason = "MQTT_PROTOCOL_ERROR"
+
+
+class MqttConnectRefused(MqttError):
+    """CONNACK with a non-zero return code."""
+
+    reason = "MQTT_CONNECT_REFUSED"
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        super().__init__(f"broker refused the connection: {CONNACK_CODES.get(code, 'unknown code')} "
+                         f"(CONNACK return code {code})")
+
+
+class MqttAuthError(MqttError):
+    """The TLS layer refused us: unknown server, wrong hostname, or our certificate refused."""
+
+    reason = "MQTT_TLS_AUTH"
+
+
+class MqttTimeout(MqttError):
+    reason = "MQTT_TIMEOUT"
+
+
+class MqttSubscribeRefused(MqttError):
+    reason = "MQTT_SUBSCRIBE_REFUSED"
+
+
+class MqttNotConnected(MqttError):
+    reason = "MQTT_NOT_CONNECTED"
+
+
+# ============================================================================================
+# logging
+# ============================================================================================
+
+log = logging.getLogger("ggc-ota")
+
+
+# ============================================================================================
+# MQTT codec: MQTT 3.1.1 (OASIS standard) packets. Decoding validates everything the spec
+# fixes (reserved flags, QoS, lengths, packet ids, return codes) and raises MqttProtocolError
+# for anything else; a declared length above the cap is refused before any byte is buffered.
+# ============================================================================================
+
+CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
+SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 10, 11, 12, 13, 14
+PACKET_NAMES = {CONNECT: "CONNECT", CONNACK: "CONNACK", PUBLISH: "PUBLISH", PUBACK: "PUBACK",
+                PUBREC: "PUBREC", PUBREL: "PUBREL", PUBCOMP: "PUBCOMP", SUBSCRIBE: "SUBSCRIBE",
+                SUBACK: "SUBACK", UNSUBSCRIBE: "UNSUBSCRIBE", UNSUBACK: "UNSUBACK", PINGREQ: "PINGREQ",
+                PINGRESP: "PINGRESP", DISCONNECT: "DISCONNECT"}
+# Fixed-header flags that the spec requires for every type but PUBLISH.
+REQUIRED_FLAGS = {CONNECT: 0, CONNACK: 0, PUBACK: 0, PUBREC: 0, PUBREL: 2, PUBCOMP: 0, SUBSCRIBE: 2,
+                  SUBACK: 0, UNSUBSCRIBE: 2, UNSUBACK: 0, PINGREQ: 0, PINGRESP: 0, DISCONNECT: 0}
+CONNACK_CODES = {0: "connection accepted", 1: "unacceptable protocol version", 2: "client identifier rejected",
+                 3: "server unavailable", 4: "bad user name or password",
+                 5: "not authorized (check the certificate's IoT policy)"}
+MAX_REMAINING_LENGTH = 268_435_455
+DEFAULT_MAX_PACKET = 256 * 1024  # AWS IoT's payload limit is 128 KB; a topic and header fit beside it
+
+
+@dataclass(frozen=True)
+class Packet:
+    """A decoded packet. Fields not used by a type keep their defaults."""
+
+    type: int
+    flags: int = 0
+    packet_id: int = 0
+    topic: str = ""
+    payload: bytes = b""
+    qos: int = 0
+    retain: bool = False
+    dup: bool = False
+    return_code: int = 0
+    session_present: bool = False
+    codes: Tuple[int, ...] = ()
+    topics: Tuple[Tuple[str, int], ...] = ()
+    client_id: str = ""
+    keepalive: int = 0
+    clean_session: bool = True
+
+    @property
+    def name(self) -> str:
+        return PACKET_NAMES.get(self.type, str(self.type))
+
+
+def encode_remaining_length(length: int) -> bytes:
+    if not 0 <= length <= MAX_REMAINING_LENGTH:
+        raise MqttProtocolError(f"remaining length {length} out of range")
+    out = bytearray()
+    while True:
+        byte, length = length % 128, length // 128
+        out.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes(out)
+
+
+def decode_remaining_length(buf: bytes, offset: int = 1) -> Optional[Tuple[int, int]]:
+    """(value, bytes used) of the length at buf[offset:], or None while incomplete."""
+    value, multiplier = 0, 1
+    for i in range(4):
+        if offset + i >= len(buf):
+            return None
+        byte = buf[offset + i]
+        value += (byte & 0x7F) * multiplier
+        if not byte & 0x80:
+            if i > 0 and byte == 0:
+                raise MqttProtocolError("remaining length is not minimally encoded")
+            return value, i + 1
+        multiplier *= 128
+    raise MqttProtocolError("remaining length longer than 4 bytes")
+
+
+def encode_string(text: str) -> bytes:
+    data = text.encode("utf-8")
+    if len(data) > 65535:
+        raise MqttProtocolError("string longer than 65535 bytes")
+    if "\x00" in text:
+        raise MqttProtocolError("string holds U+0000")
+    return struct.pack("!H", len(data)) + data
+
+
+def _fixed(packet_type: int, flags: int, body: bytes) -> bytes:
+    return bytes([(packet_type << 4) | flags]) + encode_remaining_length(len(body)) + body
+
+
+def _check_packet_id(packet_id: int) -> None:
+    if not 1 <= packet_id <= 65535:
+        raise MqttProtocolError(f"packet id {packet_id} outside 1..65535")
+
+
+def encode_connect(client_id: str, keepalive: int, clean_session: bool = True) -> bytes:
+    if not 0 <= keepalive <= 65535:
+        raise MqttProtocolError("keepalive outside 0..65535")
+    flags = 0x02 if clean_session else 0x00
+    body = encode_string("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + encode_string(client_id)
+    return _fixed(CONNECT, 0, body)
+
+
+def encode_connack(return_code: int, session_present: bool = False) -> bytes:
+    return _fixed(CONNACK, 0, bytes([1 if session_present else 0, return_code]))
+
+
+def encode_publish(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0,
+                   retain: bool = False, dup: bool = False) -> bytes:
+    if qos not in (0, 1, 2):
+        raise MqttProtocolError(f"QoS {qos} does not exist")
+    if not topic or "+" in topic or "#" in topic:
+        raise MqttProtocolError(f"invalid topic name {topic!r}")
+    flags = (0x08 if dup else 0) | (qos << 1) | (0x01 if retain else 0)
+    body = encode_string(topic)
+    if qos:
+        _check_packet_id(packet_id)
+        body += struct.pack("!H", packet_id)
+    return _fixed(PUBLISH, flags, body + bytes(payload))
+
+
+def _encode_id_only(packet_type: int, packet_id: int) -> bytes:
+    _check_packet_id(packet_id)
+    return _fixed(packet_type, REQUIRED_FLAGS[packet_type], struct.pack("!H", packet_id))
+
+
+def encode_puback(packet_id: int) -> bytes:
+    return _encode_id_only(PUBACK, packet_id)
+
+
+def encode_unsuback(packet_id: int) -> bytes:
+    return _encode_id_only(UNSUBACK, packet_id)
+
+
+def encode_subscribe(packet_id: int, topics: List[Tuple[str, int]]) -> bytes:
+    _check_packet_id(packet_id)
+    if not topics:
+        raise MqttProtocolError("SUBSCRIBE needs at least one topic filter")
+    body = struct.pack("!H", packet_id)
+    for topic, qos in topics:
+        if qos not in (0, 1, 2):
+            raise MqttProtocolError(f"QoS {qos} does not exist")
+        body += encode_string(topic) + bytes([qos])
+    return _fixed(SUBSCRIBE, 2, body)
+
+
+def encode_suback(packet_id: int, codes: List[int]) -> bytes:
+    _check_packet_id(packet_id)
+    return _fixed(SUBACK, 0, struct.pack("!H", packet_id) + bytes(codes))
+
+
+def encode_unsubscribe(packet_id: int, topics: List[str]) -> bytes:
+    _check_packet_id(packet_id)
+    if not topics:
+        raise MqttProtocolError("UNSUBSCRIBE needs at least one topic filter")
+    return _fixed(UNSUBSCRIBE, 2, struct.pack("!H", packet_id) + b"".join(encode_string(t) for t in topics))
+
+
+def encode_pingreq() -> bytes:
+    return bytes([PINGREQ << 4, 0])
+
+
+def encode_pingresp() -> bytes:
+    return bytes([PINGRESP << 4, 0])
+
+
+def encode_disconnect() -> bytes:
+    return bytes([DISCONNECT << 4, 0])
+
+
+class _Body:
+    """A cursor over a packet body that refuses to read past its end."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        self.data, self.pos, self.name = data, 0, name
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise MqttProtocolError(f"{self.name} is truncated")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        return struct.unpack("!H", self.take(2))[0]
+
+    def string(self) -> str:
+        raw = self.take(self.u16())
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MqttProtocolError(f"{self.name} holds a string that is not UTF-8") from None
+        if "\x00" in text:
+            raise MqttProtocolError(f"{self.name} holds a string with U+0000")
+        return text
+
+    def rest(self) -> bytes:
+        out = self.data[self.pos:]
+        self.pos = len(self.data)
+        return out
+
+    def done(self) -> bool:
+        return self.pos >= len(self.data)
+
+    def finish(self) -> None:
+        if not self.done():
+            raise MqttProtocolError(f"{self.name} has {len(self.data) - self.pos} unexpected trailing bytes")
+
+
+def decode_packet(packet_type: int, flags: int, body: bytes) -> Packet:
+    """Decode and validate one whole packet (fixed header already split off)."""
+    name = PACKET_NAMES.get(packet_type)
+    if name is None:
+        raise MqttProtocolError(f"reserved packet type {packet_type}")
+    if packet_type != PUBLISH and flags != REQUIRED_FLAGS[packet_type]:
+        raise MqttProtocolError(f"{name} with reserved flags {flags:#x}")
+    b = _Body(body, name)
+    if packet_type == PUBLISH:
+        qos = (flags >> 1) & 0x03
+        if qos == 3:
+            raise MqttProtocolError("PUBLISH with QoS 3")
+        dup = bool(flags & 0x08)
+        if qos == 0 and dup:
+            raise MqttProtocolError("PUBLISH with QoS 0 and DUP set")
+        topic = b.string()
+        if not topic or "+" in topic or "#" in topic:
+            raise MqttProtocolError(f"PUBLISH to an invalid topic name {topic!r}")
+        packet_id = 0
+        if qos:
+            packet_id = b.u16()
+            _check_packet_id(packet_id)
+        return Packet(PUBLISH, flags, packet_id, topic, b.rest(), qos, bool(flags & 1), dup)
+    if packet_type == CONNACK:
+        if len(body) != 2:
+            raise MqttProtocolError(f"CONNACK of length {len(body)}, not 2")
+        ack_flags, code = body[0], body[1]
+        if ack_flags & 0xFE:
+            raise MqttProtocolError("CONNACK with reserved acknowledge flags")
+        if code > 5:
+            raise MqttProtocolError(f"CONNACK with unknown return code {code}")
+        return Packet(CONNACK, flags, return_code=code, session_present=bool(ack_flags & 1))
+    if packet_type in (PUBACK, PUBREC, PUBREL, PUBCOMP, UNSUBACK):
+        if len(body) != 2:
+            raise MqttProtocolError(f"{name} of length {len(body)}, not 2")
+        packet_id = b.u16()
+        _check_packet_id(packet_id)
+        return Packet(packet_type, flags, packet_id)
+    if packet_type == SUBACK:
+        packet_id = b.u16()
+        _check_packet_id(packet_id)
+        codes = tuple(b.rest())
+        if not codes:
+            raise MqttProtocolError("SUBACK without return codes")
+        if any(c not in (0, 1, 2, 0x80) for c in codes):
+            raise MqttProtocolError(f"SUBACK with invalid return codes {codes}")
+        return Packet(SUBACK, flags, packet_id, codes=codes)
+    if packet_type in (PINGREQ, PINGRESP, DISCONNECT):
+        b.finish()
+        return Packet(packet_type, flags)
+    if packet_type == SUBSCRIBE:
+        packet_id = b.u16()
+        _check_packet_id(packet_id)
+        topics = []
+        while not b.done():
+            topic, qos = b.string(), b.u8()
+            if qos > 2:
+                raise MqttProtocolError("SUBSCRIBE with requested QoS above 2")
+            topics.append((topic, qos))
+        if not topics:
+            raise MqttProtocolError("SUBSCRIBE without topic filters")
+        return Packet(SUBSCRIBE, flags, packet_id, topics=tuple(topics))
+    if packet_type == UNSUBSCRIBE:
+        packet_id = b.u16()
+        _check_packet_id(packet_id)
+        names = []
+        while not b.done():
+            names.append((b.string(), 0))
+        if not names:
+            raise MqttProtocolError("UNSUBSCRIBE without topic filters")
+        return Packet(UNSUBSCRIBE, flags, packet_id, topics=tuple(names))
+    # CONNECT
+    if b.string() != "MQTT" or b.u8() != 4:
+        raise MqttProtocolError("CONNECT is not MQTT 3.1.1")
+    connect_flags = b.u8()
+    if connect_flags & 0x01:
+        raise MqttProtocolError("CONNECT with the reserved flag set")
+    keepalive = b.u16()
+    client_id = b.string()
+    if connect_flags & 0x04:  # will topic and message
+        b.string()
+        b.take(b.u16())
+    if connect_flags & 0x80:
+        b.string()
+    if connect_flags & 0x40:
+        b.take(b.u16())
+    b.finish()
+    return Packet(CONNECT, flags, client_id=client_id, keepalive=keepalive,
+                  clean_session=bool(connect_flags & 0x02))
+
+
+class PacketReader:
+    """Splits a byte stream into packets. Memory is bounded by `max_packet`: a larger declared
+    length is refused as soon as its length bytes arrive."""
+
+    def __init__(self, max_packet: int = DEFAULT_MAX_PACKET) -> None:
+        self.max_packet = max_packet
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> List[Packet]:
+        self._buf += data
+        packets = []
+        while True:
+            packet = self._next()
+            if packet is None:
+                return packets
+            packets.append(packet)
+
+    def _next(self) -> Optional[Packet]:
+        if len(self._buf) < 2:
+            return None
+        length = decode_remaining_length(self._buf, 1)
+        if length is None:
+            return None
+        remaining, used = length
+        if remaining + 1 + used > self.max_packet:
+            raise MqttProtocolError(f"packet of {remaining} bytes exceeds the {self.max_packet}-byte cap")
+        end = 1 + used + remaining
+        if len(self._buf) < end:
+            return None
+        header = self._buf[0]
+        body = bytes(self._buf[1 + used:end])
+        del self._buf[:end]
+        return decode_packet(header >> 4, header & 0x0F, body)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+
+# ============================================================================================
+# MQTT client: TCP + TLS 1.2+ (mutual authentication, SNI, ALPN x-amzn-mqtt-ca on port 443)
+# and one network thread that owns the socket. Other threads queue work for it and wait on
+# events, so a long download never starves the keepalive, and no lock is held while a caller's
+# callback runs. QoS 1 publishes that are unacknowledged at a disconnect are sent again after
+# the reconnect with DUP set, until the caller's timeout expires; then they are dropped and the
+# caller gets MqttTimeout. QoS 0 publishes made while disconnected are dropped.
+# ============================================================================================
+
+ALPN_AWS_IOT = "x-amzn-mqtt-ca"
+
+
+@dataclass
+class MqttSettings:
+    host: str
+    port: int
+    client_id: str
+    ca_path: str
+    cert_path: str
+    key_path: str
+    keepalive: int = 60
+    connect_timeout: float = 10.0      # TCP connect and TLS handshake, each
+    connack_timeout: float = 10.0
+    ping_timeout: Optional[float] = None  # default: half the keepalive, at most 30 s
+    io_timeout: float = 30.0           # one blocking read or write of an open connection
+    backoff_base: float = 1.0
+    backoff_cap: float = 120.0
+    not_authorized_backoff: float = 300.0  # CONNACK 5: a policy problem, not worth hammering
+    stable_after: float = 60.0         # a connection this old resets the backoff
+    max_packet: int = DEFAULT_MAX_PACKET
+    server_hostname: Optional[str] = None  # SNI and certificate name; default: host
+    alpn: Optional[bool] = None        # offer ALPN x-amzn-mqtt-ca; default: only on port 443
+
+    def wants_alpn(self) -> bool:
+        return self.port == 443 if self.alpn is None else self.alpn
+
+    def ping_deadline(self) -> float:
+        return self.ping_timeout if self.ping_timeout is not None else min(30.0, max(1.0, self.keepalive / 2))
+
+
+def tls_context(settings: MqttSettings) -> ssl.SSLContext:
+    """Client context: TLS 1.2 or newer, server verified against the configured CA only (never
+    the build machine's paths), hostname checked, our certificate and key loaded."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_verify_locations(cafile=settings.ca_path)
+    except (OSError, ssl.SSLError) as err:
+        raise MqttAuthError(f"cannot load the root CA {settings.ca_path}: {err}", "CONFIG_INVALID") from None
+    try:
+        ctx.load_cert_chain(settings.cert_path, settings.key_path)
+    except (OSError, ssl.SSLError) as err:
+        raise MqttAuthError(f"cannot load the certificate {settings.cert_path} with key {settings.key_path}: "
+                            f"{err}", "CONFIG_INVALID") from None
+    if settings.wants_alpn():
+        ctx.set_alpn_protocols([ALPN_AWS_IOT])
+    return ctx
+
+
+def open_tls(settings: MqttSettings, ctx: ssl.SSLContext) -> ssl.SSLSocket:
+    hostname = settings.server_hostname or settings.host
+    try:
+        raw = socket.create_connection((settings.host, settings.port), timeout=settings.connect_timeout)
+    except socket.timeout:
+        raise MqttTimeout(f"TCP connect to {settings.host}:{settings.port} timed out") from None
+    except OSError as err:
+        raise MqttError(f"cannot connect to {settings.host}:{settings.port}: {err.strerror or err}") from None
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        tls = ctx.wrap_socket(raw, server_hostname=hostname)  # handshake under connect_timeout
+    except ssl.SSLCertVerificationError as err:
+        raw.close()
+        raise MqttAuthError(f"the server at {settings.host}:{settings.port} failed verification: "
+                            f"{err.verify_message or err}") from None
+    except socket.timeout:
+        raw.close()
+        raise MqttTimeout(f"TLS handshake with {settings.host}:{settings.port} timed out") from None
+    except (ssl.SSLError, OSError) as err:
+        raw.close()
+        raise MqttAuthError(f"TLS handshake with {settings.host}:{settings.port} failed: {describe_tls_error(err)}") \
+            from None
+    tls.settimeout(settings.io_timeout)
+    return tls
+
+
+def describe_tls_error(err: BaseException) -> str:
+    text = str(err)
+    if "CERTIFICATE_REQUIRED" in text.upper() or "UNKNOWN_CA" in text.upper() or "BAD_CERTIFICATE" in text.upper():
+        return f"the broker refused our client certificate ({text})"
+    if "VERSION" in text.upper():
+        return f"no common TLS version (1.2 or newer required) ({text})"
+    return text
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+    return rng.uniform(0, min(cap, base * (2 ** min(attempt, 30))))
+
+
+@dataclass
+class _Inflight:
+    packet_id: int
+    topic: str
+    payload: bytes
+    done: threading.Event = field(default_factory=threading.Event)
+    sent_generation: int = -1
+    ever_sent: bool = False
+    error: Optional[BaseException] = None
+
+
+@dataclass
+class _Subscription:
+    topic: str
+    qos: int
+    granted: int = 0
+    acked_generation: int = -1
+    sent_generation: int = -1
+    error: Optional[BaseException] = None
+
+
+class MqttClient:
+    """A small, correct MQTT 3.1.1 client for one device identity.
+
+    `on_message(topic, payload)` and `on_connect()` run in the network thread: they must not
+    block (hand the work to another thread). `publish` with QoS 1 blocks until PUBACK or its
+    timeout; `subscribe` until SUBACK; both work across reconnects.
+    """
+
+    def __init__(self, settings: MqttSettings, on_message: Callable[[str, bytes], None],
+                 on_connect: Optional[Callable[[], None]] = None, rng: Optional[random.Random] = None) -> None:
+        self.settings = settings
+        self.on_message = on_message
+        self.on_connect = on_connect
+        self._rng = rng or random.Random()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a SUBACK arrived, or the connection changed
+        self._inflight: Dict[int, _Inflight] = {}
+        self._subs: Dict[str, _Subscription] = {}
+        self._sub_pending: Dict[int, List[str]] = {}
+        self._outbox: List[bytes] = []
+        self._next_id = 0
+        self._generation = 0
+        self._connected = threading.Event()
+        self._stopping = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._thread: Optional[threading.Thread] = None
+        self._sock: Optional[ssl.SSLSocket] = None
+        self.last_error: Optional[BaseException] = None
+        self.connect_count = 0
+        self._ctx: Optional[ssl.SSLContext] = None
+
+    # ---- public API --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._ctx = tls_context(self.settings)
+        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Send DISCONNECT if connected, end the network thread, fail every waiting caller."""
+        self._stopping.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._lock:
+            for item in self._inflight.values():
+                item.error = MqttNotConnected("client stopped")
+                item.done.set()
+            self._inflight.clear()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def subscribe(self, topic: str, qos: int = 1, timeout: float = 30.0) -> int:
+        """Subscribe (and stay subscribed across reconnects); returns the granted QoS."""
+        if qos not in (0, 1):
+            raise MqttError("AWS IoT supports QoS 0 and 1 only")
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            sub = self._subs.get(topic)
+            if sub is None or sub.qos != qos or sub.error is not None:
+                sub = self._subs[topic] = _Subscription(topic, qos)
+        self._wake()
+        with self._changed:
+            while True:
+                if sub.error is not None:
+                    self._subs.pop(topic, None)
+                    raise sub.error
+                if sub.acked_generation == self._generation and self._connected.is_set():
+                    return sub.granted
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise MqttTimeout(f"no SUBACK for {topic} within {timeout} s")
+                self._changed.wait(left)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, timeout: float = 30.0) -> None:
+        """QoS 0: queue and return (dropped if disconnected). QoS 1: wait for the PUBACK."""
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        if qos == 0:
+            if self._connected.is_set():
+                self._queue(encode_publish(topic, payload, 0))
+            return
+        if qos != 1:
+            raise MqttError("AWS IoT supports QoS 0 and 1 only")
+        with self._lock:
+            item = _Inflight(self._allocate_id(), topic, bytes(payload))
+            self._inflight[item.packet_id] = item
+        self._wake()
+        if not item.done.wait(timeout):
+            with self._lock:
+                self._inflight.pop(item.packet_id, None)
+            raise MqttTimeout(f"no PUBACK for a message to {topic} within {timeout} s")
+        if item.error is not None:
+            raise item.error
+
+    def check_connection(self) -> None:
+        """One TLS handshake and CONNECT/CONNACK, then DISCONNECT: raises what a session would."""
+        self._ctx = self._ctx or tls_context(self.settings)
+        self._sock = open_tls(self.settings, self._ctx)
+        try:
+            self._send(encode_connect(self.settings.client_id, self.settings.keepalive, clean_session=True))
+            connack = self._read_until_connack(PacketReader(self.settings.max_packet), self.settings.connack_timeout)
+            if connack.return_code != 0:
+                raise MqttConnectRefused(connack.return_code)
+            self._send(encode_disconnect())
+        finally:
+            sock, self._sock = self._sock, None
+            sock.close()
+
+    # ---- packet ids: 1..65535, wrapping, never one that is still in use ------------------------
+    def _allocate_id(self) -> int:
+        in_use = set(self._inflight) | set(self._sub_pending)
+        if len(in_use) >= 65535:
+            raise MqttError("all 65535 packet ids are in use")
+        while True:
+            self._next_id = self._next_id % 65535 + 1
+            if self._next_id not in in_use:
+                return self._next_id
+
+    # ---- the network thread --------------------------------------------------------------------
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _queue(self, data: bytes) -> None:
+        with self._lock:
+            self._outbox.append(data)
+        self._wake()
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            delay_floor = 0.0
+            try:
+                self._session()
+            except MqttConnectRefused as err:
+                self.last_error = err
+                log.error("MQTT: %s", err)
+                if err.code == 5:
+                    delay_floor = self.settings.not_authorized_backoff
+            except MqttError as err:
+                self.last_error = err
+                if not self._stopping.is_set():
+                    log.warning("MQTT: %s", err)
+            except Exception as err:  # never let the network thread die
+                self.last_error = err
+                log.exception("MQTT: unexpected error in the network thread")
+            finally:
+                self._close_socket()
+            if self._stopping.is_set():
+                break
+            if time.monotonic() - started >= self.settings.stable_after:
+                attempt = 0
+            delay = max(delay_floor, backoff_delay(attempt, self.settings.backoff_base,
+                                                   self.settings.backoff_cap, self._rng))
+            attempt += 1
+            log.info("MQTT: reconnecting in %.1f s (attempt %d)", delay, attempt)
+            self._stopping.wait(delay)
+
+    def _close_socket(self) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        sock, self._sock = self._sock, None
+        with self._lock:
+            self._outbox.clear()
+            self._sub_pending.clear()
+            self._changed.notify_all()
+        if sock is not None:
+            try:
+                if self._stopping.is_set() and was_connected:
+                    sock.settimeout(1.0)
+                    sock.sendall(encode_disconnect())
+            except OSError:
+                pass
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _session(self) -> None:
+        s = self.settings
+        sock = open_tls(s, self._ctx or tls_context(s))
+        self._sock = sock
+        reader = PacketReader(s.max_packet)
+        self._send(encode_connect(s.client_id, s.keepalive, clean_session=True))
+        connack = self._read_until_connack(reader, s.connack_timeout)
+        if connack.return_code != 0:
+            raise MqttConnectRefused(connack.return_code)
+        with self._lock:
+            self._generation += 1
+            self.connect_count += 1
+            self._connected.set()
+            self._changed.notify_all()
+        log.info("MQTT: connected to %s:%d as %s", s.host, s.port, s.client_id)
+        if self.on_connect is not None:
+            self.on_connect()
+        self._loop(sock, reader)
+
+    def _read_until_connack(self, reader: PacketReader, timeout: float) -> Packet:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MqttTimeout(f"no CONNACK within {timeout} s")
+            for packet in self._read(reader, left):
+                if packet.type != CONNACK:
+                    raise MqttProtocolError(f"{packet.name} before CONNACK")
+                return packet
+
+    def _read(self, reader: PacketReader, timeout: float) -> List[Packet]:
+        """Wait up to `timeout` for data; read it all, including what the TLS layer already
+        decrypted and buffered (SSLSocket.pending), which select() cannot see."""
+        sock = self._sock
+        assert sock is not None
+        if not sock.pending():
+            readable, _, _ = select.select([sock, self._wake_r], [], [], max(0.0, timeout))
+            if self._wake_r in readable:
+                self._drain_wake()
+            if sock not in readable:
+                return []
+        chunks = []
+        try:
+            data = sock.recv(65536)
+            if not data:
+                raise MqttError(self._closed_message())
+            chunks.append(data)
+            while sock.pending():
+                chunks.append(sock.recv(sock.pending()))
+        except ssl.SSLWantReadError:
+            pass
+        except socket.timeout:
+            raise MqttTimeout("read timed out in the middle of a TLS record") from None
+        except OSError as err:
+            raise self._link_error(err, "reading") from None
+        return reader.feed(b"".join(chunks))
+
+    def _link_error(self, err: OSError, doing: str) -> MqttError:
+        """Before CONNACK, a TLS error or a closed link most likely means the broker refused our
+        certificate: under TLS 1.3 the handshake completes first and the refusal shows only now."""
+        if not self._connected.is_set():
+            return MqttAuthError(f"the broker closed the TLS connection before CONNACK while {doing}: it may "
+                                 f"have refused the client certificate ({describe_tls_error(err)})")
+        if isinstance(err, ssl.SSLError):
+            return MqttError(f"TLS error while {doing}: {describe_tls_error(err)}")
+        return MqttError(f"connection lost while {doing}: {err.strerror or err}")
+
+    def _closed_message(self) -> str:
+        if not self._connected.is_set():
+            return ("the broker closed the connection before CONNACK: it may have refused the client "
+                    "certificate (under TLS 1.3 that shows only now)")
+        return (f"the broker closed the connection; if this repeats, another client may be connecting "
+                f"with the same client id ({self.settings.client_id})")
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _send(self, data: bytes) -> None:
+        sock = self._sock
+        assert sock is not None
+        try:
+            sock.sendall(data)
+        except socket.timeout:
+            raise MqttTimeout("write timed out: the broker does not read") from None
+        except OSError as err:
+            raise self._link_error(err, "sending") from None
+        self._last_send = time.monotonic()
+
+    def _loop(self, sock: ssl.SSLSocket, reader: PacketReader) -> None:
+        s = self.settings
+        self._last_send = time.monotonic()
+        ping_sent_at: Optional[float] = None
+        while not self._stopping.is_set():
+            self._flush_pending()
+            now = time.monotonic()
+            if ping_sent_at is not None and now - ping_sent_at > s.ping_deadline():
+                raise MqttTimeout(f"no PINGRESP within {s.ping_deadline():.0f} s: the link is half-open")
+            if ping_sent_at is None and s.keepalive and now - self._last_send >= s.keepalive:
+                self._send(encode_pingreq())
+                ping_sent_at = time.monotonic()
+            wait = s.keepalive - (time.monotonic() - self._last_send) if s.keepalive else 60.0
+            if ping_sent_at is not None:
+                wait = min(wait, ping_sent_at + s.ping_deadline() - time.monotonic())
+            for packet in self._read(reader, max(0.0, min(wait, 5.0))):
+                if packet.type == PINGRESP:
+                    ping_sent_at = None
+                else:
+                    self._handle(packet)
+
+    def _flush_pending(self) -> None:
+        """Send what callers queued: raw packets, new subscriptions, unsent QoS 1 publishes."""
+        with self._lock:
+            outbox, self._outbox = self._outbox, []
+            gen = self._generation
+            subs = [sub for sub in self._subs.values() if sub.sent_generation != gen and sub.error is None]
+            sub_id = self._allocate_id() if subs else 0
+            if subs:
+                self._sub_pending[sub_id] = [sub.topic for sub in subs]
+                for sub in subs:
+                    sub.sent_generation = gen
+            publishes = [item for item in self._inflight.values() if item.sent_generation != gen]
+            packets = list(outbox)
+            if subs:
+                packets.append(encode_subscribe(sub_id, [(sub.topic, sub.qos) for sub in subs]))
+            for item in publishes:
+                packets.append(encode_publish(item.topic, item.payload, 1, item.packet_id, dup=item.ever_sent))
+                item.sent_generation, item.ever_sent = gen, True
+        for data in packets:
+            self._send(data)
+
+    def _handle(self, packet: Packet) -> None:
+        if packet.type == PUBLISH:
+            if packet.qos == 2:
+                raise MqttProtocolError("PUBLISH with QoS 2, which this client never subscribes to")
+            try:
+                self.on_message(packet.topic, packet.payload)
+            except Exception:
+                log.exception("MQTT: the message handler failed for %s", packet.topic)
+            if packet.qos == 1:
+                self._send(encode_puback(packet.packet_id))
+        elif packet.type == PUBACK:
+            with self._lock:
+                item = self._inflight.pop(packet.packet_id, None)
+            if item is not None:
+                item.done.set()
+        elif packet.type == SUBACK:
+            self._handle_suback(packet)
+        elif packet.type == UNSUBACK:
+            pass
+        else:
+            raise MqttProtocolError(f"unexpected {packet.name} from the broker")
+
+    def _handle_suback(self, packet: Packet) -> None:
+        with self._lock:
+            topics = self._sub_pending.pop(packet.packet_id, None)
+            if topics is None:
+                return
+            if len(topics) != len(packet.codes):
+                raise MqttProtocolError(f"SUBACK with {len(packet.codes)} codes for {len(topics)} topics")
+            for topic, code in zip(topics, packet.codes):
+                sub = self._subs.get(topic)
+                if sub is None:
+                    continue
+                if code == 0x80:
+                    sub.error = MqttSubscribeRefused(f"the broker refused the subscription to {topic}")
+                else:
+                    sub.granted = code
+                    sub.acked_generation = self._generation
+            self._changed.notify_all()
+
+
+# ============================================================================================
+# CLI
+# ============================================================================================
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["--version"]:
+        print(f"ggc-ota {__version__}")
+        return 0
+    print("usage: ggc-ota --version (the agent itself is not built yet)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

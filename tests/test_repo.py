@@ -1,0 +1,50 @@
+"""Promises about the source itself: ggc_ota.py imports the standard library only, runs on
+CPython 3.8+ (vermin), and the tree is clean for ruff."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+AGENT = REPO / "ggc_ota.py"
+VERMIN = str(Path(sys.executable).parent / "vermin")
+
+
+def test_agent_imports_only_the_standard_library():
+    std = set(sys.stdlib_module_names)
+    tree = ast.parse(AGENT.read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            imported.add(node.module.split(".")[0])
+    assert imported, "no imports found: the check would prove nothing"
+    assert imported <= std | {"__future__"}, imported - std
+
+
+def test_agent_runs_on_python_3_8():
+    out = subprocess.run([VERMIN, "-t=3.8-", "--no-tips", "--violations",
+                          "--eval-annotations", str(AGENT)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_vermin_would_catch_a_newer_feature(tmp_path):
+    newer = tmp_path / "newer.py"
+    newer.write_text("def f(x):\n    match x:\n        case 1:\n            return 2\n")
+    out = subprocess.run([VERMIN, "-t=3.8-", "--no-tips", "--violations", str(newer)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+
+
+def test_ruff_is_clean():
+    ruff = pytest.importorskip("ruff")
+    assert ruff
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", str(REPO)], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stdout + out.stderr
