@@ -787,6 +787,10 @@ class MqttClient:
             if sock not in readable:
                 return []
         chunks = []
+        # Readable may mean only a TLS 1.3 session ticket: bound the read by the caller's wait, or
+        # recv() would block for io_timeout waiting for application data. A timed-out SSL read
+        # is safe to retry; a link that stays silent is caught by the keepalive.
+        sock.settimeout(max(0.01, min(timeout, self.settings.io_timeout)))
         try:
             data = sock.recv(65536)
             if not data:
@@ -794,10 +798,8 @@ class MqttClient:
             chunks.append(data)
             while sock.pending():
                 chunks.append(sock.recv(sock.pending()))
-        except ssl.SSLWantReadError:
+        except (ssl.SSLWantReadError, socket.timeout):
             pass
-        except socket.timeout:
-            raise MqttTimeout("read timed out in the middle of a TLS record") from None
         except OSError as err:
             raise self._link_error(err, "reading") from None
         return reader.feed(b"".join(chunks))
@@ -829,6 +831,7 @@ class MqttClient:
     def _send(self, data: bytes) -> None:
         sock = self._sock
         assert sock is not None
+        sock.settimeout(self.settings.io_timeout)
         try:
             sock.sendall(data)
         except socket.timeout:

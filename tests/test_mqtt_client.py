@@ -197,15 +197,149 @@ def test_tls_below_1_2_refused(cloud, thing):
     assert "version" not in seen  # no session was ever established
 
 
-def test_subscribe_refused_is_an_error(cloud, thing, client_factory):
-    """mosquitto answers 0x80 to a filter that is not valid UTF-8-clean; here: QoS 2 is refused
-    by our API before anything is sent, and an invalid filter by the broker."""
+def test_qos2_refused_by_the_api(cloud, thing, client_factory):
     c = client_factory(settings_for(cloud, thing))
     assert c.wait_connected(10)
-    with pytest.raises(g.MqttError):
+    with pytest.raises(g.MqttError, match="QoS 0 and 1"):
         c.subscribe("x", qos=2)
-    with pytest.raises((g.MqttSubscribeRefused, g.MqttTimeout)):
-        c.subscribe("bad/#/filter", qos=1, timeout=5)
+
+
+class ScriptedBroker:
+    """A TLS server that speaks just enough MQTT (with ggc_ota's codec) to misbehave on purpose:
+    `script(packet) -> bytes` answers each packet the client sends."""
+
+    def __init__(self, cloud, script):
+        self.script = script
+        self.ctx = server_ctx(cloud)
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(4)
+        self.port = self.srv.getsockname()[1]
+        self.received = []
+        self.connections = 0
+        self._stop = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        self.srv.settimeout(0.2)
+        while not self._stop:
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            try:
+                with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.settimeout(5)
+                    reader = g.PacketReader()
+                    while not self._stop:
+                        data = tls.recv(4096)
+                        if not data:
+                            break
+                        for packet in reader.feed(data):
+                            self.received.append(packet)
+                            answer = self.script(packet)
+                            if answer:
+                                tls.sendall(answer)
+            except (OSError, ssl.SSLError, g.MqttProtocolError):
+                pass
+
+    def close(self):
+        self._stop = True
+        self.thread.join(5)
+        self.srv.close()
+
+
+@pytest.fixture
+def scripted(cloud):
+    made = []
+
+    def make(script):
+        b = ScriptedBroker(cloud, script)
+        made.append(b)
+        return b
+    yield make
+    for b in made:
+        b.close()
+
+
+def test_malformed_connack_is_a_protocol_error(cloud, thing, scripted):
+    broker = scripted(lambda p: b"\x20\x03\x00\x00\x00" if p.type == g.CONNECT else b"")
+    with pytest.raises(g.MqttProtocolError, match="CONNACK of length 3"):
+        g.MqttClient(settings_for(cloud, thing, port=broker.port), lambda t, p: None).check_connection()
+
+
+def test_connack_not_authorized_backs_off_long(cloud, thing, scripted, client_factory, caplog):
+    caplog.set_level("INFO", logger="ggc-ota")
+    broker = scripted(lambda p: g.encode_connack(5) if p.type == g.CONNECT else b"")
+    with pytest.raises(g.MqttConnectRefused) as err:
+        g.MqttClient(settings_for(cloud, thing, port=broker.port), lambda t, p: None).check_connection()
+    assert err.value.code == 5 and "not authorized" in str(err.value)
+    c = client_factory(settings_for(cloud, thing, port=broker.port, not_authorized_backoff=30))
+    wait_until(lambda: "reconnecting in" in caplog.text, 10, "a reconnect plan")
+    assert "reconnecting in 30.0 s" in caplog.text and broker.connections == 2
+    assert isinstance(c.last_error, g.MqttConnectRefused) and not c.connected
+
+
+def test_no_connack_times_out(cloud, thing, scripted):
+    broker = scripted(lambda p: b"")
+    s = settings_for(cloud, thing, port=broker.port, connack_timeout=1)
+    with pytest.raises(g.MqttTimeout, match="CONNACK"):
+        g.MqttClient(s, lambda t, p: None).check_connection()
+
+
+def test_suback_0x80_is_surfaced(cloud, thing, scripted, client_factory):
+    def script(p):
+        if p.type == g.CONNECT:
+            return g.encode_connack(0)
+        if p.type == g.SUBSCRIBE:
+            return g.encode_suback(p.packet_id, [0x80 if t == "denied" else 1 for t, _ in p.topics])
+        return b""
+    broker = scripted(script)
+    c = client_factory(settings_for(cloud, thing, port=broker.port))
+    assert c.wait_connected(10)
+    assert c.subscribe("allowed", 1) == 1
+    with pytest.raises(g.MqttSubscribeRefused, match="denied"):
+        c.subscribe("denied", 1, timeout=5)
+
+
+def test_missing_suback_times_out(cloud, thing, scripted, client_factory):
+    broker = scripted(lambda p: g.encode_connack(0) if p.type == g.CONNECT else b"")
+    c = client_factory(settings_for(cloud, thing, port=broker.port))
+    assert c.wait_connected(10)
+    with pytest.raises(g.MqttTimeout, match="SUBACK"):
+        c.subscribe("never-acked", 1, timeout=1)
+
+
+def test_garbage_from_the_broker_closes_and_reconnects(cloud, thing, scripted, client_factory):
+    def script(p):
+        if p.type == g.CONNECT:
+            return g.encode_connack(0) + b"\x36\x05\x00\x01t\x00\x01"  # then a PUBLISH with QoS 3
+        return b""
+    broker = scripted(script)
+    c = client_factory(settings_for(cloud, thing, port=broker.port))
+    wait_until(lambda: broker.connections >= 2, 10, "a reconnect after the protocol error")
+    assert isinstance(c.last_error, g.MqttProtocolError)
+    assert c._thread.is_alive()
+
+
+def test_buffered_tls_records_are_not_left_waiting(cloud, thing, scripted, client_factory):
+    """Three PUBLISHes in one write: all must be delivered at once, not one per select() wake-up
+    (the SSLSocket.pending() bug of paho #131)."""
+    def script(p):
+        if p.type == g.CONNECT:
+            return g.encode_connack(0)
+        if p.type == g.SUBSCRIBE:
+            return (g.encode_suback(p.packet_id, [1]) + g.encode_publish("t", b"1", 0) +
+                    g.encode_publish("t", b"2", 0) + g.encode_publish("t", b"3" * 70000, 0))
+        return b""
+    broker = scripted(script)
+    c = client_factory(settings_for(cloud, thing, port=broker.port, keepalive=600))
+    assert c.wait_connected(10)
+    c.subscribe("t", 1)
+    got = [c.inbox.get(timeout=3)[1] for _ in range(3)]
+    assert got[:2] == [b"1", b"2"] and got[2] == b"3" * 70000
 
 
 # ---- keepalive, half-open links, restarts ---------------------------------------------------------
