@@ -4,18 +4,25 @@
 One module, standard library only, CPython 3.8+. It reads top to bottom in sections:
 
     errors        exception classes, each with a machine reason code for statusDetails.reason
+    config        config.json (both Greengrass v1 forms) and the agent's own otaAgent block
     logging       the agent's logger
     MQTT codec    MQTT 3.1.1 packets: encode, decode, validate (bounded, never trusts lengths)
     MQTT client   TLS transport and one network thread: keepalive, QoS 1, reconnect with backoff
+    Jobs client   the AWS IoT Jobs MQTT API: requests matched to replies by clientToken
+    download      HTTPS download with sha256 on the fly, Range resume, fresh URLs after 403
     CLI           the command line
 
 See README.md for the contract it keeps (SPEC.md in the shared folder).
 """
 from __future__ import annotations
 
+import hashlib
+import http.client
+import json
 import logging
 import os
 import random
+import re
 import select
 import socket
 import ssl
@@ -23,8 +30,10 @@ import struct
 import sys
 import threading
 import time
+import urllib.parse
+import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 __version__ = "0.1.0"
 
@@ -82,6 +91,173 @@ class MqttSubscribeRefused(MqttError):
 
 class MqttNotConnected(MqttError):
     reason = "MQTT_NOT_CONNECTED"
+
+
+class ConfigError(OtaError):
+    reason = "CONFIG_INVALID"
+
+
+# ============================================================================================
+# config: Greengrass v1's config.json in either form. Legacy: coreThing.caPath/certPath/keyPath
+# relative to <root>/certs. Current (1.6+): crypto.caPath and
+# crypto.principals.IoTCertificate.certificatePath/privateKeyPath as file:// URIs. Settings of
+# the agent's own live in an optional top-level "otaAgent" object (README: Configuration).
+# ============================================================================================
+
+DEFAULT_ROOT = "/greengrass"
+DEFAULT_LOG_FILE = "/var/log/greengrass/ota/ggc_ota.txt"
+KEEPALIVE_MIN, KEEPALIVE_MAX, KEEPALIVE_DEFAULT = 30, 1200, 600  # AWS IoT Core's rules
+THING_ARN = re.compile(r"^arn:aws[a-z-]*:iot:[a-z0-9-]+:\d{12}:thing/([a-zA-Z0-9:_-]{1,128})$")
+
+# key: (accepted types, default). Defaults that depend on the root are filled in by load_config.
+OTA_AGENT_KEYS: Dict[str, Tuple[tuple, Any]] = {
+    "stateDir": ((str,), None),                 # default <root>/ota-state
+    "logFile": ((str,), DEFAULT_LOG_FILE),
+    "logMaxBytes": ((int,), 5 * 1024 * 1024),
+    "logBackups": ((int,), 3),
+    "keep": ((list,), ["ggc/deployment", "ggc/var"]),
+    "minFreeBytes": ((int,), 400 * 1024 * 1024),  # R8
+    "scriptTimeout": ((int, float), 300),
+    "architecture": ((str,), None),              # override uname -m
+    "operatingSystem": ((str,), None),           # override /etc/os-release
+    "extraCaPath": ((str,), None),               # one more CA file for HTTPS downloads
+    "downloadReadTimeout": ((int, float), 60),
+    "downloadRetries": ((int,), 8),
+    "newAgentTimeout": ((int, float), 120),      # the new agent must reach CONNACK within this
+    "progressInterval": ((int, float), 10),      # seconds between progress reports
+}
+
+
+@dataclass
+class Config:
+    root: str
+    path: str
+    thing_name: str
+    thing_arn: str
+    iot_host: str
+    port: int
+    keepalive: int
+    ca_path: str
+    cert_path: str
+    key_path: str
+    managed_respawn: bool
+    ota: Dict[str, Any]
+    warnings: List[str] = field(default_factory=list)
+    unknown_keys: List[str] = field(default_factory=list)
+
+    def mqtt_settings(self) -> MqttSettings:
+        return MqttSettings(host=self.iot_host, port=self.port, client_id=self.thing_name, ca_path=self.ca_path,
+                            cert_path=self.cert_path, key_path=self.key_path, keepalive=self.keepalive)
+
+
+def default_root(executable: str) -> str:
+    """<root> when the executable sits at <root>/ota/ota_agent/ggc-ota, else /greengrass."""
+    path = os.path.abspath(executable)
+    parts = path.split(os.sep)
+    if len(parts) >= 4 and parts[-3:-1] == ["ota", "ota_agent"]:
+        return os.sep.join(parts[:-3]) or os.sep
+    return DEFAULT_ROOT
+
+
+def _file_uri(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{what} must be a file:// URI")
+    if value.startswith("pkcs11:"):
+        raise ConfigError(f"{what} is a PKCS#11 URI ({value.split(';')[0]}...): hardware security modules "
+                          "are not supported by ggc-ota; use a file:// certificate and key")
+    if not value.startswith("file://"):
+        raise ConfigError(f"{what} must be a file:// URI, not {value!r}")
+    return value[len("file://"):]
+
+
+def _require(mapping: Any, key: str, where: str) -> Any:
+    if not isinstance(mapping, dict) or key not in mapping:
+        raise ConfigError(f"{where}.{key} is missing")
+    return mapping[key]
+
+
+def _load_ota_block(block: Any, root: str) -> Tuple[Dict[str, Any], List[str]]:
+    if block is None:
+        block = {}
+    if not isinstance(block, dict):
+        raise ConfigError("otaAgent must be an object")
+    ota = {key: default for key, (_, default) in OTA_AGENT_KEYS.items()}
+    ota["stateDir"] = os.path.join(root, "ota-state")
+    unknown = sorted(set(block) - set(OTA_AGENT_KEYS))
+    for key, value in block.items():
+        if key not in OTA_AGENT_KEYS:
+            continue
+        types = OTA_AGENT_KEYS[key][0]
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            raise ConfigError(f"otaAgent.{key} must be of type {'/'.join(t.__name__ for t in types)}")
+        if isinstance(value, (int, float)) and value < 0:
+            raise ConfigError(f"otaAgent.{key} must not be negative")
+        if key == "keep" and not all(isinstance(k, str) and k and not os.path.isabs(k) and ".." not in k.split("/")
+                                     for k in value):
+            raise ConfigError("otaAgent.keep must list relative paths inside the root, such as ggc/var")
+        ota[key] = value
+    return ota, unknown
+
+
+def load_config(root: str, path: Optional[str] = None) -> Config:
+    """Read and check config.json; every problem is a ConfigError that names the key."""
+    root = os.path.abspath(root)
+    path = path or os.path.join(root, "config", "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist") from None
+    except PermissionError:
+        raise ConfigError(f"{path} is not readable") from None
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    core = _require(doc, "coreThing", "config")
+    warnings: List[str] = []
+    arn = _require(core, "thingArn", "coreThing")
+    match = THING_ARN.match(arn) if isinstance(arn, str) else None
+    if not match:
+        raise ConfigError(f"coreThing.thingArn {arn!r} is not a thing ARN")
+    host = _require(core, "iotHost", "coreThing")
+    if not isinstance(host, str) or not host:
+        raise ConfigError("coreThing.iotHost must be a host name")
+    port = core.get("iotMqttPort", 8883)
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ConfigError("coreThing.iotMqttPort must be a port number")
+    keepalive = core.get("keepAlive", KEEPALIVE_DEFAULT)
+    if not isinstance(keepalive, int) or isinstance(keepalive, bool):
+        raise ConfigError("coreThing.keepAlive must be a whole number of seconds")
+    if not KEEPALIVE_MIN <= keepalive <= KEEPALIVE_MAX:
+        clamped = min(max(keepalive, KEEPALIVE_MIN), KEEPALIVE_MAX)
+        warnings.append(f"coreThing.keepAlive {keepalive} is outside AWS IoT's {KEEPALIVE_MIN}..{KEEPALIVE_MAX} s; "
+                        f"using {clamped}")
+        keepalive = clamped
+    crypto = doc.get("crypto")
+    if crypto is not None:
+        cert_principal = _require(_require(crypto, "principals", "crypto"), "IoTCertificate", "crypto.principals")
+        ca = _file_uri(_require(crypto, "caPath", "crypto"), "crypto.caPath")
+        cert = _file_uri(_require(cert_principal, "certificatePath", "crypto.principals.IoTCertificate"),
+                         "crypto.principals.IoTCertificate.certificatePath")
+        key = _file_uri(_require(cert_principal, "privateKeyPath", "crypto.principals.IoTCertificate"),
+                        "crypto.principals.IoTCertificate.privateKeyPath")
+    else:
+        certs = os.path.join(root, "certs")
+        names = {k: _require(core, k, "coreThing") for k in ("caPath", "certPath", "keyPath")}
+        for k, v in names.items():
+            if not isinstance(v, str) or not v:
+                raise ConfigError(f"coreThing.{k} must be a file name")
+        ca, cert, key = (os.path.join(certs, names[k]) for k in ("caPath", "certPath", "keyPath"))
+    managed = doc.get("managedRespawn", False)
+    if not isinstance(managed, bool):
+        raise ConfigError("managedRespawn must be true or false")
+    ota, unknown = _load_ota_block(doc.get("otaAgent"), root)
+    if unknown:
+        warnings.append("otaAgent has unknown keys: " + ", ".join(unknown))
+    return Config(root=root, path=path, thing_name=match.group(1), thing_arn=arn, iot_host=host, port=port,
+                  keepalive=keepalive, ca_path=ca, cert_path=cert, key_path=key, managed_respawn=managed,
+                  ota=ota, warnings=warnings, unknown_keys=unknown)
 
 
 # ============================================================================================
@@ -921,6 +1097,388 @@ class MqttClient:
                     sub.granted = code
                     sub.acked_generation = self._generation
             self._changed.notify_all()
+
+
+# ============================================================================================
+# Jobs client: the device side of the AWS IoT Jobs MQTT API for one thing. It subscribes to
+# every reply topic it uses and to notify before sending a request (AWS delivers replies
+# without a subscription, other brokers do not), matches replies to requests by clientToken,
+# and retries RequestThrottled and InternalError with backoff. It never calls start-next: that
+# would start the head of the queue, whoever owns the job.
+# ============================================================================================
+
+RETRYABLE_JOBS_CODES = ("RequestThrottled", "InternalError")
+
+
+class JobsRejected(OtaError):
+    """A /rejected reply: `code` is AWS's error code (VersionMismatch, TerminalStateReached, ...)."""
+
+    reason = "JOBS_REJECTED"
+
+    def __init__(self, code: str, message: str, execution_state: Optional[dict] = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.execution_state = execution_state
+
+
+class JobsClient:
+    """`handle(topic, payload)` must be given every inbound message (it never blocks, so the MQTT
+    network thread may call it); `on_notify(payload)` is called for each notify message."""
+
+    def __init__(self, mqtt: MqttClient, thing: str, on_notify: Optional[Callable[[dict], None]] = None,
+                 timeout: float = 20.0, retries: int = 4, retry_base: float = 0.5,
+                 rng: Optional[random.Random] = None) -> None:
+        self.mqtt = mqtt
+        self.thing = thing
+        self.prefix = f"$aws/things/{thing}/jobs/"
+        self.on_notify = on_notify
+        self.timeout = timeout
+        self.retries = retries
+        self.retry_base = retry_base
+        self._rng = rng or random.Random()
+        self._waiting: Dict[str, Tuple[threading.Event, list]] = {}
+        self._lock = threading.Lock()
+
+    def reply_topics(self) -> List[str]:
+        p = self.prefix
+        return [p + "notify", p + "get/accepted", p + "get/rejected", p + "+/get/accepted", p + "+/get/rejected",
+                p + "+/update/accepted", p + "+/update/rejected"]
+
+    def subscribe(self, timeout: float = 30.0) -> None:
+        for topic in self.reply_topics():
+            self.mqtt.subscribe(topic, 1, timeout)
+
+    def handle(self, topic: str, payload: bytes) -> bool:
+        """True when the message was a Jobs reply or notification for this thing."""
+        if not topic.startswith(self.prefix):
+            return False
+        rest = topic[len(self.prefix):]
+        try:
+            body = json.loads(payload.decode("utf-8")) if payload else {}
+        except (UnicodeDecodeError, ValueError):
+            log.warning("Jobs: ignoring a message on %s that is not JSON", topic)
+            return True
+        if not isinstance(body, dict):
+            return True
+        if rest == "notify":
+            if self.on_notify is not None:
+                self.on_notify(body)
+            return True
+        outcome = rest.rsplit("/", 1)[-1]
+        if outcome in ("accepted", "rejected"):
+            with self._lock:
+                waiter = self._waiting.get(body.get("clientToken", ""))
+            if waiter is not None:
+                waiter[1].append((outcome, body))
+                waiter[0].set()
+        return True
+
+    def request(self, suffix: str, payload: Optional[dict] = None) -> dict:
+        """Send one request and return the accepted reply; raise JobsRejected otherwise."""
+        attempt = 0
+        while True:
+            try:
+                return self._request_once(suffix, dict(payload or {}))
+            except JobsRejected as err:
+                if err.code not in RETRYABLE_JOBS_CODES or attempt >= self.retries:
+                    raise
+                delay = backoff_delay(attempt, self.retry_base, 30.0, self._rng)
+                log.warning("Jobs: %s answered %s; retrying in %.1f s", suffix, err.code, delay)
+                time.sleep(delay)
+                attempt += 1
+
+    def _request_once(self, suffix: str, payload: dict) -> dict:
+        token = uuid.uuid4().hex
+        payload["clientToken"] = token
+        event, box = threading.Event(), []
+        with self._lock:
+            self._waiting[token] = (event, box)
+        try:
+            self.mqtt.publish(self.prefix + suffix, json.dumps(payload, separators=(",", ":")).encode(), 1,
+                              self.timeout)
+            if not event.wait(self.timeout):
+                raise MqttTimeout(f"no reply to jobs/{suffix} within {self.timeout} s")
+        finally:
+            with self._lock:
+                self._waiting.pop(token, None)
+        outcome, body = box[0]
+        if outcome == "rejected":
+            raise JobsRejected(str(body.get("code", "Unknown")), str(body.get("message", "")),
+                               body.get("executionState"))
+        return body
+
+    # ---- the operations the agent uses ------------------------------------------------------------
+    def list_pending(self) -> Tuple[List[dict], List[dict]]:
+        """(in-progress summaries, queued summaries), each oldest first."""
+        reply = self.request("get")
+        def by_age(items: Any) -> List[dict]:
+            items = [i for i in (items or []) if isinstance(i, dict) and isinstance(i.get("jobId"), str)]
+            return sorted(items, key=lambda i: (i.get("queuedAt", 0), i["jobId"]))
+        return by_age(reply.get("inProgressJobs")), by_age(reply.get("queuedJobs"))
+
+    def describe(self, job_id: str) -> Optional[dict]:
+        """The execution with its document (a freshly presigned URL), or None once terminal."""
+        try:
+            reply = self.request(f"{job_id}/get", {"includeJobDocument": True})
+        except JobsRejected as err:
+            if err.code in ("TerminalStateReached", "ResourceNotFound"):
+                return None
+            raise
+        return reply.get("execution")
+
+    def update(self, job_id: str, status: str, details: Optional[Dict[str, str]] = None,
+               expected_version: Optional[int] = None, step_timeout_minutes: Optional[int] = None) -> dict:
+        payload: Dict[str, Any] = {"status": status, "includeJobExecutionState": True}
+        if details:
+            payload["statusDetails"] = details
+        if expected_version is not None:
+            payload["expectedVersion"] = expected_version
+        if step_timeout_minutes is not None:
+            payload["stepTimeoutInMinutes"] = step_timeout_minutes
+        return self.request(f"{job_id}/update", payload)
+
+
+# ============================================================================================
+# download: the artifact over HTTPS only, streamed to `<dest>.part` with its sha256 computed on
+# the fly and its size checked. A reset resumes with Range (only after checking the answer:
+# 206 with the matching Content-Range; 200 means start over; 416 means the partial file is
+# wrong); after a restart the partial file is hashed again first. A 403 means the presigned URL
+# expired: `fresh_url()` is asked for a new one. The URL's query string (its signature) never
+# appears in a log line or an error message.
+# ============================================================================================
+
+DOWNLOAD_CHUNK = 256 * 1024
+
+
+class DownloadError(OtaError):
+    reason = "DOWNLOAD_FAILED"
+
+
+class HashMismatch(OtaError):
+    reason = "HASH_MISMATCH"
+
+
+def redact_url(url: str) -> str:
+    """The URL without its query string and fragment: safe for logs and statusDetails."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def https_context(ca_files: List[str]) -> ssl.SSLContext:
+    """TLS 1.2+ with the system's CA bundle where the device has one, plus the given CA files
+    (the bundled OpenSSL of a frozen binary looks for the build machine's paths, so the agent
+    always names its CA files explicitly)."""
+    ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    for path in ca_files:
+        if path and os.path.isfile(path):
+            try:
+                ctx.load_verify_locations(cafile=path)
+            except ssl.SSLError as err:
+                raise DownloadError(f"cannot load CA file {path}: {err}", "CONFIG_INVALID") from None
+    return ctx
+
+
+def sha256_of_file(path: str, limit: Optional[int] = None) -> Tuple[hashlib._Hash, int]:
+    digest = hashlib.sha256()
+    done = 0
+    buf = bytearray(DOWNLOAD_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while limit is None or done < limit:
+            n = f.readinto(view if limit is None else view[:min(len(buf), limit - done)])
+            if not n:
+                break
+            digest.update(view[:n])
+            done += n
+    return digest, done
+
+
+@dataclass
+class Download:
+    """One artifact to fetch. `fresh_url()` returns a newly presigned URL (the agent describes
+    the job again); `progress(done, total)` is called at most every `progress_interval` s."""
+
+    url: str
+    dest: str
+    sha256: str
+    size: int
+    context: ssl.SSLContext
+    fresh_url: Optional[Callable[[], str]] = None
+    progress: Optional[Callable[[int, int], None]] = None
+    progress_interval: float = 10.0
+    read_timeout: float = 60.0
+    retries: int = 8
+    retry_base: float = 1.0
+    retry_cap: float = 60.0
+    should_stop: Optional[Callable[[], bool]] = None
+    rng: random.Random = field(default_factory=random.Random)
+    requests: int = 0
+    url_refreshes: int = 0
+    _have: int = 0
+    _digest: Any = None
+
+    @property
+    def partial(self) -> str:
+        return self.dest + ".part"
+
+    def run(self) -> None:
+        """Fetch and verify; on success `dest` holds the artifact (fsynced), else it is absent."""
+        if not self.url.lower().startswith("https://"):
+            raise DownloadError(f"the artifact URL must be https, not {redact_url(self.url)}")
+        resumed = os.path.exists(self.partial)
+        try:
+            self._fetch()
+        except HashMismatch:
+            if not resumed:
+                raise
+            log.warning("download: hash mismatch after resuming an earlier partial file; starting over")
+            self._fetch()  # _fetch removed the partial file: this run starts from byte 0
+        os.replace(self.partial, self.dest)
+        fsync_dir(os.path.dirname(self.dest) or ".")
+
+    def _fetch(self) -> None:
+        self._resume_state()
+        failures = 0
+        last_report = 0.0
+        while self._have < self.size:
+            if self.should_stop is not None and self.should_stop():
+                raise DownloadError("download stopped", "CANCELED")
+            before = self._have
+            try:
+                self._one_request()
+                failures = 0
+            except _Transient as err:
+                failures = 0 if self._have > before else failures + 1  # progress made: not a failure streak
+                if failures > self.retries:
+                    raise DownloadError(f"giving up after {failures} failed attempts: {err}") from None
+                delay = backoff_delay(max(0, failures - 1), self.retry_base, self.retry_cap, self.rng)
+                log.warning("download: %s; retrying in %.1f s", err, delay)
+                time.sleep(delay)
+                if err.restart and os.path.exists(self.partial):
+                    os.unlink(self.partial)
+                if err.restart:
+                    self._resume_state()
+            now = time.monotonic()
+            if self.progress is not None and (now - last_report >= self.progress_interval or self._have >= self.size):
+                self.progress(self._have, self.size)
+                last_report = now
+        if self._digest.hexdigest() != self.sha256:
+            os.unlink(self.partial)
+            raise HashMismatch(f"sha256 of the download is {self._digest.hexdigest()}, "
+                               f"the job document says {self.sha256}")
+
+    def _resume_state(self) -> None:
+        """Hash what a partial file already holds; discard it when it cannot be a prefix."""
+        if os.path.exists(self.partial) and os.path.getsize(self.partial) > self.size:
+            log.warning("download: discarding a partial file larger than the artifact")
+            os.unlink(self.partial)
+        if os.path.exists(self.partial):
+            self._digest, self._have = sha256_of_file(self.partial)
+            if self._have:
+                log.info("download: resuming at byte %d of %d", self._have, self.size)
+        else:
+            open(self.partial, "wb").close()
+            self._digest, self._have = hashlib.sha256(), 0
+
+    def _start_over(self) -> None:
+        open(self.partial, "wb").close()
+        self._digest, self._have = hashlib.sha256(), 0
+
+    def _one_request(self) -> None:
+        parts = urllib.parse.urlsplit(self.url)
+        target = parts.path + ("?" + parts.query if parts.query else "")
+        conn = http.client.HTTPSConnection(parts.hostname or "", parts.port or 443, context=self.context,
+                                           timeout=self.read_timeout)
+        headers = {"User-Agent": f"ggc-ota/{__version__}"}
+        if self._have:
+            headers["Range"] = f"bytes={self._have}-"
+        self.requests += 1
+        try:
+            try:
+                conn.request("GET", target, headers=headers)
+                resp = conn.getresponse()
+            except ssl.SSLCertVerificationError as err:
+                raise DownloadError(f"{redact_url(self.url)}: server certificate refused: "
+                                    f"{err.verify_message or err}") from None
+            except (OSError, http.client.HTTPException) as err:
+                raise _Transient(f"cannot reach {parts.hostname}: {err}") from None
+            self._check_response(resp)
+            self._stream(resp)
+        finally:
+            conn.close()
+
+    def _check_response(self, resp: http.client.HTTPResponse) -> None:
+        status = resp.status
+        if status == 403:
+            resp.read(64 * 1024)
+            self._refresh_url()
+            raise _Transient("the presigned URL was refused (403); retrying with a fresh one")
+        if status >= 500:
+            raise _Transient(f"the server answered {status}")
+        if status == 416:
+            raise _Transient("the server refused the resume range (416): restarting", restart=True)
+        if status == 200 and self._have:
+            log.warning("download: the server ignored the Range request; starting over")
+            self._start_over()
+        elif status == 206:
+            expected = f"bytes {self._have}-{self.size - 1}/{self.size}"
+            if resp.getheader("Content-Range", "") != expected:
+                raise _Transient(f"unexpected Content-Range {resp.getheader('Content-Range')!r}", restart=True)
+        elif status != 200:
+            raise DownloadError(f"{redact_url(self.url)} answered HTTP {status}")
+        length = resp.getheader("Content-Length")
+        if length is not None and length.isdigit() and self._have + int(length) != self.size:
+            raise DownloadError(f"the server has {self._have + int(length)} bytes, the job document says "
+                                f"{self.size}", "SIZE_MISMATCH")
+
+    def _stream(self, resp: http.client.HTTPResponse) -> None:
+        buf = bytearray(DOWNLOAD_CHUNK)
+        view = memoryview(buf)
+        with open(self.partial, "r+b", buffering=0) as f:
+            f.seek(self._have)
+            f.truncate()
+            try:
+                while self._have < self.size:
+                    n = resp.readinto(view[:min(len(buf), self.size - self._have)])
+                    if not n:
+                        raise _Transient(f"connection closed at byte {self._have} of {self.size}")
+                    f.write(view[:n])
+                    self._digest.update(view[:n])
+                    self._have += n
+                    if self.should_stop is not None and self.should_stop():
+                        break
+            except (OSError, http.client.HTTPException) as err:
+                raise _Transient(f"connection lost at byte {self._have} of {self.size}: {err}") from None
+            finally:
+                os.fsync(f.fileno())
+
+    def _refresh_url(self) -> None:
+        if self.fresh_url is None:
+            raise DownloadError(f"{redact_url(self.url)} answered 403 and no fresh URL can be had", "URL_EXPIRED")
+        self.url_refreshes += 1
+        if self.url_refreshes > self.retries:
+            raise DownloadError("the presigned URL was refused (403) even after refreshing it", "URL_EXPIRED")
+        log.info("download: the presigned URL expired or was refused; asking for a fresh one")
+        self.url = self.fresh_url()
+        if not self.url.lower().startswith("https://"):
+            raise DownloadError(f"the artifact URL must be https, not {redact_url(self.url)}")
+
+
+class _Transient(Exception):
+    """A failure worth retrying. `restart`: the partial file is unusable; start from byte 0."""
+
+    def __init__(self, message: str, restart: bool = False) -> None:
+        super().__init__(message)
+        self.restart = restart
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ============================================================================================

@@ -1,0 +1,106 @@
+"""config.json in both Greengrass v1 forms, the otaAgent block, AWS's keepalive rules, and a
+clear ConfigError for each kind of bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import ggc_ota as g
+from tests.cloud.device import make_root
+
+
+@pytest.fixture(params=["current", "legacy"])
+def root(request, cloud, thing, tmp_path):
+    return make_root(tmp_path / "greengrass", thing, cloud.add_thing(thing), cloud.pki.ca_path, "localhost",
+                     cloud.port, form=request.param)
+
+
+def rewrite(root, change):
+    doc = json.loads(root.config_path.read_text())
+    change(doc)
+    root.config_path.write_text(json.dumps(doc))
+
+
+def test_both_forms_load_and_connect(root):
+    cfg = g.load_config(str(root.root))
+    assert cfg.thing_name == root.thing and cfg.iot_host == "localhost"
+    assert cfg.cert_path.endswith(f"certs/{root.thing}.cert.pem") and cfg.ca_path.endswith("certs/root.ca.pem")
+    assert cfg.keepalive == 600 and cfg.managed_respawn is True
+    assert cfg.ota["stateDir"] == str(root.root / "ota-state") and cfg.ota["minFreeBytes"] == 400 * 1024 * 1024
+    g.MqttClient(cfg.mqtt_settings(), lambda t, p: None).check_connection()  # the paths are the right ones
+
+
+@pytest.mark.parametrize("value,expected,warned", [(600, 600, False), (30, 30, False), (1200, 1200, False),
+                                                    (5, 30, True), (7200, 1200, True)])
+def test_keepalive_rules(root, value, expected, warned):
+    rewrite(root, lambda d: d["coreThing"].update(keepAlive=value))
+    cfg = g.load_config(str(root.root))
+    assert cfg.keepalive == expected
+    assert any("keepAlive" in w for w in cfg.warnings) == warned
+
+
+def test_defaults_port_and_keepalive(root):
+    rewrite(root, lambda d: (d["coreThing"].pop("iotMqttPort"), d["coreThing"].pop("keepAlive")))
+    cfg = g.load_config(str(root.root))
+    assert (cfg.port, cfg.keepalive) == (8883, 600)
+    assert not cfg.mqtt_settings().wants_alpn()
+
+
+def test_port_443_means_alpn(root):
+    rewrite(root, lambda d: d["coreThing"].update(iotMqttPort=443))
+    assert g.load_config(str(root.root)).mqtt_settings().wants_alpn()
+
+
+def test_ota_agent_block(root):
+    rewrite(root, lambda d: d.update(otaAgent={"stateDir": "/var/lib/ota", "scriptTimeout": 60,
+                                                "keep": ["ggc/var"], "bogus": 1}))
+    cfg = g.load_config(str(root.root))
+    assert cfg.ota["stateDir"] == "/var/lib/ota" and cfg.ota["scriptTimeout"] == 60 and cfg.ota["keep"] == ["ggc/var"]
+    assert cfg.unknown_keys == ["bogus"] and any("bogus" in w for w in cfg.warnings)
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda d: d.pop("coreThing"), "coreThing is missing"),
+    (lambda d: d["coreThing"].update(thingArn="not-an-arn"), "not a thing ARN"),
+    (lambda d: d["coreThing"].pop("iotHost"), "iotHost is missing"),
+    (lambda d: d["coreThing"].update(iotMqttPort="8883"), "iotMqttPort"),
+    (lambda d: d["coreThing"].update(keepAlive=1.5), "keepAlive"),
+    (lambda d: d.update(managedRespawn="yes"), "managedRespawn"),
+    (lambda d: d.update(otaAgent={"scriptTimeout": "long"}), "otaAgent.scriptTimeout"),
+    (lambda d: d.update(otaAgent={"keep": ["../etc"]}), "otaAgent.keep"),
+    (lambda d: d.update(otaAgent={"minFreeBytes": -1}), "negative"),
+    (lambda d: d.update(otaAgent=[]), "otaAgent must be an object"),
+])
+def test_bad_config_is_a_clear_error(root, change, words):
+    rewrite(root, change)
+    with pytest.raises(g.ConfigError) as err:
+        g.load_config(str(root.root))
+    assert words in str(err.value) and err.value.reason == "CONFIG_INVALID"
+
+
+def test_pkcs11_is_not_supported(cloud, thing, tmp_path):
+    root = make_root(tmp_path / "gg", thing, cloud.add_thing(thing), cloud.pki.ca_path, "localhost", cloud.port)
+    rewrite(root, lambda d: d["crypto"]["principals"]["IoTCertificate"].update(
+        privateKeyPath="pkcs11:object=CoreKey;type=private"))
+    with pytest.raises(g.ConfigError, match="PKCS#11"):
+        g.load_config(str(root.root))
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(g.ConfigError, match="does not exist"):
+        g.load_config(str(tmp_path))
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config/config.json").write_text("{oops")
+    with pytest.raises(g.ConfigError, match="not valid JSON"):
+        g.load_config(str(tmp_path))
+    (tmp_path / "config/config.json").write_text("[]")
+    with pytest.raises(g.ConfigError, match="JSON object"):
+        g.load_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("exe,root", [("/greengrass/ota/ota_agent/ggc-ota", "/greengrass"),
+                                      ("/opt/gg/ota/ota_agent/ggc-ota", "/opt/gg"),
+                                      ("/usr/local/bin/ggc-ota", "/greengrass")])
+def test_default_root(exe, root):
+    assert g.default_root(exe) == root

@@ -1,0 +1,158 @@
+"""ggc_ota's download against the look-alike S3 store and each of its faults."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+import ggc_ota as g
+
+SIZE = 3 * 1024 * 1024 + 123
+
+
+@pytest.fixture
+def artifact(cloud, tmp_path):
+    data = os.urandom(SIZE)
+    src = tmp_path / "src.tar.gz"
+    src.write_bytes(data)
+    key = f"dl/{tmp_path.name}/a.tar.gz"
+    stored = cloud.store.put("bucket", key, src)
+    return key, data, stored
+
+
+def make(cloud, tmp_path, key, data, **kw):
+    ctx = g.https_context([str(cloud.pki.ca_path)])
+    kw.setdefault("retry_base", 0.01)
+    kw.setdefault("retry_cap", 0.05)
+    kw.setdefault("progress_interval", 0)
+    return g.Download(url=kw.pop("url", None) or cloud.store.presign("bucket", key, 60), dest=str(tmp_path / "out"),
+                      sha256=kw.pop("sha256", hashlib.sha256(data).hexdigest()), size=kw.pop("size", len(data)),
+                      context=ctx, fresh_url=kw.pop("fresh_url", lambda: cloud.store.presign("bucket", key, 60)), **kw)
+
+
+def test_clean_download_with_progress(cloud, tmp_path, artifact):
+    key, data, stored = artifact
+    seen = []
+    dl = make(cloud, tmp_path, key, data, progress=lambda done, total: seen.append((done, total)))
+    dl.run()
+    assert (tmp_path / "out").read_bytes() == data and not (tmp_path / "out.part").exists()
+    assert seen[-1] == (SIZE, SIZE) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert [s for _, s in stored.requests] == [200]
+
+
+def test_reset_resumes_with_range(cloud, tmp_path, artifact):
+    key, data, stored = artifact
+    stored.faults.reset_after = 1_000_000
+    make(cloud, tmp_path, key, data).run()
+    assert (tmp_path / "out").read_bytes() == data
+    assert stored.requests[0] == (None, 200)
+    rng, status = stored.requests[1]
+    # an RST drops what was in flight: the resume point is at or before the reset point
+    assert status == 206 and rng.startswith("bytes=") and 0 < int(rng[6:-1]) <= 1_000_000
+
+
+def test_restart_resumes_from_partial_file(cloud, tmp_path, artifact):
+    key, data, stored = artifact
+    (tmp_path / "out.part").write_bytes(data[:2_000_000])
+    make(cloud, tmp_path, key, data).run()
+    assert (tmp_path / "out").read_bytes() == data
+    assert stored.requests == [("bytes=2000000-", 206)]
+
+
+def test_wrong_partial_file_is_redone_from_scratch(cloud, tmp_path, artifact):
+    key, data, stored = artifact
+    (tmp_path / "out.part").write_bytes(b"\0" * 1_000_000)
+    make(cloud, tmp_path, key, data).run()
+    assert (tmp_path / "out").read_bytes() == data
+    assert [s for _, s in stored.requests] == [206, 200]  # resumed, mismatched, redone whole
+
+
+def test_partial_larger_than_artifact_is_discarded(cloud, tmp_path, artifact):
+    key, data, stored = artifact
+    (tmp_path / "out.part").write_bytes(b"\0" * (SIZE + 10))
+    make(cloud, tmp_path, key, data).run()
+    assert (tmp_path / "out").read_bytes() == data
+
+
+def test_expired_url_is_refreshed(cloud, tmp_path, artifact):
+    key, data, stored = artifact
+    old = cloud.store.presign("bucket", key, 60)
+    cloud.store.skew(120)
+    try:
+        dl = make(cloud, tmp_path, key, data, url=old)
+        dl.run()
+    finally:
+        cloud.store.skew(-120)
+    assert dl.url_refreshes == 1 and (tmp_path / "out").read_bytes() == data
+
+
+def test_reset_after_expiry_resumes_with_a_fresh_url(cloud, tmp_path, artifact):
+    key, data, stored = artifact
+    stored.faults.reset_after = 1_500_000
+    dl = make(cloud, tmp_path, key, data)
+    real_stream = dl._stream
+
+    def stream_then_time_passes(resp):
+        try:
+            return real_stream(resp)
+        finally:
+            if cloud.store.clock_skew == 0:
+                cloud.store.skew(120)  # cut off, and the first URL expires meanwhile
+    dl._stream = stream_then_time_passes
+    try:
+        dl.run()
+    finally:
+        cloud.store.skew(-cloud.store.clock_skew)
+    assert (tmp_path / "out").read_bytes() == data and dl.url_refreshes == 1
+    statuses = [s for _, s in stored.requests]
+    assert statuses == [200, 206], statuses  # the 403 came before the object was looked up
+
+
+def test_wrong_hash_fails_and_leaves_nothing(cloud, tmp_path, artifact):
+    key, data, stored = artifact
+    stored.faults.corrupt_offset = 12345
+    with pytest.raises(g.HashMismatch) as err:
+        make(cloud, tmp_path, key, data).run()
+    assert err.value.reason == "HASH_MISMATCH"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.part").exists()
+
+
+def test_truncated_object_is_a_size_mismatch(cloud, tmp_path, artifact):
+    key, data, stored = artifact
+    stored.faults.truncate_to = 1000
+    with pytest.raises(g.DownloadError) as err:
+        make(cloud, tmp_path, key, data).run()
+    assert err.value.reason == "SIZE_MISMATCH"
+
+
+def test_server_errors_are_retried(cloud, tmp_path, artifact):
+    key, data, stored = artifact
+    stored.faults.error_500 = 2
+    make(cloud, tmp_path, key, data).run()
+    assert [s for _, s in stored.requests] == [500, 500, 200]
+
+
+def test_gives_up_after_retries_without_leaking_the_signature(cloud, tmp_path, artifact):
+    key, data, stored = artifact
+    stored.faults.reset_after = 0  # no progress at all, every time
+    stored.faults.reset_always = True
+    with pytest.raises(g.DownloadError) as err:
+        make(cloud, tmp_path, key, data, retries=3).run()
+    assert "giving up" in str(err.value) and "X-Amz-Signature" not in str(err.value)
+    assert len(stored.requests) == 4
+
+
+def test_http_and_unknown_ca_refused(cloud, tmp_path, artifact):
+    key, data, _ = artifact
+    with pytest.raises(g.DownloadError, match="https"):
+        make(cloud, tmp_path, key, data, url="http://localhost/x?X-Amz-Signature=secret").run()
+    dl = make(cloud, tmp_path, key, data)
+    dl.context = g.https_context([])  # system CAs only: the look-alike's CA is unknown
+    with pytest.raises(g.DownloadError) as err:
+        dl.run()
+    assert "certificate" in str(err.value) and "X-Amz-Signature" not in str(err.value)
+
+
+def test_redact_url():
+    assert g.redact_url("https://b.s3.amazonaws.com/k/a.tgz?X-Amz-Signature=abc#f") == "https://b.s3.amazonaws.com/k/a.tgz"

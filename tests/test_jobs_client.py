@@ -1,0 +1,83 @@
+"""ggc_ota's Jobs client over its own MQTT client, against the look-alike's Jobs service."""
+from __future__ import annotations
+
+import queue
+import time
+import uuid
+
+import pytest
+
+import ggc_ota as g
+
+
+@pytest.fixture
+def jobs(cloud, thing):
+    cert = cloud.add_thing(thing)
+    notes: queue.Queue[dict] = queue.Queue()
+    holder = {}
+    settings = g.MqttSettings("localhost", cloud.port, thing, str(cloud.pki.ca_path), str(cert.cert), str(cert.key),
+                              keepalive=30)
+    mqtt = g.MqttClient(settings, lambda t, p: holder["jobs"].handle(t, p))
+    client = g.JobsClient(mqtt, thing, on_notify=notes.put, timeout=10, retry_base=0.05)
+    holder["jobs"] = client
+    mqtt.start()
+    assert mqtt.wait_connected(10)
+    client.subscribe()
+    client.notes = notes
+    yield client
+    mqtt.stop()
+
+
+def new_job(cloud, thing, doc=None):
+    job_id = "job-" + uuid.uuid4().hex[:10]
+    cloud.create_job(job_id, [cloud.thing_arn(thing)], doc or {"softwareToUpdate": "core"})
+    return job_id
+
+
+def test_list_describe_update(cloud, thing, jobs):
+    assert jobs.list_pending() == ([], [])
+    first = new_job(cloud, thing)
+    time.sleep(1.05)
+    second = new_job(cloud, thing)
+    in_progress, queued = jobs.list_pending()
+    assert in_progress == [] and [j["jobId"] for j in queued] == [first, second]
+    ex = jobs.describe(first)
+    assert ex["jobDocument"] == {"softwareToUpdate": "core"} and ex["versionNumber"] == 1
+    reply = jobs.update(first, "IN_PROGRESS", {"phase": "download"}, expected_version=1)
+    assert reply["executionState"]["versionNumber"] == 2
+    in_progress, queued = jobs.list_pending()
+    assert [j["jobId"] for j in in_progress] == [first] and [j["jobId"] for j in queued] == [second]
+    jobs.update(first, "SUCCEEDED", {"version": "1.11.6"})
+    assert jobs.describe(first) is None  # terminal
+    assert cloud.history(first, thing)[-1]["statusDetails"] == {"version": "1.11.6"}
+
+
+def test_rejections_carry_the_code(cloud, thing, jobs):
+    job_id = new_job(cloud, thing)
+    with pytest.raises(g.JobsRejected) as err:
+        jobs.update(job_id, "IN_PROGRESS", expected_version=9)
+    assert err.value.code == "VersionMismatch" and err.value.execution_state["versionNumber"] == 1
+    with pytest.raises(g.JobsRejected) as err:
+        jobs.update(job_id, "IN_PROGRESS", {"bad key": "x"})
+    assert err.value.code == "InvalidRequest"
+    assert jobs.describe("no-such-job") is None
+
+
+def test_throttling_is_retried(cloud, thing, jobs):
+    cloud.jobs.inject_fault(thing, "get", "RequestThrottled", count=2)
+    assert jobs.list_pending() == ([], [])
+    cloud.jobs.inject_fault(thing, "get", "InternalError", count=10)
+    with pytest.raises(g.JobsRejected, match="InternalError"):
+        jobs.list_pending()
+
+
+def test_notify_reaches_the_agent(cloud, thing, jobs):
+    job_id = new_job(cloud, thing)
+    note = jobs.notes.get(timeout=10)
+    assert [j["jobId"] for j in note["jobs"]["QUEUED"]] == [job_id]
+
+
+def test_foreign_replies_and_garbage_are_ignored(thing, jobs):
+    assert not jobs.handle("$aws/things/other/jobs/notify", b"{}")
+    assert jobs.handle(f"$aws/things/{thing}/jobs/get/accepted", b"not json")
+    assert jobs.handle(f"$aws/things/{thing}/jobs/get/accepted", b'{"clientToken": "nobody-waits"}')
