@@ -10,6 +10,7 @@ One module, standard library only, CPython 3.8+. It reads top to bottom in secti
     MQTT client   TLS transport and one network thread: keepalive, QoS 1, reconnect with backoff
     Jobs client   the AWS IoT Jobs MQTT API: requests matched to replies by clientToken
     download      HTTPS download with sha256 on the fly, Range resume, fresh URLs after 403
+    archive       safe unpacking of the gzip tar artifact into staging, and its layout check
     CLI           the command line
 
 See README.md for the contract it keeps (SPEC.md in the shared folder).
@@ -26,8 +27,10 @@ import re
 import select
 import socket
 import ssl
+import stat
 import struct
 import sys
+import tarfile
 import threading
 import time
 import urllib.parse
@@ -1479,6 +1482,163 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ============================================================================================
+# archive: the artifact is hostile until proven otherwise. Every member is read and checked
+# before anything is written: only regular files, directories and relative symlinks that stay
+# inside the tree; no absolute paths, `..`, hard links, devices, FIFOs, duplicate names, or
+# paths through a symlink member (the two-step symlink trick). Extraction is done here, member
+# by member (never tarfile.extract, whose filters had bypasses): files are created with
+# O_EXCL|O_NOFOLLOW, setuid/setgid/sticky and group/other write bits are stripped, and the
+# archive's owners are ignored.
+# ============================================================================================
+
+MAX_ARCHIVE_MEMBERS = 100_000
+MAX_ARCHIVE_BYTES = 4 * 1024 ** 3
+SAFE_MODE_MASK = 0o755  # keeps the owner's bits and read/execute for others
+
+
+class UnsafeArchive(OtaError):
+    reason = "UNSAFE_ARCHIVE"
+
+
+class BadLayout(OtaError):
+    reason = "BAD_ARTIFACT_LAYOUT"
+
+
+def _member_path(name: str) -> str:
+    """The member's relative path, normalized; UnsafeArchive for anything that could escape."""
+    if "\x00" in name or not name:
+        raise UnsafeArchive(f"member with an empty or NUL-holding name: {name!r}")
+    if name.startswith("/"):
+        raise UnsafeArchive(f"member with an absolute path: {name}")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeArchive(f"member with '..' in its path: {name}")
+    if not parts:
+        raise UnsafeArchive(f"member naming the archive's root: {name!r}")
+    return "/".join(parts)
+
+
+def plan_archive(path: str, max_members: int = MAX_ARCHIVE_MEMBERS,
+                 max_bytes: int = MAX_ARCHIVE_BYTES) -> List[Tuple[str, tarfile.TarInfo]]:
+    """Read every member header and check the whole archive; return (path, member) pairs."""
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            members = []
+            for info in tar:
+                members.append(info)
+                if len(members) > max_members:
+                    raise UnsafeArchive(f"more than {max_members} members")
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise UnsafeArchive(f"not a readable gzip tar archive: {err}") from None
+    plan: List[Tuple[str, tarfile.TarInfo]] = []
+    seen: Dict[str, str] = {}
+    total = 0
+    for info in members:
+        rel = _member_path(info.name)
+        if rel in seen:
+            raise UnsafeArchive(f"duplicate member name: {rel}")
+        if info.isreg():
+            kind = "file"
+            total += info.size
+            if total > max_bytes:
+                raise UnsafeArchive(f"unpacked size above {max_bytes} bytes")
+        elif info.isdir():
+            kind = "dir"
+        elif info.issym():
+            kind = "symlink"
+            target = info.linkname
+            if not target or target.startswith("/"):
+                raise UnsafeArchive(f"symlink {rel} -> {target!r}: only relative symlinks are allowed")
+            resolved = os.path.normpath(os.path.join(os.path.dirname(rel), target))
+            if resolved == ".." or resolved.startswith("../") or resolved.startswith("/"):
+                raise UnsafeArchive(f"symlink {rel} -> {target} points outside the archive")
+        elif info.islnk():
+            raise UnsafeArchive(f"hard link {rel}: not allowed")
+        else:
+            raise UnsafeArchive(f"{rel}: devices, FIFOs and other special members are not allowed")
+        seen[rel] = kind
+        plan.append((rel, info))
+    for rel, _ in plan:  # no member may live below a symlink member
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            if seen.get("/".join(parts[:i])) == "symlink":
+                raise UnsafeArchive(f"{rel} lies below the symlink {'/'.join(parts[:i])}")
+            if seen.get("/".join(parts[:i])) == "file":
+                raise UnsafeArchive(f"{rel} lies below the regular file {'/'.join(parts[:i])}")
+    return plan
+
+
+def unpack(path: str, staging: str, max_members: int = MAX_ARCHIVE_MEMBERS,
+           max_bytes: int = MAX_ARCHIVE_BYTES) -> int:
+    """Check the archive, then write it under `staging` (which must not exist). Returns the
+    number of members written. Files are fsynced, then their directories."""
+    plan = plan_archive(path, max_members, max_bytes)
+    os.makedirs(staging, mode=0o755)
+    wanted = {info.name: rel for rel, info in plan}
+    dirs = {staging}
+    with tarfile.open(path, "r:gz") as tar:
+        for info in tar:
+            rel = wanted.get(info.name)
+            if rel is None:
+                continue
+            dest = os.path.join(staging, rel)
+            parent = os.path.dirname(dest)
+            os.makedirs(parent, mode=0o755, exist_ok=True)
+            dirs.add(parent)
+            mode = info.mode & SAFE_MODE_MASK
+            if info.isdir():
+                os.makedirs(dest, mode=0o755, exist_ok=True)
+                os.chmod(dest, mode | 0o700)
+                dirs.add(dest)
+            elif info.issym():
+                os.symlink(info.linkname, dest)
+            else:
+                _write_member(tar, info, dest, mode)
+    for d in sorted(dirs, key=len, reverse=True):
+        fsync_dir(d)
+    return len(plan)
+
+
+def _write_member(tar: tarfile.TarFile, info: tarfile.TarInfo, dest: str, mode: int) -> None:
+    source = tar.extractfile(info)
+    if source is None:
+        raise UnsafeArchive(f"cannot read member {info.name}")
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "wb") as out:
+        written = 0
+        while True:
+            chunk = source.read(DOWNLOAD_CHUNK)
+            if not chunk:
+                break
+            out.write(chunk)
+            written += len(chunk)
+        if written != info.size:
+            raise UnsafeArchive(f"member {info.name} is truncated ({written} of {info.size} bytes)")
+        out.flush()
+        os.fchmod(out.fileno(), mode)
+        os.fsync(out.fileno())
+
+
+def check_layout(staging: str, software: str) -> str:
+    """The tree an update installs: greengrass/ggc for `core`, greengrass/ota for `ota_agent`
+    (with an executable ota/ota_agent/ggc-ota). Returns its path inside staging."""
+    top = os.path.join(staging, "greengrass")
+    if software == "core":
+        tree = os.path.join(top, "ggc")
+        if not os.path.isdir(tree) or os.path.islink(tree):
+            raise BadLayout("a core artifact must hold the directory greengrass/ggc/")
+        return tree
+    if software == "ota_agent":
+        tree = os.path.join(top, "ota")
+        agent = os.path.join(tree, "ota_agent", "ggc-ota")
+        st = os.lstat(agent) if os.path.lexists(agent) else None
+        if st is None or not stat.S_ISREG(st.st_mode) or not st.st_mode & stat.S_IXUSR:
+            raise BadLayout("an ota_agent artifact must hold an executable greengrass/ota/ota_agent/ggc-ota")
+        return tree
+    raise BadLayout(f"unknown software {software!r}")
 
 
 # ============================================================================================

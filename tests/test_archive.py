@@ -1,0 +1,120 @@
+"""ggc_ota's archive section: real artifacts unpack and pass the layout check; every hostile
+member is refused before anything is written, and nothing lands outside staging."""
+from __future__ import annotations
+
+import os
+import stat
+import tarfile
+
+import pytest
+
+import ggc_ota as g
+from tests.cloud.device import build_agent_artifact, build_core_artifact, build_raw_artifact
+
+
+def member(name, kind=tarfile.REGTYPE, data=b"x", mode=0o644, linkname=""):
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.linkname = kind, mode, linkname
+    info.uid = info.gid = 4242
+    return info, (data if kind == tarfile.REGTYPE else None)
+
+
+def tree(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_core_artifact_unpacks_and_passes_layout(tmp_path):
+    art = build_core_artifact(tmp_path / "core.tar.gz", "1.11.6", payload_bytes=50_000)
+    staging = tmp_path / "staging"
+    assert g.unpack(str(art.path), str(staging)) > 5
+    ggc = g.check_layout(str(staging), "core")
+    assert ggc == str(staging / "greengrass/ggc")
+    assert (staging / "greengrass/ggc/packages/1.11.6/VERSION").read_text() == "1.11.6\n"
+    assert os.readlink(staging / "greengrass/ggc/packages/1.11.6/lib/VERSION.link") == "../VERSION"
+    assert os.access(staging / "greengrass/ggc/core/greengrassd", os.X_OK)
+    with pytest.raises(g.BadLayout):
+        g.check_layout(str(staging), "ota_agent")
+
+
+def test_agent_artifact_layout(tmp_path):
+    agent = tmp_path / "agent"
+    agent.write_text("#!/bin/sh\necho hi\n")
+    art = build_agent_artifact(tmp_path / "a.tar.gz", agent)
+    g.unpack(str(art.path), str(tmp_path / "st"))
+    assert g.check_layout(str(tmp_path / "st"), "ota_agent").endswith("greengrass/ota")
+    with pytest.raises(g.BadLayout):
+        g.check_layout(str(tmp_path / "st"), "core")
+
+
+def test_agent_that_is_not_executable_is_refused(tmp_path):
+    art = build_raw_artifact(tmp_path / "a.tar.gz", [member("greengrass/ota/ota_agent/ggc-ota", mode=0o644)])
+    g.unpack(str(art.path), str(tmp_path / "st"))
+    with pytest.raises(g.BadLayout, match="executable"):
+        g.check_layout(str(tmp_path / "st"), "ota_agent")
+
+
+def test_modes_are_sanitized_and_owners_ignored(tmp_path):
+    art = build_raw_artifact(tmp_path / "a.tar.gz", [
+        member("greengrass/ggc/suid", mode=0o4777), member("greengrass/ggc/sgid", mode=0o2775),
+        member("greengrass/ggc/sticky", kind=tarfile.DIRTYPE, mode=0o1777)])
+    g.unpack(str(art.path), str(tmp_path / "st"))
+    for name in ("suid", "sgid", "sticky"):
+        st = os.lstat(tmp_path / "st/greengrass/ggc" / name)
+        assert not st.st_mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | stat.S_IWGRP | stat.S_IWOTH)
+        assert st.st_uid == os.getuid()
+    assert stat.S_IMODE(os.lstat(tmp_path / "st/greengrass/ggc/suid").st_mode) == 0o755
+
+
+HOSTILE = {
+    "absolute": [member("/etc/evil")],
+    "dotdot": [member("greengrass/../../evil")],
+    "hardlink": [member("greengrass/a"), member("greengrass/b", tarfile.LNKTYPE, linkname="greengrass/a")],
+    "chardev": [member("greengrass/dev", tarfile.CHRTYPE)],
+    "blockdev": [member("greengrass/blk", tarfile.BLKTYPE)],
+    "fifo": [member("greengrass/fifo", tarfile.FIFOTYPE)],
+    "duplicate": [member("greengrass/a"), member("greengrass/./a")],
+    "absolute-symlink": [member("greengrass/l", tarfile.SYMTYPE, linkname="/etc")],
+    "escaping-symlink": [member("greengrass/ggc/l", tarfile.SYMTYPE, linkname="../../../etc")],
+    "through-symlink": [member("greengrass/ggc/l", tarfile.SYMTYPE, linkname="."),
+                        member("greengrass/ggc/l/evil")],
+    "two-step": [member("greengrass/ggc/x", tarfile.SYMTYPE, linkname="../ggc"),
+                 member("greengrass/ggc/x/y")],
+    "below-a-file": [member("greengrass/f"), member("greengrass/f/g")],
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_archives_refused_before_writing(tmp_path, case):
+    work = tmp_path / "work"
+    work.mkdir()
+    art = build_raw_artifact(tmp_path / "bad.tar.gz", HOSTILE[case])
+    before = tree(tmp_path)
+    with pytest.raises(g.UnsafeArchive) as err:
+        g.unpack(str(art.path), str(work / "staging"))
+    assert err.value.reason == "UNSAFE_ARCHIVE"
+    assert tree(tmp_path) == before, "something was written"
+
+
+def test_caps_on_members_and_size(tmp_path):
+    many = build_raw_artifact(tmp_path / "many.tar.gz", [member(f"greengrass/f{i}") for i in range(20)])
+    with pytest.raises(g.UnsafeArchive, match="more than 10"):
+        g.unpack(str(many.path), str(tmp_path / "s1"), max_members=10)
+    big = build_raw_artifact(tmp_path / "big.tar.gz", [member("greengrass/big", data=b"x" * 5000)])
+    with pytest.raises(g.UnsafeArchive, match="unpacked size"):
+        g.unpack(str(big.path), str(tmp_path / "s2"), max_bytes=4000)
+    assert not (tmp_path / "s1").exists() and not (tmp_path / "s2").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a tarball at all", b"\x1f\x8b\x08\x00garbage"])
+def test_not_an_archive(tmp_path, content):
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(content)
+    with pytest.raises(g.UnsafeArchive, match="not a readable"):
+        g.unpack(str(bad), str(tmp_path / "st"))
+
+
+def test_staging_must_not_exist(tmp_path):
+    art = build_core_artifact(tmp_path / "core.tar.gz", "1.11.6")
+    (tmp_path / "st").mkdir()
+    with pytest.raises(FileExistsError):
+        g.unpack(str(art.path), str(tmp_path / "st"))
