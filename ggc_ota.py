@@ -781,11 +781,10 @@ class MqttClient:
                 item.error = MqttNotConnected("client stopped")
                 item.done.set()
             self._inflight.clear()
-        for fd in (self._wake_r, self._wake_w):
-            try:
+        fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in fds:  # a late _wake() must not write into a descriptor reused by someone else
+            if fd >= 0:
                 os.close(fd)
-            except OSError:
-                pass
 
     @property
     def connected(self) -> bool:
@@ -838,7 +837,10 @@ class MqttClient:
             raise item.error
 
     def check_connection(self) -> None:
-        """One TLS handshake and CONNECT/CONNACK, then DISCONNECT: raises what a session would."""
+        """One TLS handshake and CONNECT/CONNACK, then DISCONNECT: raises what a session would.
+        For a client that is not started (the dry-run's check)."""
+        if self._thread is not None:
+            raise MqttError("check_connection is for a client that is not started")
         self._ctx = self._ctx or tls_context(self.settings)
         self._sock = open_tls(self.settings, self._ctx)
         try:
@@ -863,6 +865,8 @@ class MqttClient:
 
     # ---- the network thread --------------------------------------------------------------------
     def _wake(self) -> None:
+        if self._wake_w < 0:
+            return
         try:
             os.write(self._wake_w, b"x")
         except (BlockingIOError, OSError):
@@ -1318,8 +1322,8 @@ class Download:
     rng: random.Random = field(default_factory=random.Random)
     requests: int = 0
     url_refreshes: int = 0
-    _have: int = 0
-    _digest: Any = None
+    _have: int = field(default=0, init=False, repr=False)
+    _digest: Any = field(default=None, init=False, repr=False)
 
     @property
     def partial(self) -> str:
