@@ -11,26 +11,38 @@ One module, standard library only, CPython 3.8+. It reads top to bottom in secti
     Jobs client   the AWS IoT Jobs MQTT API: requests matched to replies by clientToken
     download      HTTPS download with sha256 on the fly, Range resume, fresh URLs after 403
     archive       safe unpacking of the gzip tar artifact into staging, and its layout check
+    checks        the job document, the platform (R7), the scripts (R16), free disk (R8)
+    hooks         the four managed-respawn scripts, with a timeout, in their own process group
+    state         lock, journal, outbox of status updates, history (the state directory)
+    swap          journaled swap of the installed tree, and recovery after a crash
+    agent loop    jobs taken one at a time; core updates, self-updates, rollback
+    dry-run       the offline preflight and rehearsal, and --status
     CLI           the command line
 
 See README.md for the contract it keeps (SPEC.md in the shared folder).
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import http.client
 import json
 import logging
 import os
+import queue
 import random
 import re
 import select
+import shutil
+import signal
 import socket
 import ssl
 import stat
 import struct
+import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -264,10 +276,60 @@ def load_config(root: str, path: Optional[str] = None) -> Config:
 
 
 # ============================================================================================
-# logging
+# logging: a size-rotated file (R1: /var/log/greengrass/ota/ggc_ota.txt by default) and, in
+# the foreground, stderr. The job document's updateAgentLogLevel (R6: NONE, TRACE, DEBUG,
+# VERBOSE, INFO, WARN, ERROR, FATAL) applies while that job runs. A filter redacts the query
+# string of every URL, so a presigned URL's signature never reaches a log line.
 # ============================================================================================
 
 log = logging.getLogger("ggc-ota")
+TRACE, VERBOSE = 5, 15
+logging.addLevelName(TRACE, "TRACE")
+logging.addLevelName(VERBOSE, "VERBOSE")
+LOG_LEVELS = {"NONE": logging.CRITICAL + 10, "TRACE": TRACE, "DEBUG": logging.DEBUG, "VERBOSE": VERBOSE,
+              "INFO": logging.INFO, "WARN": logging.WARNING, "ERROR": logging.ERROR, "FATAL": logging.CRITICAL}
+DEFAULT_LOG_LEVEL = "INFO"
+URL_QUERY = re.compile(r"(https?://[^\s?#\"']+)\?[^\s\"']*")
+
+
+def redact(text: str) -> str:
+    return URL_QUERY.sub(r"\1?<redacted>", text)
+
+
+class RedactingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def setup_logging(log_file: Optional[str], level: str, to_stderr: bool, max_bytes: int = 5 * 1024 * 1024,
+                  backups: int = 3) -> None:
+    import logging.handlers
+    log.handlers.clear()
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s [%(threadName)s] %(message)s")
+    handlers: List[logging.Handler] = []
+    if log_file:
+        try:
+            os.makedirs(os.path.dirname(log_file) or ".", exist_ok=True)
+            handlers.append(logging.handlers.RotatingFileHandler(log_file, maxBytes=max_bytes, backupCount=backups))
+        except OSError as err:
+            print(f"ggc-ota: cannot write the log file {log_file}: {err}; logging to stderr", file=sys.stderr)
+            to_stderr = True
+    if to_stderr:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        handler.addFilter(RedactingFilter())
+        log.addHandler(handler)
+    set_log_level(level)
+
+
+def set_log_level(level: str) -> None:
+    log.setLevel(LOG_LEVELS.get(level.upper(), logging.INFO))
 
 
 # ============================================================================================
@@ -1646,17 +1708,1270 @@ def check_layout(staging: str, software: str) -> str:
 
 
 # ============================================================================================
-# CLI
+# checks: everything verified before anything is touched (SPEC §8). A document that is
+# invalid or meant for another platform is REJECTED; what is wrong with the device (a missing
+# or unsafe script, too little disk) is FAILED.
+# ============================================================================================
+
+SOFTWARE_KINDS = ("core", "ota_agent")
+ARCHITECTURES = ("armv6l", "armv7l", "x86_64", "aarch64")
+OPERATING_SYSTEMS = ("ubuntu", "raspbian", "amazon_linux", "openwrt")
+SUPPORTED_PLATFORMS = {("ubuntu", "x86_64"), ("ubuntu", "aarch64"), ("amazon_linux", "x86_64"),
+                       ("raspbian", "armv7l"), ("raspbian", "armv6l"), ("openwrt", "aarch64"), ("openwrt", "armv7l")}
+OS_RELEASE_IDS = {"ubuntu": "ubuntu", "amzn": "amazon_linux", "raspbian": "raspbian", "openwrt": "openwrt"}
+SCRIPT_NAMES = {"core": ("ggc_pre_update.sh", "ggc_post_update.sh"),
+                "ota_agent": ("ota_pre_update.sh", "ota_post_update.sh")}
+VERSION_TEXT = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class InvalidDocument(OtaError):
+    reason = "INVALID_DOCUMENT"
+
+
+class PlatformMismatch(OtaError):
+    reason = "PLATFORM_MISMATCH"
+
+
+class ScriptInvalid(OtaError):
+    reason = "SCRIPT_INVALID"
+
+
+class DiskFull(OtaError):
+    reason = "DISK_FULL"
+
+
+@dataclass(frozen=True)
+class UpdateDocument:
+    software: str
+    version: str
+    architecture: str
+    operating_system: str
+    log_level: str
+    url: str
+    sha256: str
+    size: int
+
+
+def parse_document(doc: Any) -> UpdateDocument:
+    """Check a Greengrass software-update job document (SPEC §6); unknown fields are ignored."""
+    if not isinstance(doc, dict):
+        raise InvalidDocument("the job document is not a JSON object")
+    software = doc.get("softwareToUpdate")
+    if software not in SOFTWARE_KINDS:
+        raise InvalidDocument(f"softwareToUpdate must be one of {', '.join(SOFTWARE_KINDS)}")
+    version = doc.get("version")
+    if not isinstance(version, str) or not VERSION_TEXT.match(version):
+        raise InvalidDocument("version must be a version string such as 1.11.6")
+    arch, os_name = doc.get("updateTargetsArchitecture"), doc.get("updateTargetsOperatingSystem")
+    if arch not in ARCHITECTURES:
+        raise InvalidDocument(f"updateTargetsArchitecture must be one of {', '.join(ARCHITECTURES)}")
+    if os_name not in OPERATING_SYSTEMS:
+        raise InvalidDocument(f"updateTargetsOperatingSystem must be one of {', '.join(OPERATING_SYSTEMS)}")
+    level = doc.get("updateAgentLogLevel", "ERROR")
+    if level not in LOG_LEVELS:
+        raise InvalidDocument(f"updateAgentLogLevel must be one of {', '.join(LOG_LEVELS)}")
+    artifact = doc.get("artifact")
+    if not isinstance(artifact, dict):
+        raise InvalidDocument("artifact must be an object with url, sha256 and size")
+    url, digest, size = artifact.get("url"), artifact.get("sha256"), artifact.get("size")
+    if not isinstance(url, str) or not url.lower().startswith("https://"):
+        raise InvalidDocument("artifact.url must be an https URL")
+    if not isinstance(digest, str) or not SHA256_HEX.match(digest):
+        raise InvalidDocument("artifact.sha256 must be 64 lowercase hex digits")
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise InvalidDocument("artifact.size must be a positive number of bytes")
+    return UpdateDocument(software, version, arch, os_name, level, url, digest, size)
+
+
+def detect_platform(ota: Dict[str, Any], etc: str = "/etc") -> Tuple[str, Optional[str]]:
+    """(architecture, operating system or None when unknown) of this device."""
+    arch = ota.get("architecture") or os.uname().machine
+    if arch == "arm64":
+        arch = "aarch64"
+    if ota.get("operatingSystem"):
+        return arch, ota["operatingSystem"]
+    if os.path.exists(os.path.join(etc, "openwrt_release")):
+        return arch, "openwrt"
+    try:
+        with open(os.path.join(etc, "os-release"), encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.strip().partition("=")
+                if key == "ID":
+                    return arch, OS_RELEASE_IDS.get(value.strip().strip('"').lower())
+    except OSError:
+        pass
+    return arch, None
+
+
+def check_platform(doc: UpdateDocument, arch: str, os_name: Optional[str]) -> Optional[str]:
+    """PlatformMismatch when the document targets another platform; a warning text when this
+    device's OS is not one of R7's (the document's OS is then accepted)."""
+    if (doc.operating_system, doc.architecture) not in SUPPORTED_PLATFORMS:
+        raise InvalidDocument(f"{doc.operating_system}/{doc.architecture} is not a supported platform")
+    if doc.architecture != arch:
+        raise PlatformMismatch(f"the update is for {doc.architecture}, this device is {arch}")
+    if os_name is None:
+        return f"this device's OS is not one of {', '.join(OPERATING_SYSTEMS)}; accepting {doc.operating_system}"
+    if os_name != doc.operating_system:
+        raise PlatformMismatch(f"the update is for {doc.operating_system}, this device runs {os_name}")
+    return None
+
+
+def check_script(path: str) -> None:
+    """R16: present, a regular file owned by root, executable by root only (no group/other
+    write or execute), in a directory that is root's and not group/other writable."""
+    name = os.path.basename(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise ScriptInvalid(f"{name} is missing ({path})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ScriptInvalid(f"{name} is not a regular file")
+    if st.st_uid != 0:
+        raise ScriptInvalid(f"{name} is owned by uid {st.st_uid}, not root")
+    if st.st_mode & 0o033:
+        raise ScriptInvalid(f"{name} has mode {stat.S_IMODE(st.st_mode):04o}: group/other may write or execute it")
+    if not st.st_mode & stat.S_IXUSR:
+        raise ScriptInvalid(f"{name} is not executable by its owner")
+    dst = os.stat(os.path.dirname(path))
+    if dst.st_uid != 0 or dst.st_mode & 0o022:
+        raise ScriptInvalid(f"the directory of {name} is writable by others than root")
+
+
+def check_free_space(needs: List[Tuple[str, int]], floor: int) -> None:
+    """`needs`: (path, bytes to be written there). Every filesystem must keep `floor` free
+    after its writes (R8); paths on one filesystem add up."""
+    by_fs: Dict[int, Tuple[str, int]] = {}
+    for path, nbytes in needs:
+        probe = path
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe) or "."
+        dev = os.stat(probe).st_dev
+        first, total = by_fs.get(dev, (probe, 0))
+        by_fs[dev] = (first, total + nbytes)
+    for probe, total in by_fs.values():
+        st = os.statvfs(probe)
+        free = st.f_bavail * st.f_frsize
+        if free < total + floor:
+            raise DiskFull(f"{probe}: {free // 2**20} MiB free, the update needs {total // 2**20} MiB "
+                           f"plus a floor of {floor // 2**20} MiB")
+
+
+# ============================================================================================
+# hooks: the four managed-respawn scripts (R15, R16), or greengrassd stop|start when
+# managedRespawn is false (R17). Fixed PATH, stdin from /dev/null, their own process group,
+# output into the log, a timeout after which the group gets SIGTERM and then SIGKILL.
+# ============================================================================================
+
+HOOK_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class HookFailed(OtaError):
+    reason = "HOOK_FAILED"
+
+
+def run_hook(argv: List[str], env_extra: Dict[str, str], timeout: float, cwd: str) -> None:
+    name = os.path.basename(argv[0]) + (" " + " ".join(argv[1:]) if argv[1:] else "")
+    env = {"PATH": HOOK_PATH, "HOME": "/", "LANG": "C", **env_extra}
+    log.info("hook: running %s", name)
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=env, cwd=cwd)
+    except OSError as err:
+        raise HookFailed(f"{name} could not be started: {err.strerror or err}") from None
+    output: List[str] = []
+    reader = threading.Thread(target=_pump_output, args=(proc, name, output), daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        reader.join(5)
+        raise HookFailed(f"{name} did not finish within {timeout:.0f} s and was stopped", "HOOK_TIMEOUT") from None
+    reader.join(5)
+    if code != 0:
+        raise HookFailed(f"{name} exited with {code}")
+    log.info("hook: %s succeeded", name)
+
+
+def _pump_output(proc: subprocess.Popen, name: str, output: List[str]) -> None:
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.decode("utf-8", "replace").rstrip()
+        output.append(line)
+        log.info("hook %s: %s", name, line)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# ============================================================================================
+# state: the agent's own files in the state directory (default <root>/ota-state): the lock,
+# the journal, pending status updates (the outbox), the history, downloads and staging. Every
+# file is written whole: temp file, fsync, rename, fsync the directory.
+# ============================================================================================
+
+HISTORY_LIMIT = 200
+
+
+def write_json_atomic(path: str, value: Any) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        log.error("state: %s is not valid JSON; setting it aside", path)
+        os.replace(path, path + ".corrupt")
+        return None
+
+
+class AnotherAgent(OtaError):
+    reason = "ALREADY_RUNNING"
+
+
+class State:
+    def __init__(self, directory: str) -> None:
+        self.dir = directory
+        self.journal_path = os.path.join(directory, "journal.json")
+        self.history_path = os.path.join(directory, "history.jsonl")
+        self.outbox = os.path.join(directory, "outbox")
+        self.downloads = os.path.join(directory, "downloads")
+        self.staging = os.path.join(directory, "staging")
+        self._lock_fd: Optional[int] = None
+
+    def ensure(self) -> None:
+        for d in (self.dir, self.outbox, self.downloads, self.staging):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+
+    def lock(self) -> None:
+        """One agent per root (R12): an exclusive lock held for the process's life. After the
+        exec of a self-update the new agent adopts the descriptor it inherited."""
+        import fcntl
+        inherited = os.environ.pop(LOCK_FD_ENV, None)
+        if inherited is not None and self._adopt(int(inherited)):
+            return
+        fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise AnotherAgent(f"another agent already runs on this root (pid {holder or 'unknown'})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        os.set_inheritable(fd, True)  # kept across the exec of a self-update
+        self._lock_fd = fd
+
+    def _adopt(self, fd: int) -> bool:
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(os.path.join(self.dir, "lock")))
+        except OSError:
+            return False
+        if same:
+            self._lock_fd = fd
+        return same
+
+    def lock_holder(self) -> Optional[str]:
+        """The pid holding the lock, or None when no agent holds it."""
+        import fcntl
+        path = os.path.join(self.dir, "lock")
+        if not os.path.exists(path):
+            return None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        except OSError:
+            return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+
+    # ---- journal ----------------------------------------------------------------------------
+    def journal(self) -> Optional[dict]:
+        return read_json(self.journal_path)
+
+    def write_journal(self, journal: dict) -> None:
+        write_json_atomic(self.journal_path, journal)
+
+    def clear_journal(self) -> None:
+        if os.path.exists(self.journal_path):
+            os.unlink(self.journal_path)
+            fsync_dir(self.dir)
+
+    # ---- outbox: the latest status of each job not yet acknowledged by the cloud -----------------
+    def queue_status(self, job_id: str, status: str, details: Dict[str, str]) -> None:
+        write_json_atomic(os.path.join(self.outbox, job_id + ".json"),
+                          {"jobId": job_id, "status": status, "statusDetails": details, "at": time.time()})
+
+    def pending_statuses(self) -> List[dict]:
+        out = []
+        for name in sorted(os.listdir(self.outbox)):
+            if name.endswith(".json"):
+                entry = read_json(os.path.join(self.outbox, name))
+                if isinstance(entry, dict):
+                    out.append(entry)
+        return sorted(out, key=lambda e: e.get("at", 0))
+
+    def status_sent(self, entry: dict) -> None:
+        path = os.path.join(self.outbox, entry["jobId"] + ".json")
+        current = read_json(path)
+        if current is not None and current.get("at") == entry.get("at"):
+            os.unlink(path)
+
+    # ---- history ----------------------------------------------------------------------------
+    def add_history(self, record: dict) -> None:
+        lines = self._history_lines()[-(HISTORY_LIMIT - 1):] + [json.dumps(record, sort_keys=True)]
+        tmp = self.history_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.history_path)
+        fsync_dir(self.dir)
+
+    def history(self) -> List[dict]:
+        out = []
+        for line in self._history_lines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def _history_lines(self) -> List[str]:
+        try:
+            with open(self.history_path, encoding="utf-8") as f:
+                return [line.rstrip("\n") for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    def handled(self, job_id: str, execution_number: int) -> bool:
+        return any(h.get("jobId") == job_id and h.get("executionNumber") == execution_number and
+                   h.get("result") in ("SUCCEEDED", "FAILED", "REJECTED") for h in self.history())
+
+
+# ============================================================================================
+# swap and journal: the installed tree (<root>/ggc or <root>/ota) is exchanged with the staged
+# one under a write-ahead journal. Each step is written (temp, fsync, rename, fsync the
+# directory) before it is done. Recovery decides by the identity (device, inode) of the tree
+# now in place, never by guesswork, is safe to run twice, rolls forward only past `committed`
+# and otherwise back. The old tree is deleted only after the commit. renameat2(RENAME_EXCHANGE)
+# swaps in one step where the kernel and filesystem allow it; two renames otherwise.
+# GGC_OTA_CRASH_AT=<step> makes the agent call os._exit at that step (tests only; inert unset).
+# ============================================================================================
+
+CRASH_ENV = "GGC_OTA_CRASH_AT"
+CRASH_EXIT = 99
+MAX_RECOVERIES = 3        # a crash loop inside recovery ends in ROLLBACK_FAILED, never loops
+MAX_TRIAL_STARTS = 2      # starts of a self-updated agent before it is rolled back
+
+
+class RollbackFailed(OtaError):
+    reason = "ROLLBACK_FAILED"
+
+
+def crash_point(step: str) -> None:
+    if os.environ.get(CRASH_ENV) == step:
+        log.warning("crash point %s: exiting on purpose (%s is set)", step, CRASH_ENV)
+        for handler in log.handlers:
+            handler.flush()
+        os._exit(CRASH_EXIT)
+
+
+def path_id(path: str) -> Optional[List[int]]:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return [st.st_dev, st.st_ino]
+
+
+def rename_exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically with renameat2(RENAME_EXCHANGE); False when not supported."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange_flag = -100, 2
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange_flag)
+    if rc == 0:
+        return True
+    import errno
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), a)
+
+
+def remove_tree(path: str) -> None:
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+
+
+def fsync_tree(path: str) -> None:
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full):
+                fd = os.open(full, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(dirpath)
+
+
+def copy_kept(live: str, new: str, keep: List[str], prefix: str) -> List[str]:
+    """Copy each kept path (relative to the root, e.g. ggc/var) from the live tree into the new
+    one, replacing what the new tree has there. Returns what was copied."""
+    copied = []
+    for rel in keep:
+        parts = rel.strip("/").split("/")
+        if parts[0] != prefix or len(parts) < 2:
+            continue
+        inner = os.path.join(*parts[1:])
+        src, dst = os.path.join(live, inner), os.path.join(new, inner)
+        if not os.path.lexists(src):
+            continue
+        remove_tree(dst)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if os.path.isdir(src) and not os.path.islink(src):
+            shutil.copytree(src, dst, symlinks=True)
+            fsync_tree(dst)
+        else:
+            shutil.copy2(src, dst, follow_symlinks=False)
+        fsync_dir(os.path.dirname(dst))
+        copied.append(rel)
+    return copied
+
+
+def swap_in(state: State, journal: dict) -> None:
+    """Put the staged tree at the live path; the old tree ends at journal['old']."""
+    live, new, old = journal["live"], journal["new"], journal["old"]
+    journal["step"] = "swapping"
+    state.write_journal(journal)
+    crash_point("swap_started")
+    if rename_exchange(new, live):
+        journal["exchange"] = True
+        crash_point("mid_swap")
+        os.rename(new, old)
+    else:
+        journal["exchange"] = False
+        os.rename(live, old)
+        crash_point("mid_swap")
+        os.rename(new, live)
+    fsync_dir(os.path.dirname(live))
+    fsync_dir(os.path.dirname(old))
+    journal["step"] = "swapped"
+    state.write_journal(journal)
+
+
+def restore_old(journal: dict) -> None:
+    """Put the old tree back at the live path, whatever step a crash interrupted."""
+    live, old_id = journal["live"], journal["liveId"]
+    if path_id(live) == old_id:
+        return
+    source = next((p for p in (journal["old"], journal["new"]) if path_id(p) == old_id), None)
+    if source is None:
+        raise RollbackFailed(f"the old tree of {live} is nowhere to be found")
+    aside = journal["old"] + ".rejected"
+    if os.path.lexists(live):
+        remove_tree(aside)
+        os.rename(live, aside)
+        crash_point("mid_restore")
+    os.rename(source, live)
+    fsync_dir(os.path.dirname(live))
+    fsync_dir(os.path.dirname(source))
+
+
+# ============================================================================================
+# the agent loop: on every connect and every notify it lists the pending executions with
+# `get`, describes them, finishes an IN_PROGRESS one of its own and takes its queued jobs one
+# at a time, oldest first. A job whose document has no softwareToUpdate is never touched. A
+# (jobId, executionNumber) already handled is never run again. Every status goes through the
+# outbox on disk, so none is lost while offline or across a crash.
+# ============================================================================================
+
+CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+DETAILS_KEY = re.compile(r"^[a-zA-Z0-9:_-]+$")
+UNDELIVERABLE = ("InvalidStateTransition", "TerminalStateReached", "ResourceNotFound", "InvalidRequest")
+RESYNC_SECONDS = 300.0
+
+
+class JobCanceled(OtaError):
+    reason = "CANCELED"
+
+
+class AgentStopping(Exception):
+    """SIGTERM arrived while the agent could still stop without harm (before any change)."""
+
+
+def clean_details(details: Dict[str, Any]) -> Dict[str, str]:
+    """statusDetails AWS accepts: keys [a-zA-Z0-9:_-]+, values 1..1024 chars, no control chars."""
+    out = {}
+    for key, value in details.items():
+        if value is None or not DETAILS_KEY.match(key):
+            continue
+        text = redact(CONTROL_CHAR.sub(" ", str(value))).strip()[:1024]
+        if text:
+            out[key] = text
+    return out
+
+
+def version_key(version: str) -> tuple:
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.+-]", version))
+
+
+def installed_core_version(root: str) -> Optional[str]:
+    try:
+        names = [n for n in os.listdir(os.path.join(root, "ggc", "packages")) if VERSION_TEXT.match(n)]
+    except OSError:
+        return None
+    return max(names, key=version_key) if names else None
+
+
+def agent_command(path: str, args: List[str]) -> List[str]:
+    """How to start the agent at `path`: a frozen binary runs itself; the script version runs
+    under the same interpreter as this one."""
+    if getattr(sys, "frozen", False):
+        return [path] + args
+    return [sys.executable, path] + args
+
+
+class Agent:
+    def __init__(self, cfg: Config, argv: List[str], base_level: str, pid_file: Optional[str] = None) -> None:
+        self.cfg = cfg
+        self.pid_file = pid_file
+        self.ota = cfg.ota
+        self.root = cfg.root
+        self.state = State(cfg.ota["stateDir"])
+        self.argv = argv
+        self.base_level = base_level
+        self.events: queue.Queue = queue.Queue()  # (kind, payload) pairs for the main loop
+        self.stopping = threading.Event()
+        self.mqtt: Optional[MqttClient] = None
+        self.jobs: Optional[JobsClient] = None
+        self.subscribed = False
+        self.not_ours: set = set()
+        self.current: Optional[str] = None
+        self.current_canceled = threading.Event()
+        self.trial: Optional[dict] = None
+
+    # ---- life cycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.state.ensure()
+        self.state.lock()
+        for warning in self.cfg.warnings:
+            log.warning("config: %s", warning)
+        log.info("ggc-ota %s starting for %s (root %s)", __version__, self.cfg.thing_name, self.root)
+        if self.pid_file:
+            write_pid(self.pid_file)  # systemd's Type=forking waits for this
+        self.recover()
+
+    def run(self) -> int:
+        self.start()
+        self.connect()
+        if self.trial is not None:
+            self.finish_self_update(self.trial)
+        next_resync = time.monotonic() + RESYNC_SECONDS
+        while not self.stopping.is_set():
+            try:
+                kind, _ = self.events.get(timeout=max(0.1, next_resync - time.monotonic()))
+            except queue.Empty:
+                kind = "resync"
+            try:
+                if kind == "connected":
+                    self.on_connected()
+                elif kind in ("notify", "resync"):
+                    self.flush_outbox()
+                    self.sync()
+                if kind == "resync":
+                    next_resync = time.monotonic() + RESYNC_SECONDS
+            except AgentStopping:
+                break
+            except MqttError as err:
+                log.warning("lost the cloud while working: %s; waiting for the connection", err)
+        log.info("ggc-ota stopping")
+        if self.mqtt is not None:
+            self.mqtt.stop()
+        return 0
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.events.put(("stop", None))
+
+    def connect(self) -> None:
+        self.mqtt = MqttClient(self.cfg.mqtt_settings(), self.on_message, self.on_connect)
+        self.jobs = JobsClient(self.mqtt, self.cfg.thing_name, on_notify=self.on_notify)
+        self.mqtt.start()
+
+    # ---- callbacks from the MQTT network thread: never block ----------------------------------
+    def on_connect(self) -> None:
+        self.events.put(("connected", None))
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        if self.jobs is not None:
+            self.jobs.handle(topic, payload)
+
+    def on_notify(self, payload: dict) -> None:
+        jobs = payload.get("jobs") if isinstance(payload.get("jobs"), dict) else {}
+        pending = {j.get("jobId") for items in jobs.values() if isinstance(items, list)
+                   for j in items if isinstance(j, dict)}
+        if self.current is not None and self.current not in pending:
+            self.current_canceled.set()  # confirmed by describing the job before acting on it
+        self.events.put(("notify", payload))
+
+    # ---- talking to the cloud --------------------------------------------------------------------
+    def on_connected(self) -> None:
+        assert self.jobs is not None
+        if not self.subscribed:
+            self.jobs.subscribe()
+            self.subscribed = True
+        self.flush_outbox()
+        self.sync()
+
+    def report(self, job_id: str, status: str, details: Dict[str, Any]) -> None:
+        self.state.queue_status(job_id, status, clean_details(details))
+        self.flush_outbox()
+
+    def flush_outbox(self) -> None:
+        if self.jobs is None or self.mqtt is None or not self.mqtt.connected or not self.subscribed:
+            return
+        for entry in self.state.pending_statuses():
+            try:
+                self.jobs.update(entry["jobId"], entry["status"], entry.get("statusDetails") or None)
+            except JobsRejected as err:
+                if err.code in UNDELIVERABLE:
+                    log.warning("status %s of job %s can never be delivered (%s); dropping it",
+                                entry["status"], entry["jobId"], err.code)
+                else:
+                    log.warning("status %s of job %s not accepted yet (%s); kept for later",
+                                entry["status"], entry["jobId"], err.code)
+                    continue
+            except MqttError as err:
+                log.info("status %s of job %s kept on disk until the connection is back (%s)",
+                         entry["status"], entry["jobId"], err)
+                return
+            self.state.status_sent(entry)
+
+    def sync(self) -> None:
+        """Take this thing's Greengrass update jobs, one at a time, oldest first."""
+        assert self.jobs is not None
+        while not self.stopping.is_set():
+            in_progress, queued = self.jobs.list_pending()
+            execution = self.next_job(in_progress + queued)
+            if execution is None:
+                return
+            self.process(execution)
+
+    def next_job(self, summaries: List[dict]) -> Optional[dict]:
+        assert self.jobs is not None
+        for summary in summaries:
+            key = (summary["jobId"], summary.get("executionNumber", 1))
+            if key in self.not_ours or self.state.handled(*key):
+                continue
+            execution = self.jobs.describe(summary["jobId"])
+            if execution is None:
+                continue
+            document = execution.get("jobDocument")
+            if not isinstance(document, dict) or "softwareToUpdate" not in document:
+                log.info("leaving job %s alone: it is not a Greengrass software update", key[0])
+                self.not_ours.add(key)
+                continue
+            return execution
+        return None
+
+    def fresh_url(self, job_id: str) -> str:
+        assert self.jobs is not None
+        execution = self.jobs.describe(job_id)
+        if execution is None:
+            raise JobCanceled(f"job {job_id} ended in the cloud")
+        return parse_document(execution.get("jobDocument")).url
+
+    def ensure_not_canceled(self, job_id: str) -> None:
+        assert self.jobs is not None
+        if self.jobs.describe(job_id) is None:
+            raise JobCanceled(f"job {job_id} was canceled (or ended) in the cloud")
+        self.current_canceled.clear()
+
+    # ---- one job --------------------------------------------------------------------------------
+    def process(self, execution: dict) -> None:
+        job_id, number = execution["jobId"], execution.get("executionNumber", 1)
+        record: Dict[str, Any] = {"jobId": job_id, "executionNumber": number, "startedAt": int(time.time())}
+        self.current = job_id
+        self.current_canceled.clear()
+        log.info("job %s: starting", job_id)
+        try:
+            doc = parse_document(execution.get("jobDocument"))
+            record.update(component=doc.software, toVersion=doc.version, fromVersion=self.installed(doc.software))
+            set_log_level(doc.log_level)
+            warning = check_platform(doc, *detect_platform(self.ota))
+            if warning:
+                log.warning("job %s: %s", job_id, warning)
+            self.report(job_id, "IN_PROGRESS", {"phase": "checking", "version": doc.version})
+            self.check_device(doc)
+            artifact = self.download(job_id, doc)
+            stage = self.unpack(job_id, doc, artifact)
+            self.ensure_not_canceled(job_id)
+            if doc.software == "core":
+                self.apply_core(job_id, number, doc, stage, record)
+            else:
+                self.apply_agent(job_id, number, doc, stage, record)
+        except (InvalidDocument, PlatformMismatch) as err:
+            log.error("job %s rejected: %s", job_id, err)
+            self.finish(record, "REJECTED", err.reason, str(err))
+        except JobCanceled as err:
+            log.warning("job %s abandoned: %s", job_id, err)
+            record.update(result="CANCELED", reason=err.reason, finishedAt=int(time.time()))
+            self.state.add_history(record)
+        except OtaError as err:
+            log.error("job %s failed before anything was changed: %s", job_id, err)
+            self.finish(record, "FAILED", err.reason, str(err), rolled_back="false")
+        finally:
+            self.current = None
+            set_log_level(self.base_level)
+            if self.state.journal() is None:
+                self.cleanup(job_id)
+
+    def installed(self, software: str) -> Optional[str]:
+        return installed_core_version(self.root) if software == "core" else __version__
+
+    def finish(self, record: dict, result: str, reason: Optional[str], message: str = "",
+               rolled_back: Optional[str] = None, version: Optional[str] = None) -> None:
+        details: Dict[str, Any] = {"reason": reason, "message": message, "rolledBack": rolled_back,
+                                   "version": version}
+        self.report(record["jobId"], result, details)
+        record.update(result=result, reason=reason, finishedAt=int(time.time()))
+        if message:
+            record["message"] = redact(message)[:1024]
+        self.state.add_history(record)
+        log.log(logging.INFO if result == "SUCCEEDED" else logging.ERROR, "job %s: %s%s", record["jobId"], result,
+                f" ({reason}: {message})" if reason else "")
+
+    def check_device(self, doc: UpdateDocument) -> None:
+        if self.cfg.managed_respawn:
+            for name in SCRIPT_NAMES[doc.software]:
+                check_script(os.path.join(self.root, "usr", "scripts", name))
+        elif doc.software == "core" and not os.access(os.path.join(self.root, "ggc/core/greengrassd"), os.X_OK):
+            raise ScriptInvalid("ggc/core/greengrassd is missing or not executable (managedRespawn is false)")
+        if os.stat(self.state.staging).st_dev != os.stat(self.root).st_dev:
+            raise DiskFull("the state directory is not on the root's filesystem: staging cannot be renamed into place",
+                           "STATE_DIR_ELSEWHERE")
+        kept = sum(tree_size(os.path.join(self.root, rel)) for rel in self.ota["keep"])
+        check_free_space([(self.state.downloads, doc.size), (self.state.staging, 3 * doc.size + kept)],
+                         self.ota["minFreeBytes"])
+
+    def download(self, job_id: str, doc: UpdateDocument) -> str:
+        dest = os.path.join(self.state.downloads, job_id + ".tar.gz")
+        if os.path.exists(dest) and sha256_of_file(dest)[0].hexdigest() == doc.sha256:
+            log.info("job %s: the artifact was downloaded before", job_id)
+            return dest
+
+        def progress(done: int, total: int) -> None:
+            percent = done * 100 // total
+            log.info("job %s: downloaded %d of %d bytes (%d%%)", job_id, done, total, percent)
+            self.report(job_id, "IN_PROGRESS", {"phase": "download", "progress": f"{percent}%",
+                                                "bytes": f"{done}/{total}", "version": doc.version})
+
+        def should_stop() -> bool:
+            if self.stopping.is_set():
+                raise AgentStopping()
+            return self.current_canceled.is_set() and self.jobs is not None and self.jobs.describe(job_id) is None
+
+        log.info("job %s: downloading %s (%d bytes)", job_id, redact_url(doc.url), doc.size)
+        ca_files = [self.cfg.ca_path] + ([self.ota["extraCaPath"]] if self.ota.get("extraCaPath") else [])
+        Download(url=doc.url, dest=dest, sha256=doc.sha256, size=doc.size, context=https_context(ca_files),
+                 fresh_url=lambda: self.fresh_url(job_id), progress=progress,
+                 progress_interval=self.ota["progressInterval"], read_timeout=self.ota["downloadReadTimeout"],
+                 retries=self.ota["downloadRetries"], should_stop=should_stop).run()
+        crash_point("after_download")
+        return dest
+
+    def unpack(self, job_id: str, doc: UpdateDocument, artifact: str) -> str:
+        stage = os.path.join(self.state.staging, job_id)
+        remove_tree(stage)
+        os.makedirs(stage)
+        self.report(job_id, "IN_PROGRESS", {"phase": "unpack", "version": doc.version})
+        unpack(artifact, os.path.join(stage, "unpacked"))
+        os.rename(check_layout(os.path.join(stage, "unpacked"), doc.software), os.path.join(stage, "new"))
+        crash_point("after_unpack")
+        return stage
+
+    def cleanup(self, job_id: str) -> None:
+        remove_tree(os.path.join(self.state.staging, job_id))
+        for suffix in (".tar.gz", ".tar.gz.part"):
+            path = os.path.join(self.state.downloads, job_id + suffix)
+            if os.path.exists(path):
+                os.unlink(path)
+
+    # ---- applying: journaled from the first script on ------------------------------------------
+    def new_journal(self, job_id: str, number: int, doc: UpdateDocument, stage: str, record: dict) -> dict:
+        live = os.path.join(self.root, "ggc" if doc.software == "core" else "ota")
+        journal = {"jobId": job_id, "executionNumber": number, "software": doc.software,
+                   "fromVersion": record.get("fromVersion"), "toVersion": doc.version, "startedAt": record["startedAt"],
+                   "live": live, "new": os.path.join(stage, "new"), "old": os.path.join(stage, "old"),
+                   "stage": stage, "liveId": path_id(live), "newId": path_id(os.path.join(stage, "new")),
+                   "step": "pre_update", "recoveries": 0, "starts": 0}
+        self.state.write_journal(journal)
+        return journal
+
+    def hook(self, software: str, which: str, journal: dict) -> None:
+        env = {"GGC_OTA_JOB_ID": journal["jobId"], "GGC_OTA_COMPONENT": software, "GGC_ROOT": self.root,
+               "GGC_OTA_OLD_VERSION": journal.get("fromVersion") or "", "GGC_OTA_NEW_VERSION": journal["toVersion"]}
+        prefix = "ggc" if software == "core" else "ota"
+        if self.cfg.managed_respawn:
+            argv = [os.path.join(self.root, "usr", "scripts", f"{prefix}_{which}_update.sh")]
+        elif software == "core":
+            argv = [os.path.join(self.root, "ggc", "core", "greengrassd"), "stop" if which == "pre" else "start"]
+        else:
+            return
+        run_hook(argv, env, float(self.ota["scriptTimeout"]), self.root)
+
+    def apply_core(self, job_id: str, number: int, doc: UpdateDocument, stage: str, record: dict) -> None:
+        journal = self.new_journal(job_id, number, doc, stage, record)
+        self.report(job_id, "IN_PROGRESS", {"phase": "pre_update", "version": doc.version})
+        crash_point("journal_written")
+        try:
+            self.hook("core", "pre", journal)
+            crash_point("after_pre_update")
+            copy_kept(journal["live"], journal["new"], self.ota["keep"], "ggc")
+            crash_point("after_keep")
+            swap_in(self.state, journal)
+            crash_point("after_swap")
+            self.report(job_id, "IN_PROGRESS", {"phase": "post_update", "version": doc.version})
+            self.hook("core", "post", journal)
+            crash_point("after_post_update")
+        except OtaError as err:
+            self.roll_back(journal, err.reason, str(err))
+            return
+        self.commit(journal)
+
+    def apply_agent(self, job_id: str, number: int, doc: UpdateDocument, stage: str, record: dict) -> None:
+        new_agent = os.path.join(stage, "new", "ota_agent", "ggc-ota")
+        self.self_test(new_agent)
+        journal = self.new_journal(job_id, number, doc, stage, record)
+        self.report(job_id, "IN_PROGRESS", {"phase": "pre_update", "version": doc.version})
+        try:
+            self.hook("ota_agent", "pre", journal)
+            crash_point("after_pre_update")
+            swap_in(self.state, journal)
+            crash_point("after_swap")
+        except OtaError as err:
+            self.roll_back(journal, err.reason, str(err))
+            return
+        self.report(job_id, "IN_PROGRESS", {"phase": "restarting_agent", "version": doc.version})
+        self.exec_agent(os.path.join(journal["live"], "ota_agent", "ggc-ota"))
+
+    def self_test(self, agent: str) -> None:
+        """The new agent must run from staging before it replaces this one."""
+        for args in (["--version"], ["--root", self.root, "--config", self.cfg.path, "--check-config"]):
+            try:
+                out = subprocess.run(agent_command(agent, args), stdin=subprocess.DEVNULL, capture_output=True,
+                                     timeout=60, env={**os.environ, CRASH_ENV: ""})
+            except (OSError, subprocess.TimeoutExpired) as err:
+                raise OtaError(f"the new agent does not run: {err}", "NEW_AGENT_BROKEN") from None
+            if out.returncode != 0:
+                tail = (out.stderr or out.stdout).decode(errors="replace").strip().splitlines()[-1:]
+                raise OtaError(f"the new agent failed `{' '.join(args)}` with exit code {out.returncode}: "
+                               f"{' '.join(tail)}", "NEW_AGENT_BROKEN")
+
+    def exec_agent(self, path: str) -> None:
+        """Replace this process with the agent at `path` (same PID: systemd and procd see no exit)."""
+        log.info("restarting as %s", path)
+        if self.mqtt is not None:
+            self.mqtt.stop()
+        for handler in log.handlers:
+            handler.flush()
+        if self.state._lock_fd is not None:
+            os.environ[LOCK_FD_ENV] = str(self.state._lock_fd)
+        crash_point("before_exec")
+        argv = agent_command(path, self.argv)
+        os.execv(argv[0], argv)
+
+    def commit(self, journal: dict) -> None:
+        journal["step"] = "committed"
+        self.state.write_journal(journal)
+        crash_point("after_commit")
+        record = {k: journal.get(k) for k in ("jobId", "executionNumber", "fromVersion", "toVersion", "startedAt")}
+        record["component"] = journal["software"]
+        if not self.state.handled(journal["jobId"], journal["executionNumber"]):
+            self.finish(record, "SUCCEEDED", None, version=journal["toVersion"])
+        remove_tree(journal["stage"])
+        self.state.clear_journal()
+        self.cleanup(journal["jobId"])
+
+    def roll_back(self, journal: dict, reason: str, message: str) -> None:
+        """Old tree back in place, its post-update step run, FAILED reported. Never loops: a
+        failure here is ROLLBACK_FAILED, logged loudly, and the journal is closed."""
+        log.error("job %s: rolling back: %s", journal["jobId"], message)
+        journal.update(step="rolling_back", reason=journal.get("reason") or reason,
+                       message=journal.get("message") or message)
+        self.state.write_journal(journal)
+        rolled_back = "true"
+        try:
+            restore_old(journal)
+            crash_point("after_restore")
+            self.hook(journal["software"], "post", journal)
+        except OtaError as err:
+            log.critical("ROLLBACK FAILED for job %s: %s. The device needs attention.", journal["jobId"], err)
+            journal["reason"], journal["message"] = "ROLLBACK_FAILED", f"{message}; rollback: {err}"
+            rolled_back = "false"
+        journal.update(step="rolled_back", rolledBack=rolled_back)
+        self.state.write_journal(journal)
+        if journal["software"] == "ota_agent" and journal.get("execed") and rolled_back == "true":
+            self.exec_agent(os.path.join(journal["live"], "ota_agent", "ggc-ota"))  # the old agent reports
+        self.close_rolled_back(journal)
+
+    def close_rolled_back(self, journal: dict) -> None:
+        record = {k: journal.get(k) for k in ("jobId", "executionNumber", "fromVersion", "toVersion", "startedAt")}
+        record["component"] = journal["software"]
+        if not self.state.handled(journal["jobId"], journal["executionNumber"]):
+            self.finish(record, "FAILED", journal.get("reason"), journal.get("message", ""),
+                        rolled_back=journal.get("rolledBack", "true"))
+        remove_tree(journal["stage"])
+        self.state.clear_journal()
+        self.cleanup(journal["jobId"])
+
+    # ---- recovery at start ----------------------------------------------------------------------
+    def recover(self) -> None:
+        journal = self.state.journal()
+        if journal is None:
+            for name in os.listdir(self.state.staging):  # staging of an update that never started
+                remove_tree(os.path.join(self.state.staging, name))
+            return
+        step = journal.get("step")
+        log.warning("recovery: found the journal of job %s at step %s", journal.get("jobId"), step)
+        if step == "committed":
+            self.commit(journal)
+            return
+        if step == "rolled_back":
+            self.close_rolled_back(journal)
+            return
+        new_in_place = path_id(journal["live"]) == journal["newId"]
+        if journal["software"] == "ota_agent" and step == "swapped" and new_in_place:
+            journal["starts"] = journal.get("starts", 0) + 1
+            journal["execed"] = True
+            self.state.write_journal(journal)
+            if journal["starts"] > MAX_TRIAL_STARTS:
+                self.roll_back(journal, "NEW_AGENT_CRASHED",
+                               f"the new agent stopped {journal['starts'] - 1} times before it was confirmed")
+                return
+            crash_point("trial_started")
+            self.trial = journal
+            return
+        journal["recoveries"] = journal.get("recoveries", 0) + 1
+        self.state.write_journal(journal)
+        if journal["recoveries"] > MAX_RECOVERIES:
+            log.critical("ROLLBACK FAILED: recovery of job %s was interrupted %d times; giving up",
+                         journal["jobId"], journal["recoveries"] - 1)
+            journal.update(step="rolled_back", reason="ROLLBACK_FAILED", rolledBack="false",
+                           message="recovery kept being interrupted")
+            self.state.write_journal(journal)
+            self.close_rolled_back(journal)
+            return
+        self.roll_back(journal, "INTERRUPTED", f"the agent stopped during the update (at step {step})")
+
+    def finish_self_update(self, journal: dict) -> None:
+        """This is the new agent on trial: it must connect, then ota_post_update.sh must pass."""
+        assert self.mqtt is not None
+        timeout = float(self.ota["newAgentTimeout"])
+        if not self.mqtt.wait_connected(timeout):
+            self.roll_back(journal, "NEW_AGENT_NO_CONNECTION", f"the new agent did not connect within {timeout:.0f} s")
+            return
+        try:
+            self.hook("ota_agent", "post", journal)
+        except OtaError as err:
+            self.roll_back(journal, err.reason, str(err))
+            return
+        self.commit(journal)
+        self.trial = None
+
+
+def tree_size(path: str) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+# ============================================================================================
+# dry-run and status: the offline preflight (one line per check, exit 0 only when an update
+# could run), the rehearsal of a job document on a scratch copy, and the update history.
 # ============================================================================================
 
 
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    message: str
+
+
+def preflight(root: str, config_path: Optional[str]) -> List[Check]:
+    checks: List[Check] = []
+    try:
+        cfg = load_config(root, config_path)
+    except ConfigError as err:
+        return [Check("config", False, str(err))]
+    checks.append(Check("config", not cfg.unknown_keys,
+                        f"{cfg.path}: thing {cfg.thing_name}, {cfg.iot_host}:{cfg.port}, keepalive {cfg.keepalive} s"
+                        + (f"; unknown otaAgent keys: {', '.join(cfg.unknown_keys)}" if cfg.unknown_keys else "")))
+    try:
+        tls_context(cfg.mqtt_settings())
+        checks.append(Check("credentials", True, "root CA, certificate and key load and match"))
+    except MqttAuthError as err:
+        checks.append(Check("credentials", False, str(err)))
+    checks.append(Check("port", cfg.port in (8883, 443) or 1 <= cfg.port <= 65535,
+                        f"{cfg.port}" + (" (ALPN x-amzn-mqtt-ca)" if cfg.port == 443 else "")))
+    if cfg.managed_respawn:
+        for name in SCRIPT_NAMES["core"] + SCRIPT_NAMES["ota_agent"]:
+            try:
+                check_script(os.path.join(cfg.root, "usr", "scripts", name))
+                checks.append(Check(f"script {name}", True, "present, root's, executable by root only"))
+            except ScriptInvalid as err:
+                checks.append(Check(f"script {name}", False, str(err)))
+    else:
+        ok = os.access(os.path.join(cfg.root, "ggc/core/greengrassd"), os.X_OK)
+        checks.append(Check("greengrassd", ok, "managedRespawn is false: the agent runs ggc/core/greengrassd"))
+    try:
+        check_free_space([(cfg.root, 0)], cfg.ota["minFreeBytes"])
+        checks.append(Check("disk", True, f"at least {cfg.ota['minFreeBytes'] // 2**20} MiB free"))
+    except DiskFull as err:
+        checks.append(Check("disk", False, str(err)))
+    state_parent = cfg.ota["stateDir"] if os.path.exists(cfg.ota["stateDir"]) else os.path.dirname(cfg.ota["stateDir"])
+    for path in (os.path.join(cfg.root, "ggc"), os.path.join(cfg.root, "ota"), state_parent):
+        checks.append(Check(f"writable {path}", os.access(path, os.W_OK), "R11"))
+    arch, os_name = detect_platform(cfg.ota)
+    supported = any(arch == a and (os_name is None or os_name == o) for o, a in SUPPORTED_PLATFORMS)
+    checks.append(Check("platform", supported, f"{os_name or 'unknown OS'}/{arch}"))
+    holder = State(cfg.ota["stateDir"]).lock_holder()
+    checks.append(Check("lock", holder is None, "no other agent" if holder is None else f"held by pid {holder}"))
+    return checks
+
+
+def rehearse(root: str, config_path: Optional[str], document_path: str, artifact: Optional[str]) -> List[Check]:
+    """The whole update on a scratch copy: document, platform, size and sha256, unpack, layout."""
+    checks: List[Check] = []
+    cfg = load_config(root, config_path)
+    try:
+        with open(document_path, encoding="utf-8") as f:
+            raw = json.load(f)
+        doc = parse_document(raw.get("jobDocument", raw) if isinstance(raw, dict) else raw)
+        checks.append(Check("document", True, f"{doc.software} {doc.version} for {doc.operating_system}/"
+                                              f"{doc.architecture}, {doc.size} bytes"))
+        check_platform(doc, *detect_platform(cfg.ota))
+        checks.append(Check("platform", True, "the document targets this device"))
+    except (OSError, ValueError, OtaError) as err:
+        return checks + [Check("document", False, str(err))]
+    scratch = tempfile.mkdtemp(prefix="ggc-ota-rehearsal-")
+    try:
+        local = artifact or os.path.join(scratch, "artifact.tar.gz")
+        if artifact is None:
+            Download(url=doc.url, dest=local, sha256=doc.sha256, size=doc.size,
+                     context=https_context([cfg.ca_path]), retries=2).run()
+        digest, size = sha256_of_file(local)
+        ok = size == doc.size and digest.hexdigest() == doc.sha256
+        checks.append(Check("artifact", ok, f"{size} bytes, sha256 {digest.hexdigest()}"))
+        if not ok:
+            return checks
+        unpack(local, os.path.join(scratch, "unpacked"))
+        tree = check_layout(os.path.join(scratch, "unpacked"), doc.software)
+        files = sum(len(f) for _, _, f in os.walk(tree))
+        live = os.path.join(cfg.root, "ggc" if doc.software == "core" else "ota")
+        checks.append(Check("unpack", True, f"{files} files; would replace {live}"))
+        kept = [k for k in cfg.ota["keep"] if doc.software == "core" and os.path.exists(os.path.join(cfg.root, k))]
+        checks.append(Check("keep", True, "would keep " + (", ".join(kept) or "nothing")))
+    except OtaError as err:
+        checks.append(Check("artifact", False, str(err)))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return checks
+
+
+def status_report(root: str, config_path: Optional[str]) -> dict:
+    cfg = load_config(root, config_path)
+    state = State(cfg.ota["stateDir"])
+    journal = read_json(state.journal_path) if os.path.exists(state.journal_path) else None
+    return {"root": cfg.root, "thing": cfg.thing_name, "coreVersion": installed_core_version(cfg.root),
+            "agentVersion": __version__, "agentRunning": state.lock_holder(),
+            "updateInFlight": journal and {k: journal.get(k) for k in ("jobId", "software", "fromVersion",
+                                                                       "toVersion", "step")},
+            "pendingStatuses": len(state.pending_statuses()) if os.path.isdir(state.outbox) else 0,
+            "history": state.history()}
+
+
+# ============================================================================================
+# CLI
+# ============================================================================================
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_RUNNING = 0, 1, 2, 3
+LOCK_FD_ENV = "GGC_OTA_LOCK_FD"
+DAEMON_CHILD_FLAG = "--daemon-child"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ggc-ota",
+                                description="Over-the-air update agent for AWS IoT Greengrass v1 cores.")
+    p.add_argument("--root", help="the Greengrass root (default: from the executable's path, else /greengrass)")
+    p.add_argument("--config", help="config.json (default: <root>/config/config.json)")
+    p.add_argument("--log-file", help="log file (default: otaAgent.logFile or /var/log/greengrass/ota/ggc_ota.txt)")
+    p.add_argument("--log-level", default=DEFAULT_LOG_LEVEL, choices=list(LOG_LEVELS))
+    p.add_argument("--pid-file", help="write the daemon's PID here once it runs")
+    p.add_argument("--foreground", action="store_true", help="do not daemonize; log to stderr too")
+    p.add_argument("--dry-run", action="store_true", help="offline preflight; changes nothing")
+    p.add_argument("--job-document", help="with --dry-run: rehearse this job document on a scratch copy")
+    p.add_argument("--artifact", help="with --job-document: a local artifact instead of the URL")
+    p.add_argument("--status", action="store_true", help="installed versions, update in flight, history")
+    p.add_argument("--json", action="store_true", help="machine-readable output for --dry-run and --status")
+    p.add_argument("--version", action="store_true")
+    p.add_argument("--check-config", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(DAEMON_CHILD_FLAG, action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def print_checks(checks: List[Check], as_json: bool) -> int:
+    ok = all(c.ok for c in checks)
+    if as_json:
+        print(json.dumps({"ok": ok, "checks": [c.__dict__ for c in checks]}, indent=2))
+    else:
+        for c in checks:
+            print(f"{'OK  ' if c.ok else 'FAIL'} {c.name}: {c.message}")
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def print_status(report: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"root: {report['root']} (thing {report['thing']})")
+    print(f"core: {report['coreVersion'] or 'not installed'}; agent: {report['agentVersion']}"
+          f" ({'running, pid ' + report['agentRunning'] if report['agentRunning'] else 'not running'})")
+    flight = report["updateInFlight"]
+    print("update in flight: " + (f"{flight['software']} {flight['fromVersion']} -> {flight['toVersion']} "
+                                  f"(job {flight['jobId']}, step {flight['step']})" if flight else "none"))
+    print(f"history ({len(report['history'])}):")
+    for h in report["history"][-20:]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(h.get("finishedAt", 0)))
+        print(f"  {when}Z {h.get('jobId')} {h.get('component')} {h.get('fromVersion')} -> {h.get('toVersion')}: "
+              f"{h.get('result')}" + (f" ({h.get('reason')})" if h.get("reason") else ""))
+
+
+def daemonize(argv: List[str], pid_file: str, timeout: float = 30.0) -> int:
+    """Start a detached fresh copy of this executable (never a double fork: a frozen onefile
+    binary deletes its extraction directory when its launcher exits) and exit 0 once it has
+    written the PID file; 1 with its reason if it dies first."""
+    if os.path.exists(pid_file):
+        os.unlink(pid_file)
+    me = sys.executable if getattr(sys, "frozen", False) else os.path.abspath(sys.argv[0])
+    cmd = agent_command(me, argv + ["--foreground", DAEMON_CHILD_FLAG])
+    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(pid_file):
+            try:
+                with open(pid_file) as f:
+                    if int(f.read().strip() or 0) == child.pid:
+                        return EXIT_OK
+            except ValueError:
+                pass
+        code = child.poll()
+        if code is not None:
+            err = (child.stderr.read() if child.stderr else b"").decode(errors="replace").strip().splitlines()
+            print(f"ggc-ota: the daemon exited with {code}: {err[-1] if err else 'no message'}", file=sys.stderr)
+            return code if code in (EXIT_RUNNING, EXIT_FAILED) else EXIT_FAILED
+        time.sleep(0.05)
+    print("ggc-ota: the daemon did not write its PID file in time", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def run_agent(args: Any, argv: List[str]) -> int:
+    root = args.root or default_root(sys.argv[0])
+    cfg = load_config(root, args.config)
+    pid_file = args.pid_file or os.path.join(cfg.ota["stateDir"], "ggc-ota.pid")
+    if os.geteuid() != 0:
+        raise OtaError("the agent must run as root (R12); --dry-run and --status do not need it", "NOT_ROOT")
+    if not args.foreground:
+        return daemonize(argv, pid_file)
+    setup_logging(args.log_file or cfg.ota["logFile"], args.log_level, to_stderr=not args.daemon_child,
+                  max_bytes=cfg.ota["logMaxBytes"], backups=cfg.ota["logBackups"])
+    agent = Agent(cfg, argv, args.log_level, pid_file if (args.daemon_child or args.pid_file) else None)
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    signal.signal(signal.SIGINT, lambda *_: agent.stop())
+    return agent.run()
+
+
+def write_pid(path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args == ["--version"]:
-        print(f"ggc-ota {__version__}")
-        return 0
-    print("usage: ggc-ota --version (the agent itself is not built yet)", file=sys.stderr)
-    return 2
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        if args.version:
+            print(f"ggc-ota {__version__}")
+            return EXIT_OK
+        root = args.root or default_root(sys.argv[0])
+        if args.check_config:
+            load_config(root, args.config)
+            print("config OK")
+            return EXIT_OK
+        if args.status:
+            print_status(status_report(root, args.config), args.json)
+            return EXIT_OK
+        if args.dry_run:
+            if args.artifact and not args.job_document:
+                print("ggc-ota: --artifact goes with --job-document", file=sys.stderr)
+                return EXIT_USAGE
+            if args.job_document:
+                return print_checks(rehearse(root, args.config, args.job_document, args.artifact), args.json)
+            return print_checks(preflight(root, args.config), args.json)
+        if args.job_document or args.artifact:
+            print("ggc-ota: --job-document and --artifact go with --dry-run", file=sys.stderr)
+            return EXIT_USAGE
+        return run_agent(args, argv)
+    except AnotherAgent as err:
+        print(f"ggc-ota: {err}", file=sys.stderr)
+        return EXIT_RUNNING
+    except OtaError as err:
+        print(f"ggc-ota: {err}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":
