@@ -1386,6 +1386,7 @@ class Download:
     url_refreshes: int = 0
     _have: int = field(default=0, init=False, repr=False)
     _digest: Any = field(default=None, init=False, repr=False)
+    _last_report: float = field(default=0.0, init=False, repr=False)
 
     @property
     def partial(self) -> str:
@@ -1409,7 +1410,6 @@ class Download:
     def _fetch(self) -> None:
         self._resume_state()
         failures = 0
-        last_report = 0.0
         while self._have < self.size:
             if self.should_stop is not None and self.should_stop():
                 raise DownloadError("download stopped", "CANCELED")
@@ -1428,10 +1428,7 @@ class Download:
                     os.unlink(self.partial)
                 if err.restart:
                     self._resume_state()
-            now = time.monotonic()
-            if self.progress is not None and (now - last_report >= self.progress_interval or self._have >= self.size):
-                self.progress(self._have, self.size)
-                last_report = now
+        self._report_progress(final=True)
         if self._digest.hexdigest() != self.sha256:
             os.unlink(self.partial)
             raise HashMismatch(f"sha256 of the download is {self._digest.hexdigest()}, "
@@ -1515,12 +1512,22 @@ class Download:
                     f.write(view[:n])
                     self._digest.update(view[:n])
                     self._have += n
+                    self._report_progress()
                     if self.should_stop is not None and self.should_stop():
                         break
             except (OSError, http.client.HTTPException) as err:
                 raise _Transient(f"connection lost at byte {self._have} of {self.size}: {err}") from None
             finally:
                 os.fsync(f.fileno())
+
+    def _report_progress(self, final: bool = False) -> None:
+        """Call `progress` at most every `progress_interval` seconds, and once at the end."""
+        if self.progress is None:
+            return
+        now = time.monotonic()
+        if final or now - self._last_report >= self.progress_interval:
+            self._last_report = now
+            self.progress(self._have, self.size)
 
     def _refresh_url(self) -> None:
         if self.fresh_url is None:
@@ -2566,6 +2573,8 @@ class Agent:
             swap_in(self.state, journal)
             crash_point("after_swap")
             self.report(job_id, "IN_PROGRESS", {"phase": "post_update", "version": doc.version})
+            journal["step"] = "post_update"  # from here the new software may be running
+            self.state.write_journal(journal)
             self.hook("core", "post", journal)
             crash_point("after_post_update")
         except OtaError as err:
@@ -2631,10 +2640,18 @@ class Agent:
         """Old tree back in place, its post-update step run, FAILED reported. Never loops: a
         failure here is ROLLBACK_FAILED, logged loudly, and the journal is closed."""
         log.error("job %s: rolling back: %s", journal["jobId"], message)
+        # Past the post-update step the new software may be running; kept in the journal, since
+        # a restart in the middle of the rollback no longer sees that step.
+        journal["newStarted"] = bool(journal.get("newStarted")) or journal.get("step") == "post_update"
         journal.update(step="rolling_back", reason=journal.get("reason") or reason,
                        message=journal.get("message") or message)
         self.state.write_journal(journal)
         rolled_back = "true"
+        if journal["software"] == "core" and journal["newStarted"]:
+            try:  # stop the new software before its tree goes away
+                self.hook("core", "pre", journal)
+            except OtaError as err:
+                log.warning("rollback: stopping the new software failed (%s); restoring anyway", err)
         try:
             restore_old(journal)
             crash_point("after_restore")

@@ -67,10 +67,13 @@ def test_wrong_hash_fails_and_touches_nothing(cloud, device):
      ["ggc_pre_update.sh", "ggc_post_update.sh", "greengrassd start"]),
     ("ggc_pre_update.sh", "hang", "HOOK_TIMEOUT",
      ["ggc_pre_update.sh", "ggc_post_update.sh", "greengrassd start"]),
+    # a failed post-update step may have started the new software: it is stopped before the restore
     ("ggc_post_update.sh", "fail-once", "HOOK_FAILED",
-     ["ggc_pre_update.sh", "greengrassd stop", "ggc_post_update.sh", "ggc_post_update.sh", "greengrassd start"]),
+     ["ggc_pre_update.sh", "greengrassd stop", "ggc_post_update.sh", "ggc_pre_update.sh", "greengrassd stop",
+      "ggc_post_update.sh", "greengrassd start"]),
     ("ggc_post_update.sh", "hang-once", "HOOK_TIMEOUT",
-     ["ggc_pre_update.sh", "greengrassd stop", "ggc_post_update.sh", "ggc_post_update.sh", "greengrassd start"]),
+     ["ggc_pre_update.sh", "greengrassd stop", "ggc_post_update.sh", "ggc_pre_update.sh", "greengrassd stop",
+      "ggc_post_update.sh", "greengrassd start"]),
 ])
 def test_script_failure_rolls_back(cloud, tmp_path, script, how, reason, calls):
     device = Device(cloud, tmp_path, ota={"scriptTimeout": 1.5})

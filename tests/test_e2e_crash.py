@@ -1,0 +1,94 @@
+"""Kill the agent at every journaled step of a core update (os._exit through the crash-point
+switch, and real SIGKILLs), restart it, and check: the root holds the whole old or the whole new
+ggc/, kept state is intact, the scripts leave the right software running, and the job ends in a
+terminal status that tells the truth."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.agent_harness import Device
+
+pytestmark = pytest.mark.e2e
+
+# step -> (final status, core version after recovery)
+CORE_STEPS = {
+    "after_download": ("SUCCEEDED", "1.11.6"),     # nothing touched yet: the job is resumed
+    "after_unpack": ("SUCCEEDED", "1.11.6"),
+    "journal_written": ("FAILED", "1.11.5"),      # from here on the update began: roll back
+    "after_pre_update": ("FAILED", "1.11.5"),
+    "after_keep": ("FAILED", "1.11.5"),
+    "swap_started": ("FAILED", "1.11.5"),
+    "mid_swap": ("FAILED", "1.11.5"),
+    "after_swap": ("FAILED", "1.11.5"),
+    "after_post_update": ("FAILED", "1.11.5"),
+    "after_commit": ("SUCCEEDED", "1.11.6"),       # past the commit point: roll forward
+}
+
+
+@pytest.mark.parametrize("step", list(CORE_STEPS))
+def test_crash_at_each_step_then_restart(cloud, tmp_path, step):
+    device = Device(cloud, tmp_path)
+    try:
+        kept = device.dev.kept_state()
+        old_tree = device.dev.tree_digest("ggc")
+        device.release_core("1.11.6")
+        device.start(crash_at=step)
+        job = device.update_job()
+        assert device.wait_exit(60) == 99, device.log()[-3000:]
+        device.start()
+        final, version = CORE_STEPS[step]
+        ex = device.wait_status(job)
+        detail = ex["statusDetails"]["detailsMap"]
+        assert ex["status"] == final, device.log()[-3000:]
+        assert device.dev.core_version() == version
+        assert device.dev.kept_state() == kept
+        if version == "1.11.5":
+            assert device.dev.tree_digest("ggc") == old_tree
+            assert detail["reason"] == "INTERRUPTED" and detail["rolledBack"] == "true"
+        # the software that is installed is the one left running
+        assert (device.dev.lab / "greengrassd.version").read_text().strip() == version
+        status = device.status()
+        assert status["updateInFlight"] is None and status["history"][-1]["result"] == final
+        assert not list((device.root / "ota-state/staging").iterdir())
+    finally:
+        device.stop()
+
+
+def test_crash_during_rollback_is_finished_on_restart(cloud, tmp_path):
+    device = Device(cloud, tmp_path)
+    try:
+        old_tree = device.dev.tree_digest("ggc")
+        device.release_core("1.11.6")
+        device.dev.fail_script("ggc_post_update.sh", 2, once=True)
+        device.start(crash_at="mid_restore")
+        job = device.update_job()
+        assert device.wait_exit(60) == 99
+        device.start()
+        ex = device.wait_status(job)
+        assert ex["status"] == "FAILED" and ex["statusDetails"]["detailsMap"]["reason"] == "HOOK_FAILED"
+        assert device.dev.tree_digest("ggc") == old_tree
+    finally:
+        device.stop()
+
+
+def test_sigkill_mid_download_resumes(cloud, tmp_path):
+    device = Device(cloud, tmp_path)
+    try:
+        art = device.release_core("1.11.6", payload_bytes=1_500_000)
+        key = next(r.key for r in cloud.greengrass.releases if r.sha256 == art.sha256)
+        obj = cloud.store.objects[f"greengrass-updates/{key}"]
+        obj.faults.throttle_bps = 1_000_000
+        device.start()
+        job = device.update_job()
+        device.wait_log("downloaded", timeout=30)
+        time.sleep(0.5)
+        device.kill9()
+        obj.faults.throttle_bps = None
+        device.start()
+        assert device.wait_status(job)["status"] == "SUCCEEDED"
+        ranges = [r for r, status in obj.requests if status == 206]
+        assert ranges, obj.requests  # the second agent resumed the partial file
+    finally:
+        device.stop()
