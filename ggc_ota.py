@@ -848,6 +848,14 @@ class MqttClient:
             if fd >= 0:
                 os.close(fd)
 
+    def interrupt(self) -> None:
+        """Fail every caller waiting for a PUBACK (the agent is stopping); the link stays up."""
+        with self._lock:
+            for item in self._inflight.values():
+                item.error = MqttNotConnected("interrupted: the agent is stopping")
+                item.done.set()
+            self._inflight.clear()
+
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
@@ -1242,6 +1250,13 @@ class JobsClient:
                 waiter[0].set()
         return True
 
+    def interrupt(self) -> None:
+        """Wake every caller waiting for a reply; each raises MqttNotConnected."""
+        with self._lock:
+            for event, box in self._waiting.values():
+                box.append(("interrupted", {}))
+                event.set()
+
     def request(self, suffix: str, payload: Optional[dict] = None) -> dict:
         """Send one request and return the accepted reply; raise JobsRejected otherwise."""
         attempt = 0
@@ -1271,6 +1286,8 @@ class JobsClient:
             with self._lock:
                 self._waiting.pop(token, None)
         outcome, body = box[0]
+        if outcome == "interrupted":
+            raise MqttNotConnected("interrupted: the agent is stopping")
         if outcome == "rejected":
             raise JobsRejected(str(body.get("code", "Unknown")), str(body.get("message", "")),
                                body.get("executionState"))
@@ -2331,8 +2348,14 @@ class Agent:
         return 0
 
     def stop(self) -> None:
+        """SIGTERM: stop soon. A download stops at once (its partial file is kept for the resume);
+        a script or a swap in progress finishes first (each is bounded)."""
         self.stopping.set()
         self.events.put(("stop", None))
+        if self.jobs is not None:
+            self.jobs.interrupt()
+        if self.mqtt is not None:
+            self.mqtt.interrupt()
 
     def connect(self) -> None:
         self.mqtt = MqttClient(self.cfg.mqtt_settings(), self.on_message, self.on_connect)
@@ -2390,8 +2413,8 @@ class Agent:
 
     def sync(self) -> None:
         """Take this thing's Greengrass update jobs, one at a time, oldest first."""
-        assert self.jobs is not None
-        while not self.stopping.is_set():
+        assert self.jobs is not None and self.mqtt is not None
+        while not self.stopping.is_set() and self.mqtt.connected:
             in_progress, queued = self.jobs.list_pending()
             execution = self.next_job(in_progress + queued)
             if execution is None:
@@ -2461,11 +2484,14 @@ class Agent:
         except OtaError as err:
             log.error("job %s failed before anything was changed: %s", job_id, err)
             self.finish(record, "FAILED", err.reason, str(err), rolled_back="false")
+        except AgentStopping:
+            log.info("job %s: stopping; the download resumes at the next start", job_id)
+            raise
         finally:
             self.current = None
             set_log_level(self.base_level)
-            if self.state.journal() is None:
-                self.cleanup(job_id)
+        if self.state.journal() is None:
+            self.cleanup(job_id)
 
     def installed(self, software: str) -> Optional[str]:
         return installed_core_version(self.root) if software == "core" else __version__
@@ -2510,7 +2536,9 @@ class Agent:
         def should_stop() -> bool:
             if self.stopping.is_set():
                 raise AgentStopping()
-            return self.current_canceled.is_set() and self.jobs is not None and self.jobs.describe(job_id) is None
+            if self.current_canceled.is_set():
+                self.ensure_not_canceled(job_id)  # raises JobCanceled when the cloud ended the job
+            return False
 
         log.info("job %s: downloading %s (%d bytes)", job_id, redact_url(doc.url), doc.size)
         ca_files = [self.cfg.ca_path] + ([self.ota["extraCaPath"]] if self.ota.get("extraCaPath") else [])

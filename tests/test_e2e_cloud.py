@@ -1,0 +1,105 @@
+"""End to end: what the cloud and the network do to the agent: cancellation, a broker restart
+mid-download, a reset after the URL expired, statuses kept on disk while offline."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.agent_harness import Device
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def device(cloud, tmp_path):
+    d = Device(cloud, tmp_path)
+    yield d
+    d.stop()
+
+
+def slow_release(device, cloud, bps=400_000, size=1_200_000):
+    art = device.release_core("1.11.6", payload_bytes=size)
+    key = next(r.key for r in cloud.greengrass.releases if r.sha256 == art.sha256)
+    obj = cloud.store.objects[f"greengrass-updates/{key}"]
+    obj.faults.throttle_bps = bps
+    return obj
+
+
+def test_canceled_mid_download_is_abandoned(cloud, device):
+    before = device.dev.tree_digest("ggc")
+    slow_release(device, cloud, bps=300_000)
+    device.start()
+    job = device.update_job()
+    device.wait_log("downloaded", timeout=30)
+    cloud.cancel_job(job, force=True, comment="operator changed their mind")
+    device.wait_log("abandoned", timeout=30)
+    assert device.execution(job)["status"] == "CANCELED"
+    assert device.dev.hook_calls() == [] and device.dev.tree_digest("ggc") == before
+    assert device.status()["history"][-1]["result"] == "CANCELED"
+    assert not list((device.root / "ota-state/downloads").iterdir())
+
+
+def test_progress_is_reported_in_status_details(cloud, device):
+    slow_release(device, cloud, bps=600_000)
+    device.start()
+    job = device.update_job()
+    assert device.wait_status(job)["status"] == "SUCCEEDED"
+    progress = [h["statusDetails"].get("progress") for h in device.history(job)
+                if h["statusDetails"].get("phase") == "download"]
+    assert len(progress) >= 3 and progress[-1] == "100%"
+    assert all("X-Amz" not in json.dumps(h) for h in device.history(job))
+
+
+def test_broker_restart_mid_download(cloud, device):
+    slow_release(device, cloud, bps=500_000)
+    device.start()
+    job = device.update_job()
+    device.wait_log("downloaded", timeout=30)
+    cloud.broker.restart()
+    assert cloud.wait_service_connected(20)
+    assert device.wait_status(job, timeout=120)["status"] == "SUCCEEDED"
+    assert "reconnecting" in device.log()
+
+
+def test_reset_after_the_url_expired_gets_a_fresh_url(cloud, device):
+    obj = slow_release(device, cloud, bps=600_000)
+    obj.faults.reset_after = 500_000
+    seen = len(cloud.store.log)
+    device.start()
+    job = device.update_job()
+    device.wait_log("downloaded", timeout=30)
+    cloud.store.skew(4000)  # the first URL (3600 s) expires while the download runs
+    try:
+        assert device.wait_status(job, timeout=60)["status"] == "SUCCEEDED"
+    finally:
+        cloud.store.skew(-4000)
+    denied = [e["denied"] for e in cloud.store.log[seen:] if e["denied"]]
+    assert denied == ["AccessDenied"]
+    assert any(status == 206 for _, status in obj.requests)
+
+
+def test_terminal_status_kept_on_disk_while_offline(cloud, device):
+    device.release_core("1.11.6")
+    device.dev.hang_script("ggc_post_update.sh", 3)
+    device.start()
+    job = device.update_job()
+    device.wait_log("running ggc_post_update.sh", timeout=30)
+    cloud.broker.kill()  # the cloud is gone when the agent wants to report SUCCEEDED
+    outbox = device.root / "ota-state/outbox"
+    deadline = time.monotonic() + 30
+    while not any(json.loads(p.read_text())["status"] == "SUCCEEDED" for p in outbox.glob("*.json")):
+        assert time.monotonic() < deadline, device.log()[-2000:]
+        time.sleep(0.1)
+    assert device.execution(job)["status"] == "IN_PROGRESS"
+    device.stop()  # and the agent restarts while offline, too
+    device.start()
+    time.sleep(1)
+    cloud.broker.restart()
+    assert cloud.wait_service_connected(20)
+    assert device.wait_status(job, timeout=60)["status"] == "SUCCEEDED"
+    deadline = time.monotonic() + 10
+    while list(outbox.glob("*.json")):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
