@@ -2962,11 +2962,11 @@ def daemonize(argv: List[str], pid_file: str, timeout: float = 30.0) -> int:
 
 
 def run_agent(args: Any, argv: List[str]) -> int:
+    if os.geteuid() != 0:
+        raise OtaError("the agent must run as root (R12); --dry-run and --status do not need it", "NOT_ROOT")
     root = args.root or default_root(sys.argv[0])
     cfg = load_config(root, args.config)
     pid_file = args.pid_file or os.path.join(cfg.ota["stateDir"], "ggc-ota.pid")
-    if os.geteuid() != 0:
-        raise OtaError("the agent must run as root (R12); --dry-run and --status do not need it", "NOT_ROOT")
     if not args.foreground:
         return daemonize(argv, pid_file)
     setup_logging(args.log_file or cfg.ota["logFile"], args.log_level, to_stderr=not args.daemon_child,

@@ -1,0 +1,172 @@
+"""End to end: the command line: one agent per root, dry-run (preflight and rehearsal),
+--status, daemon mode as systemd's Type=forking drives it, exit codes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.agent_harness import Device
+from tests.cloud import Pki
+from tests.cloud.device import build_core_artifact
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def device(cloud, tmp_path):
+    d = Device(cloud, tmp_path)
+    yield d
+    d.stop()
+
+
+def test_version(device):
+    out = device.run("--version")
+    assert out.returncode == 0 and out.stdout.startswith("ggc-ota ")
+
+
+def test_two_agents_on_one_root(device):
+    device.start()
+    device.wait_log("connected to", timeout=20)
+    second = device.run("--root", str(device.root), "--foreground", timeout=30)
+    assert second.returncode == 3 and "another agent" in second.stderr
+    assert device.proc.poll() is None
+
+
+def test_usage_errors_exit_2(device):
+    assert device.run("--bogus").returncode == 2
+    assert device.run("--root", str(device.root), "--artifact", "x").returncode == 2
+
+
+def test_dry_run_good_root(device):
+    out = device.run("--root", str(device.root), "--dry-run")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "OK   credentials" in out.stdout and "OK   script ggc_pre_update.sh" in out.stdout
+    as_json = json.loads(device.run("--root", str(device.root), "--dry-run", "--json").stdout)
+    assert as_json["ok"] is True and {c["name"] for c in as_json["checks"]} >= {"config", "credentials", "disk",
+                                                                                "platform", "lock"}
+
+
+def test_dry_run_cert_key_mismatch(device, tmp_path):
+    other = Pki(tmp_path / "other").client("someone-else")
+    (device.root / f"certs/{device.thing}.private.key").write_bytes(other.key.read_bytes())
+    out = device.run("--root", str(device.root), "--dry-run")
+    assert out.returncode == 1 and "FAIL credentials" in out.stdout
+
+
+def test_dry_run_unsafe_script(device):
+    os.chmod(device.root / "usr/scripts/ota_post_update.sh", 0o777)
+    out = device.run("--root", str(device.root), "--dry-run")
+    assert out.returncode == 1 and "FAIL script ota_post_update.sh" in out.stdout
+
+
+def test_dry_run_sees_a_running_agent_and_unknown_keys(device):
+    device.start()
+    device.wait_log("connected to", timeout=20)
+    out = device.run("--root", str(device.root), "--dry-run")
+    assert out.returncode == 1 and "FAIL lock" in out.stdout
+    cfg = json.loads(device.dev.config_path.read_text())
+    cfg["otaAgent"]["colour"] = "blue"
+    device.dev.config_path.write_text(json.dumps(cfg))
+    assert "unknown otaAgent keys: colour" in device.run("--root", str(device.root), "--dry-run").stdout
+
+
+def test_only_the_daemon_needs_root(cloud):
+    """--dry-run and --status run as an ordinary user; the agent itself refuses to (R12)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+    python = "/usr/bin/python3"
+    if not os.path.exists(python):
+        pytest.skip("no system python3 for an unprivileged run")
+    public = Path(tempfile.mkdtemp(prefix="ggc-ota-public-"))
+    try:
+        os.chmod(public, 0o755)
+        dev = Device(cloud, public)
+        for p in [public, *public.rglob("*")]:
+            if p.is_dir():
+                os.chmod(p, 0o755)
+        agent = public / "ggc_ota.py"
+        shutil.copy(dev.agent_path, agent)
+        os.chmod(agent, 0o755)
+
+        def as_nobody(*args):
+            return subprocess.run([python, str(agent), "--root", str(dev.root), *args], capture_output=True,
+                                  text=True, timeout=60, preexec_fn=lambda: os.setuid(65534))
+        status = as_nobody("--status")
+        assert status.returncode == 0, status.stderr
+        dry = as_nobody("--dry-run")
+        assert "must run as root" not in dry.stderr and "OK   config" in dry.stdout
+        assert "FAIL credentials" in dry.stdout  # the key is root's alone, as it should be
+        daemon = as_nobody("--foreground")
+        assert daemon.returncode == 1 and "must run as root" in daemon.stderr
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
+
+
+def test_rehearsal(device, tmp_path):
+    art = build_core_artifact(tmp_path / "core.tar.gz", "1.11.6")
+    doc = {"softwareToUpdate": "core", "version": "1.11.6", "updateTargetsArchitecture": "x86_64",
+           "updateTargetsOperatingSystem": "ubuntu",
+           "artifact": {"url": "https://example.invalid/x.tar.gz", "sha256": art.sha256, "size": art.size}}
+    (tmp_path / "doc.json").write_text(json.dumps(doc))
+    before = device.dev.tree_digest("ggc")
+    out = device.run("--root", str(device.root), "--dry-run", "--job-document", str(tmp_path / "doc.json"),
+                     "--artifact", str(art.path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "would replace" in out.stdout and "ggc/var" in out.stdout
+    assert device.dev.tree_digest("ggc") == before and device.dev.hook_calls() == []
+    doc["artifact"]["sha256"] = "0" * 64
+    (tmp_path / "doc.json").write_text(json.dumps(doc))
+    out = device.run("--root", str(device.root), "--dry-run", "--job-document", str(tmp_path / "doc.json"),
+                     "--artifact", str(art.path))
+    assert out.returncode == 1 and "FAIL artifact" in out.stdout
+    doc["updateTargetsArchitecture"] = "aarch64"
+    (tmp_path / "doc.json").write_text(json.dumps(doc))
+    out = device.run("--root", str(device.root), "--dry-run", "--job-document", str(tmp_path / "doc.json"),
+                     "--artifact", str(art.path))
+    assert out.returncode == 1 and "aarch64" in out.stdout
+
+
+def test_status_human(device):
+    out = device.run("--root", str(device.root), "--status")
+    assert out.returncode == 0 and "core: 1.11.5" in out.stdout and "update in flight: none" in out.stdout
+
+
+def test_daemon_mode_as_systemd_forking(device):
+    pid_file = device.tmp / "ggc-ota.pid"
+    started = time.monotonic()
+    out = device.run("--root", str(device.root), "--pid-file", str(pid_file), timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert pid_file.exists(), "the parent exited before the PID file existed"
+    pid = int(pid_file.read_text())
+    os.kill(pid, 0)
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        assert b"ggc-ota" in f.read()
+    assert os.getsid(pid) == pid  # a new session, detached from ours
+    device.wait_log("connected to", timeout=20)
+    os.kill(pid, signal.SIGTERM)
+    deadline = started + 60
+    stop_at = time.monotonic()
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().split()[2] == "Z":
+                break
+        assert time.monotonic() - stop_at < 5, "the daemon did not stop within 5 s of SIGTERM"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_daemon_reports_why_it_could_not_start(device):
+    device.start()
+    device.wait_log("connected to", timeout=20)
+    out = device.run("--root", str(device.root), "--pid-file", str(device.tmp / "second.pid"), timeout=60)
+    assert out.returncode == 3 and "another agent" in out.stderr
