@@ -2281,6 +2281,10 @@ def installed_core_version(root: str) -> Optional[str]:
     return max(names, key=version_key) if names else None
 
 
+def running_agent_file() -> str:
+    return sys.executable if getattr(sys, "frozen", False) else os.path.abspath(sys.argv[0])
+
+
 def agent_command(path: str, args: List[str]) -> List[str]:
     """How to start the agent at `path`: a frozen binary runs itself; the script version runs
     under the same interpreter as this one."""
@@ -2307,6 +2311,7 @@ class Agent:
         self.current: Optional[str] = None
         self.current_canceled = threading.Event()
         self.trial: Optional[dict] = None
+        self.exe_id = path_id(running_agent_file())  # which agent file this process runs
 
     # ---- life cycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -2690,8 +2695,9 @@ class Agent:
             rolled_back = "false"
         journal.update(step="rolled_back", rolledBack=rolled_back)
         self.state.write_journal(journal)
-        if journal["software"] == "ota_agent" and journal.get("execed") and rolled_back == "true":
-            self.exec_agent(os.path.join(journal["live"], "ota_agent", "ggc-ota"))  # the old agent reports
+        installed = os.path.join(journal["live"], "ota_agent", "ggc-ota")
+        if journal["software"] == "ota_agent" and rolled_back == "true" and path_id(installed) != self.exe_id:
+            self.exec_agent(installed)  # this process runs the new agent: the restored old one reports
         self.close_rolled_back(journal)
 
     def close_rolled_back(self, journal: dict) -> None:
@@ -2722,7 +2728,6 @@ class Agent:
         new_in_place = path_id(journal["live"]) == journal["newId"]
         if journal["software"] == "ota_agent" and step == "swapped" and new_in_place:
             journal["starts"] = journal.get("starts", 0) + 1
-            journal["execed"] = True
             self.state.write_journal(journal)
             if journal["starts"] > MAX_TRIAL_STARTS:
                 self.roll_back(journal, "NEW_AGENT_CRASHED",

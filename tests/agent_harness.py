@@ -143,3 +143,30 @@ class Device:
 
     def history(self, job_id: str) -> list:
         return self.cloud.history(job_id, self.thing)
+
+
+def agent_variant(tmp: Path, version: str, broken: Optional[str] = None) -> Path:
+    """A copy of the agent under test announcing `version`. `broken="version"`: it fails
+    `--version` (a binary that cannot even start)."""
+    text = AGENT_SOURCE.read_text()
+    assert '__version__ = "' in text
+    import re
+    text = re.sub(r'__version__ = "[^"]+"', f'__version__ = "{version}"', text, count=1)
+    if broken == "connect":  # starts and runs, but dials the wrong port: never reaches CONNACK
+        assert "port=self.port, client_id=self.thing_name" in text
+        text = text.replace("port=self.port, client_id=self.thing_name", "port=self.port + 1, client_id=self.thing_name")
+    if broken == "version":
+        text = text.replace("def main(argv", "def main(argv=None):\n    raise SystemExit(70)\n\n\ndef _unused(argv", 1)
+    out = tmp / f"ggc-ota-{version}"
+    out.write_text(text)
+    os.chmod(out, 0o755)
+    return out
+
+
+def release_agent(device: Device, version: str, broken: Optional[str] = None):
+    from tests.cloud.device import build_agent_artifact
+    source = agent_variant(device.tmp, version, broken)
+    art = build_agent_artifact(device.tmp / f"agent-{version}.tar.gz", source)
+    device.cloud.publish_release(software="ota_agent", version=version, architecture="x86_64",
+                                 operating_system="ubuntu", tarball=art.path)
+    return source
