@@ -140,6 +140,7 @@ OTA_AGENT_KEYS: Dict[str, Tuple[tuple, Any]] = {
     "downloadRetries": ((int,), 8),
     "newAgentTimeout": ((int, float), 120),      # the new agent must reach CONNACK within this
     "progressInterval": ((int, float), 10),      # seconds between progress reports
+    "reconnectMaxSeconds": ((int, float), 120),  # cap of the MQTT reconnect backoff
 }
 
 
@@ -162,7 +163,8 @@ class Config:
 
     def mqtt_settings(self) -> MqttSettings:
         return MqttSettings(host=self.iot_host, port=self.port, client_id=self.thing_name, ca_path=self.ca_path,
-                            cert_path=self.cert_path, key_path=self.key_path, keepalive=self.keepalive)
+                            cert_path=self.cert_path, key_path=self.key_path, keepalive=self.keepalive,
+                            backoff_cap=float(self.ota["reconnectMaxSeconds"]))
 
 
 def default_root(executable: str) -> str:
@@ -2246,7 +2248,8 @@ def restore_old(journal: dict) -> None:
 CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 DETAILS_KEY = re.compile(r"^[a-zA-Z0-9:_-]+$")
 UNDELIVERABLE = ("InvalidStateTransition", "TerminalStateReached", "ResourceNotFound", "InvalidRequest")
-RESYNC_SECONDS = 300.0
+RESYNC_SECONDS = 300.0      # list the jobs again this often even without a notification
+RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 2.0, 60.0
 
 
 class JobCanceled(OtaError):
@@ -2330,6 +2333,7 @@ class Agent:
         if self.trial is not None:
             self.finish_self_update(self.trial)
         next_resync = time.monotonic() + RESYNC_SECONDS
+        retry_delay = RETRY_FIRST_SECONDS
         while not self.stopping.is_set():
             try:
                 kind, _ = self.events.get(timeout=max(0.1, next_resync - time.monotonic()))
@@ -2341,12 +2345,16 @@ class Agent:
                 elif kind in ("notify", "resync"):
                     self.flush_outbox()
                     self.sync()
-                if kind == "resync":
+                if kind in ("connected", "notify", "resync"):
                     next_resync = time.monotonic() + RESYNC_SECONDS
+                    retry_delay = RETRY_FIRST_SECONDS
             except AgentStopping:
                 break
             except MqttError as err:
-                log.warning("lost the cloud while working: %s; waiting for the connection", err)
+                # A request or its reply was lost: try again soon (a reconnect also triggers it).
+                log.warning("talking to the cloud failed: %s; trying again in %.0f s", err, retry_delay)
+                next_resync = time.monotonic() + retry_delay
+                retry_delay = min(retry_delay * 2, RETRY_MAX_SECONDS)
         log.info("ggc-ota stopping")
         if self.mqtt is not None:
             self.mqtt.stop()
@@ -2393,8 +2401,12 @@ class Agent:
         self.sync()
 
     def report(self, job_id: str, status: str, details: Dict[str, Any]) -> None:
+        """Queue the status on disk and try to send it; an update never waits on the cloud."""
         self.state.queue_status(job_id, status, clean_details(details))
-        self.flush_outbox()
+        try:
+            self.flush_outbox()
+        except MqttError:
+            pass  # kept in the outbox; the main loop retries
 
     def flush_outbox(self) -> None:
         if self.jobs is None or self.mqtt is None or not self.mqtt.connected or not self.subscribed:
@@ -2411,9 +2423,9 @@ class Agent:
                                 entry["status"], entry["jobId"], err.code)
                     continue
             except MqttError as err:
-                log.info("status %s of job %s kept on disk until the connection is back (%s)",
+                log.info("status %s of job %s kept on disk until it can be delivered (%s)",
                          entry["status"], entry["jobId"], err)
-                return
+                raise
             self.state.status_sent(entry)
 
     def sync(self) -> None:

@@ -31,7 +31,7 @@ class Device:
                  ota: Optional[dict] = None, agent: Optional[Path] = None) -> None:
         self.cloud = cloud
         self.thing = "core-" + uuid.uuid4().hex[:8]
-        settings = {"progressInterval": 0.2, "scriptTimeout": 20, "newAgentTimeout": 20,
+        settings = {"progressInterval": 0.2, "scriptTimeout": 20, "newAgentTimeout": 20, "reconnectMaxSeconds": 2,
                     "logFile": str(tmp / "agent.log")}
         settings.update(ota or {})
         self.dev: DeviceRoot = make_root(tmp / "greengrass", self.thing, cloud.add_thing(self.thing),
@@ -75,7 +75,7 @@ class Device:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
-            raise AssertionError("the agent did not stop on SIGTERM within 15 s")
+            raise AssertionError("the agent did not stop on SIGTERM within 15 s") from None
 
     def kill9(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -153,8 +153,9 @@ def agent_variant(tmp: Path, version: str, broken: Optional[str] = None) -> Path
     import re
     text = re.sub(r'__version__ = "[^"]+"', f'__version__ = "{version}"', text, count=1)
     if broken == "connect":  # starts and runs, but dials the wrong port: never reaches CONNACK
-        assert "port=self.port, client_id=self.thing_name" in text
-        text = text.replace("port=self.port, client_id=self.thing_name", "port=self.port + 1, client_id=self.thing_name")
+        good = "port=self.port, client_id=self.thing_name"
+        assert good in text
+        text = text.replace(good, good.replace("self.port", "self.port + 1"))
     if broken == "version":
         text = text.replace("def main(argv", "def main(argv=None):\n    raise SystemExit(70)\n\n\ndef _unused(argv", 1)
     out = tmp / f"ggc-ota-{version}"

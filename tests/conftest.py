@@ -49,6 +49,19 @@ def cloud(tmp_path_factory) -> Cloud:
     c.stop()
 
 
+@pytest.fixture(autouse=True)
+def isolated_releases(request):
+    """Releases a test publishes are withdrawn after it: the catalogue (like AWS's) serves the
+    newest release of a platform, and one test's release must not become the next test's."""
+    if "cloud" not in request.fixturenames:
+        yield
+        return
+    cloud = request.getfixturevalue("cloud")
+    before = list(cloud.greengrass.releases)
+    yield
+    cloud.greengrass.releases = before
+
+
 @pytest.fixture
 def thing(cloud) -> str:
     name = "thing-" + uuid.uuid4().hex[:8]
