@@ -24,6 +24,7 @@ See README.md for the contract it keeps (SPEC.md in the shared folder).
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import http.client
 import json
@@ -1535,9 +1536,14 @@ class Download:
                     if self.should_stop is not None and self.should_stop():
                         break
             except (OSError, http.client.HTTPException) as err:
+                if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                    raise OtaError(f"the disk filled up at byte {self._have} of {self.size}", "DISK_FULL") from None
                 raise _Transient(f"connection lost at byte {self._have} of {self.size}: {err}") from None
             finally:
-                os.fsync(f.fileno())
+                try:
+                    os.fsync(f.fileno())
+                except OSError:
+                    pass
 
     def _report_progress(self, final: bool = False) -> None:
         """Call `progress` at most every `progress_interval` seconds, and once at the end."""
@@ -1953,11 +1959,16 @@ HISTORY_LIMIT = 200
 
 def write_json_atomic(path: str, value: Any) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     fsync_dir(os.path.dirname(path) or ".")
 
 
@@ -2048,9 +2059,9 @@ class State:
             fsync_dir(self.dir)
 
     # ---- outbox: the latest status of each job not yet acknowledged by the cloud -----------------
-    def queue_status(self, job_id: str, status: str, details: Dict[str, str]) -> None:
-        write_json_atomic(os.path.join(self.outbox, job_id + ".json"),
-                          {"jobId": job_id, "status": status, "statusDetails": details, "at": time.time()})
+    def queue_status(self, entry: dict) -> None:
+        """Keep `entry` ({jobId, status, statusDetails, at}) as the job's latest unsent status."""
+        write_json_atomic(os.path.join(self.outbox, entry["jobId"] + ".json"), entry)
 
     def pending_statuses(self) -> List[dict]:
         out = []
@@ -2069,14 +2080,21 @@ class State:
 
     # ---- history ----------------------------------------------------------------------------
     def add_history(self, record: dict) -> None:
+        """Append a record, keeping the last HISTORY_LIMIT. A full disk loses the record (logged),
+        never the update: the cloud has the status all the same."""
         lines = self._history_lines()[-(HISTORY_LIMIT - 1):] + [json.dumps(record, sort_keys=True)]
         tmp = self.history_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.history_path)
-        fsync_dir(self.dir)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.history_path)
+            fsync_dir(self.dir)
+        except OSError as err:
+            log.error("cannot write the update history (%s)", err)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def history(self) -> List[dict]:
         out = []
@@ -2147,7 +2165,6 @@ def rename_exchange(a: str, b: str) -> bool:
     rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange_flag)
     if rc == 0:
         return True
-    import errno
     err = ctypes.get_errno()
     if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
         return False
@@ -2284,6 +2301,14 @@ def installed_core_version(root: str) -> Optional[str]:
     return max(names, key=version_key) if names else None
 
 
+def failure_reason(err: BaseException) -> str:
+    if isinstance(err, OtaError):
+        return err.reason
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return "DISK_FULL"
+    return "INTERNAL_ERROR"
+
+
 def running_agent_file() -> str:
     return sys.executable if getattr(sys, "frozen", False) else os.path.abspath(sys.argv[0])
 
@@ -2314,6 +2339,7 @@ class Agent:
         self.current: Optional[str] = None
         self.current_canceled = threading.Event()
         self.trial: Optional[dict] = None
+        self.unsaved: Dict[str, dict] = {}  # statuses the disk could not take
         self.exe_id = path_id(running_agent_file())  # which agent file this process runs
 
     # ---- life cycle ----------------------------------------------------------------------------
@@ -2401,17 +2427,24 @@ class Agent:
         self.sync()
 
     def report(self, job_id: str, status: str, details: Dict[str, Any]) -> None:
-        """Queue the status on disk and try to send it; an update never waits on the cloud."""
-        self.state.queue_status(job_id, status, clean_details(details))
+        """Queue the status on disk and try to send it; an update never waits on the cloud. When
+        the disk cannot take it (full), the status is kept in memory and sent all the same."""
+        entry = {"jobId": job_id, "status": status, "statusDetails": clean_details(details), "at": time.time()}
+        try:
+            self.state.queue_status(entry)
+            self.unsaved.pop(job_id, None)
+        except OSError as err:
+            log.error("cannot write the status of job %s to disk (%s); keeping it in memory", job_id, err)
+            self.unsaved[job_id] = entry
         try:
             self.flush_outbox()
         except MqttError:
-            pass  # kept in the outbox; the main loop retries
+            pass  # kept; the main loop retries
 
     def flush_outbox(self) -> None:
         if self.jobs is None or self.mqtt is None or not self.mqtt.connected or not self.subscribed:
             return
-        for entry in self.state.pending_statuses():
+        for entry in self.state.pending_statuses() + list(self.unsaved.values()):
             try:
                 self.jobs.update(entry["jobId"], entry["status"], entry.get("statusDetails") or None)
             except JobsRejected as err:
@@ -2426,7 +2459,10 @@ class Agent:
                 log.info("status %s of job %s kept on disk until it can be delivered (%s)",
                          entry["status"], entry["jobId"], err)
                 raise
-            self.state.status_sent(entry)
+            if self.unsaved.get(entry["jobId"]) is entry:
+                del self.unsaved[entry["jobId"]]
+            else:
+                self.state.status_sent(entry)
 
     def sync(self) -> None:
         """Take this thing's Greengrass update jobs, one at a time, oldest first."""
@@ -2498,9 +2534,11 @@ class Agent:
             log.warning("job %s abandoned: %s", job_id, err)
             record.update(result="CANCELED", reason=err.reason, finishedAt=int(time.time()))
             self.state.add_history(record)
-        except OtaError as err:
+        except (OtaError, OSError) as err:
             log.error("job %s failed before anything was changed: %s", job_id, err)
-            self.finish(record, "FAILED", err.reason, str(err), rolled_back="false")
+            if self.state.journal() is None:
+                self.cleanup(job_id)  # first: on a full disk this frees the room to report
+            self.finish(record, "FAILED", failure_reason(err), str(err), rolled_back="false")
         except AgentStopping:
             log.info("job %s: stopping; the download resumes at the next start", job_id)
             raise
@@ -2622,8 +2660,8 @@ class Agent:
             self.state.write_journal(journal)
             self.hook("core", "post", journal)
             crash_point("after_post_update")
-        except OtaError as err:
-            self.roll_back(journal, err.reason, str(err))
+        except (OtaError, OSError) as err:
+            self.roll_back(journal, failure_reason(err), str(err))
             return
         self.commit(journal)
 
@@ -2637,8 +2675,8 @@ class Agent:
             crash_point("after_pre_update")
             swap_in(self.state, journal)
             crash_point("after_swap")
-        except OtaError as err:
-            self.roll_back(journal, err.reason, str(err))
+        except (OtaError, OSError) as err:
+            self.roll_back(journal, failure_reason(err), str(err))
             return
         self.report(job_id, "IN_PROGRESS", {"phase": "restarting_agent", "version": doc.version})
         self.exec_agent(os.path.join(journal["live"], "ota_agent", "ggc-ota"))
@@ -2701,7 +2739,7 @@ class Agent:
             restore_old(journal)
             crash_point("after_restore")
             self.hook(journal["software"], "post", journal)
-        except OtaError as err:
+        except (OtaError, OSError) as err:
             log.critical("ROLLBACK FAILED for job %s: %s. The device needs attention.", journal["jobId"], err)
             journal["reason"], journal["message"] = "ROLLBACK_FAILED", f"{message}; rollback: {err}"
             rolled_back = "false"

@@ -39,9 +39,10 @@ class Device:
                                          managed_respawn=managed_respawn, agent=agent or agent_under_test(),
                                          ota_agent=settings)
         self.root = self.dev.root
-        self.log_path = tmp / "agent.log"
+        self.log_path = Path(settings["logFile"])
         self.proc: Optional[subprocess.Popen] = None
         self.tmp = tmp
+        self.artifacts = tmp  # where release artifacts are built (the cloud's side, not the device's)
 
     # ---- the agent process ---------------------------------------------------------------------
     @property
@@ -105,7 +106,7 @@ class Device:
 
     # ---- jobs ------------------------------------------------------------------------------------
     def release_core(self, version: str, payload_bytes: int = 2000, **kw) -> object:
-        art = build_core_artifact(self.tmp / f"core-{version}-{uuid.uuid4().hex[:4]}.tar.gz", version,
+        art = build_core_artifact(self.artifacts / f"core-{version}-{uuid.uuid4().hex[:4]}.tar.gz", version,
                                   payload_bytes=payload_bytes)
         self.cloud.publish_release(software="core", version=version, architecture="x86_64",
                                    operating_system=kw.get("os", "ubuntu"), tarball=art.path)

@@ -245,3 +245,50 @@ def test_invalid_document_is_rejected(cloud, device):
     device.start()
     ex = device.wait_status(job)
     assert ex["status"] == "REJECTED" and details(ex)["reason"] == "INVALID_DOCUMENT"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real, small filesystem (tmpfs) for the device root."""
+    import subprocess
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_full_disk(cloud, tmp_path, small_disk):
+    import os
+    import time
+    device = Device(cloud, small_disk, ota={"minFreeBytes": 0, "logFile": str(tmp_path / "agent.log")})
+    device.artifacts = tmp_path
+    try:
+        before = snapshot(device)
+        device.release_core("1.11.7", payload_bytes=60 * 1024 * 1024)  # can never fit: refused by the check
+        device.start()
+        ex = device.wait_status(device.update_job())
+        assert ex["status"] == "FAILED" and details(ex)["reason"] == "DISK_FULL"
+        assert "MiB free" in details(ex)["message"]
+
+        art = device.release_core("1.11.8", payload_bytes=6 * 1024 * 1024)  # fits, until the disk fills up
+        key = next(r.key for r in cloud.greengrass.releases if r.sha256 == art.sha256)
+        cloud.store.objects[f"greengrass-updates/{key}"].faults.throttle_bps = 3_000_000
+        job = device.update_job()
+        device.wait_log(f"job {job}: downloaded", timeout=30)
+        st = os.statvfs(small_disk)
+        with open(small_disk / "filler", "wb") as f:  # someone else eats the rest of the disk
+            try:
+                f.write(b"\0" * (st.f_bavail * st.f_frsize))
+            except OSError:
+                pass
+        ex = device.wait_status(job)
+        assert ex["status"] == "FAILED" and details(ex)["reason"] == "DISK_FULL", device.log()[-2000:]
+        assert "disk filled up" in details(ex)["message"]
+        assert_untouched(device, *before)
+        assert not list((device.root / "ota-state/downloads").iterdir())  # the partial file is gone
+        time.sleep(0.2)
+    finally:
+        device.stop()

@@ -1,0 +1,64 @@
+"""The hooks section: scripts run with a fixed PATH, stdin from /dev/null, their own process
+group, output into the log; a timeout stops the whole group (grandchildren too)."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pytest
+
+import ggc_ota as g
+
+
+def script(tmp_path, body):
+    p = tmp_path / "hook.sh"
+    p.write_text("#!/bin/sh\n" + body)
+    os.chmod(p, 0o700)
+    return str(p)
+
+
+def test_environment_stdin_and_output(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="ggc-ota")
+    g.log.propagate = True  # let caplog see the agent's records; setup_logging turns it off again
+    s = script(tmp_path, 'echo "path=$PATH job=$GGC_OTA_JOB_ID"\nread line && echo "stdin: $line"\n'
+                         'echo "pgid=$(cut -d" " -f5 /proc/$$/stat) pid=$$"\nexit 0\n')
+    g.run_hook([s], {"GGC_OTA_JOB_ID": "job-7"}, timeout=10, cwd=str(tmp_path))
+    assert f"path={g.HOOK_PATH} job=job-7" in caplog.text
+    assert "stdin:" not in caplog.text  # stdin is /dev/null: read gets nothing
+    line = next(r.getMessage() for r in caplog.records if "pgid=" in r.getMessage())
+    pgid, pid = line.split("pgid=")[1].split(" pid=")
+    assert pgid.strip() == pid.strip()  # its own process group
+
+
+def test_non_zero_exit(tmp_path):
+    with pytest.raises(g.HookFailed) as err:
+        g.run_hook([script(tmp_path, "exit 3\n")], {}, timeout=10, cwd=str(tmp_path))
+    assert err.value.reason == "HOOK_FAILED" and "exited with 3" in str(err.value)
+
+
+def test_missing_script(tmp_path):
+    with pytest.raises(g.HookFailed, match="could not be started"):
+        g.run_hook([str(tmp_path / "absent.sh")], {}, timeout=10, cwd=str(tmp_path))
+
+
+def test_timeout_kills_the_whole_group(tmp_path):
+    pidfile = tmp_path / "grandchild.pid"
+    s = script(tmp_path, f"sleep 300 &\necho $! > {pidfile}\ntrap '' TERM\nsleep 300\n")
+    start = time.monotonic()
+    with pytest.raises(g.HookFailed) as err:
+        g.run_hook([s], {}, timeout=1, cwd=str(tmp_path))
+    assert err.value.reason == "HOOK_TIMEOUT"
+    assert time.monotonic() - start < 15  # SIGTERM ignored: SIGKILL after the grace period
+    grandchild = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{grandchild}/stat") as f:
+            if f.read().split()[2] == "Z":
+                break
+        assert time.monotonic() < deadline, "a grandchild survived the timeout"
+        time.sleep(0.05)

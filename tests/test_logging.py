@@ -1,0 +1,45 @@
+"""The logging section: the eight job log levels (R6), rotation, and redaction of URL queries."""
+from __future__ import annotations
+
+import logging
+
+import ggc_ota as g
+
+
+def test_all_eight_levels_map_in_order():
+    order = ["TRACE", "DEBUG", "VERBOSE", "INFO", "WARN", "ERROR", "FATAL", "NONE"]
+    assert set(order) == set(g.LOG_LEVELS)
+    values = [g.LOG_LEVELS[name] for name in order]
+    assert values == sorted(values) and len(set(values)) == 8
+
+
+def test_level_applies_and_none_silences(tmp_path):
+    log_file = tmp_path / "ggc_ota.txt"
+    g.setup_logging(str(log_file), "INFO", to_stderr=False)
+    g.log.info("visible at INFO")
+    g.set_log_level("NONE")
+    g.log.critical("hidden at NONE")
+    g.set_log_level("TRACE")
+    g.log.log(g.TRACE, "visible at TRACE")
+    text = log_file.read_text()
+    assert "visible at INFO" in text and "hidden at NONE" not in text and "TRACE visible at TRACE" in text.replace(
+        "[MainThread] ", "")
+
+
+def test_rotation(tmp_path):
+    log_file = tmp_path / "ggc_ota.txt"
+    g.setup_logging(str(log_file), "INFO", to_stderr=False, max_bytes=2000, backups=2)
+    for i in range(200):
+        g.log.info("line %d %s", i, "x" * 40)
+    assert (tmp_path / "ggc_ota.txt.1").exists() and (tmp_path / "ggc_ota.txt.2").exists()
+    assert not (tmp_path / "ggc_ota.txt.3").exists()
+
+
+def test_presigned_queries_are_redacted(tmp_path):
+    log_file = tmp_path / "ggc_ota.txt"
+    g.setup_logging(str(log_file), "INFO", to_stderr=False)
+    g.log.warning("fetching %s failed", "https://b.s3.amazonaws.com/k.tgz?X-Amz-Signature=deadbeef&X-Amz-Date=1")
+    g.log.error("error: %r", {"url": "https://h/p?sig=1"})
+    text = log_file.read_text()
+    assert "deadbeef" not in text and "sig=1" not in text and "https://b.s3.amazonaws.com/k.tgz?<redacted>" in text
+    logging.getLogger("ggc-ota").handlers.clear()

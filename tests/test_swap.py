@@ -1,0 +1,119 @@
+"""The swap and journal section on real directories: renameat2 exchange and the two-rename
+fallback, restore from every intermediate state, and recovery decisions by inode."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import ggc_ota as g
+
+
+@pytest.fixture
+def layout(tmp_path):
+    root, stage = tmp_path / "root", tmp_path / "state/staging/job"
+    (root / "ggc").mkdir(parents=True)
+    (root / "ggc/old.txt").write_text("old")
+    (stage / "new").mkdir(parents=True)
+    (stage / "new/new.txt").write_text("new")
+    state = g.State(str(tmp_path / "state"))
+    state.ensure()
+    journal = {"jobId": "job", "live": str(root / "ggc"), "new": str(stage / "new"), "old": str(stage / "old"),
+               "liveId": g.path_id(str(root / "ggc")), "newId": g.path_id(str(stage / "new")), "step": "pre_update"}
+    return root, state, journal
+
+
+def live_is(root, which):
+    return (root / "ggc" / f"{which}.txt").exists()
+
+
+def test_rename_exchange_works_here(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a/x").write_text("a")
+    if not g.rename_exchange(str(tmp_path / "a"), str(tmp_path / "b")):
+        pytest.skip("this kernel or filesystem has no RENAME_EXCHANGE")
+    assert (tmp_path / "b/x").read_text() == "a" and not (tmp_path / "a/x").exists()
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_swap_and_restore(layout, monkeypatch, exchange):
+    root, state, journal = layout
+    if not exchange:
+        monkeypatch.setattr(g, "rename_exchange", lambda a, b: False)
+    g.swap_in(state, journal)
+    assert live_is(root, "new") and journal["step"] == "swapped" and state.journal()["step"] == "swapped"
+    assert g.path_id(journal["old"]) == journal["liveId"]
+    g.restore_old(journal)
+    assert live_is(root, "old") and g.path_id(journal["live"]) == journal["liveId"]
+    g.restore_old(journal)  # twice is harmless
+    assert live_is(root, "old")
+
+
+def test_restore_from_the_middle_of_the_fallback(layout):
+    root, state, journal = layout
+    os.rename(journal["live"], journal["old"])  # crashed between the two renames: no live tree
+    g.restore_old(journal)
+    assert live_is(root, "old")
+
+
+def test_restore_after_exchange_before_the_rename(layout):
+    root, state, journal = layout
+    if not g.rename_exchange(journal["new"], journal["live"]):
+        pytest.skip("no RENAME_EXCHANGE")
+    g.restore_old(journal)  # the old tree sits at the "new" path
+    assert live_is(root, "old")
+
+
+def test_restore_when_the_old_tree_is_lost(layout):
+    root, state, journal = layout
+    journal["liveId"] = [0, 0]
+    with pytest.raises(g.RollbackFailed):
+        g.restore_old(journal)
+
+
+def test_copy_kept_replaces_the_new_trees_copy(tmp_path):
+    live, new = tmp_path / "live", tmp_path / "new"
+    (live / "var/state").mkdir(parents=True)
+    (live / "var/state/db").write_bytes(b"\x01live")
+    (live / "deployment").mkdir()
+    (new / "var").mkdir(parents=True)
+    (new / "var/shipped").write_text("from the release")
+    copied = g.copy_kept(str(live), str(new), ["ggc/var", "ggc/deployment", "ggc/absent", "ota/x"], "ggc")
+    assert copied == ["ggc/var", "ggc/deployment"]
+    assert (new / "var/state/db").read_bytes() == b"\x01live" and not (new / "var/shipped").exists()
+
+
+def test_journal_and_outbox_and_history(tmp_path):
+    state = g.State(str(tmp_path / "s"))
+    state.ensure()
+    assert state.journal() is None
+    state.write_journal({"step": "x"})
+    assert state.journal() == {"step": "x"}
+    (tmp_path / "s/journal.json").write_text("{torn")
+    assert state.journal() is None and (tmp_path / "s/journal.json.corrupt").exists()
+    state.queue_status({"jobId": "j", "status": "IN_PROGRESS", "statusDetails": {}, "at": 1})
+    state.queue_status({"jobId": "j", "status": "SUCCEEDED", "statusDetails": {}, "at": 2})
+    assert [e["status"] for e in state.pending_statuses()] == ["SUCCEEDED"]  # the latest wins
+    state.status_sent({"jobId": "j", "at": 1})  # an older send does not remove a newer status
+    assert state.pending_statuses()
+    state.status_sent({"jobId": "j", "at": 2})
+    assert not state.pending_statuses()
+    for i in range(g.HISTORY_LIMIT + 25):
+        state.add_history({"jobId": f"j{i}", "executionNumber": 1, "result": "SUCCEEDED"})
+    history = state.history()
+    assert len(history) == g.HISTORY_LIMIT and history[-1]["jobId"] == f"j{g.HISTORY_LIMIT + 24}"
+    assert state.handled(f"j{g.HISTORY_LIMIT + 24}", 1) and not state.handled("j0", 1)
+
+
+def test_lock_is_exclusive(tmp_path):
+    a, b = g.State(str(tmp_path)), g.State(str(tmp_path))
+    a.ensure()
+    a.lock()
+    assert b.lock_holder() == str(os.getpid())
+    import subprocess
+    import sys
+    code = ("import ggc_ota as g, sys\ntry:\n    g.State(sys.argv[1]).lock()\nexcept g.AnotherAgent:\n"
+            "    sys.exit(3)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=os.path.dirname(g.__file__))
+    assert out.returncode == 3
