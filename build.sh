@@ -82,11 +82,6 @@ cmd_cloud() {
 }
 
 cmd_demo() {
-  if [ ! -f tests/demo.py ]; then
-    echo "build.sh demo: the end-to-end demo comes with the agent loop (issue 4), which is not built yet." >&2
-    echo "What runs today: ./build.sh test, and the look-alike cloud by hand (./build.sh cloud, see README)." >&2
-    exit 1
-  fi
   ensure_debs "${DEBS[@]}"
   ensure_venv
   exec "$VENV/bin/python" -m tests.demo "$@"

@@ -50,6 +50,19 @@ def cloud(tmp_path_factory) -> Cloud:
 
 
 @pytest.fixture(autouse=True)
+def stop_core_daemons(tmp_path):
+    """The look-alike core daemon that the scripts start is stopped by its pid after each test."""
+    yield
+    import os
+    import signal
+    for pid_file in tmp_path.rglob("greengrassd.pid"):
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        except (ValueError, ProcessLookupError, OSError):
+            pass
+
+
+@pytest.fixture(autouse=True)
 def isolated_releases(request):
     """Releases a test publishes are withdrawn after it: the catalogue (like AWS's) serves the
     newest release of a platform, and one test's release must not become the next test's."""

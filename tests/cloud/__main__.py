@@ -75,9 +75,13 @@ def operator(args, extra: list[str]) -> int:
         parser.add_argument("--name", required=True)
         if op == "add-thing-group":
             parser.add_argument("--things", nargs="+", required=True)
+    elif op == "throttle-release":
+        parser.add_argument("--software", required=True)
+        parser.add_argument("--version", required=True)
+        parser.add_argument("--bytes-per-second", required=True, type=int)
     elif op == "make-root":
         parser.add_argument("--root", required=True)
-        parser.add_argument("--thing", required=True)
+        parser.add_argument("--thing-name", required=True)
         parser.add_argument("--form", default="current", choices=["current", "legacy"])
         parser.add_argument("--agent")
     else:
@@ -86,8 +90,10 @@ def operator(args, extra: list[str]) -> int:
     opts = vars(parser.parse_args(extra))
     if op == "create-job":
         opts["document"] = json.loads(Path(opts.pop("document_file")).read_text())
-    if op == "publish-release":
-        opts["operating_system"] = opts.pop("operating_system")
+    if op == "make-root":
+        opts["thing"] = opts.pop("thing_name")
+    if op == "throttle-release":
+        opts["bytesPerSecond"] = opts.pop("bytes_per_second")
     status, body = call(info["controlPort"], op, {k: v for k, v in opts.items() if v is not None})
     print(json.dumps(body, indent=2))
     return 0 if status == 200 else 1

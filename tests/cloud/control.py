@@ -16,7 +16,8 @@ from .device import make_root
 from .jobs import JobsError
 
 OPERATIONS = ("create-software-update-job", "publish-release", "create-job", "describe-job",
-              "describe-job-execution", "cancel-job", "add-thing", "add-thing-group", "history", "make-root")
+              "describe-job-execution", "cancel-job", "add-thing", "add-thing-group", "history", "make-root",
+              "throttle-release")
 
 
 def _jsonable(value):
@@ -33,6 +34,11 @@ def perform(cloud: Cloud, operation: str, args: dict):
                 "caPath": str(cloud.pki.ca_path)}
     if operation == "add-thing-group":
         return {"thingGroupArn": cloud.add_thing_group(args["name"], args["things"])}
+    if operation == "throttle-release":  # a slow link to the store, for demos
+        release = next(r for r in cloud.greengrass.releases if (r.software, r.version) ==
+                       (args["software"], args["version"]))
+        cloud.store.faults("greengrass-updates", release.key).throttle_bps = int(args["bytesPerSecond"])
+        return {"key": release.key, "throttleBps": int(args["bytesPerSecond"])}
     if operation == "make-root":
         cert = cloud.add_thing(args["thing"])
         dev = make_root(Path(args["root"]), args["thing"], cert, cloud.pki.ca_path, "localhost", cloud.port,
