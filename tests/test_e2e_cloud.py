@@ -103,3 +103,13 @@ def test_terminal_status_kept_on_disk_while_offline(cloud, device):
     while list(outbox.glob("*.json")):
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_throttled_and_failing_jobs_api_is_ridden_out(cloud, device):
+    device.release_core("1.11.6")
+    cloud.jobs.inject_fault(device.thing, "get", "InternalError", count=2)
+    cloud.jobs.inject_fault(device.thing, "update", "RequestThrottled", count=3)
+    device.start()
+    job = device.update_job()
+    assert device.wait_status(job)["status"] == "SUCCEEDED"
+    assert "RequestThrottled" in device.log() and "InternalError" in device.log()
