@@ -2,15 +2,17 @@
 # ggc-ota build entry point. Each command installs what it needs on a fresh Debian/Ubuntu
 # machine (run as root there), so a clean clone needs nothing else.
 #
-#   ./build.sh test [pytest args]   the test suite (real mosquitto, real HTTPS, real processes)
+#   ./build.sh test [pytest args]   the test suite (real mosquitto, real HTTPS, real processes), then
+#                                   the static binary and the frozen subset against it (SKIP_BINARY=1: not)
 #   ./build.sh demo                 a whole update, end to end, against the local look-alike cloud
+#   ./build.sh binary               dist/ggc-ota: a static binary for this machine's architecture
 #   ./build.sh cloud DIR            start the look-alike cloud by hand (see README)
 #   ./build.sh lint                 ruff and the Python 3.8 compatibility check of ggc_ota.py
 set -euo pipefail
 cd "$(dirname "$0")"
 HERE=$(pwd)
 VENV="$HERE/.venv"
-DEBS=(mosquitto mosquitto-clients openssl ca-certificates)
+DEBS=(mosquitto mosquitto-clients openssl ca-certificates busybox shellcheck systemd file)
 
 log() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
 
@@ -67,6 +69,11 @@ cmd_test() {
   log "running the test suite"
   local jobs="${PYTEST_JOBS:-2}"
   "$VENV/bin/python" -m pytest -n "$jobs" --dist loadfile "$@"
+  if [ "${SKIP_BINARY:-0}" != 1 ]; then
+    cmd_binary
+    log "running the frozen subset against dist/ggc-ota"
+    GGC_OTA_AGENT="$HERE/dist/ggc-ota" "$VENV/bin/python" -m pytest -n "$jobs" --dist loadfile -m frozen "$@"
+  fi
 }
 
 cmd_lint() {
@@ -87,10 +94,40 @@ cmd_demo() {
   exec "$VENV/bin/python" -m tests.demo "$@"
 }
 
+# Standard-library parts the agent never uses; leaving them out keeps the binary under 8 MB.
+EXCLUDES=(tkinter unittest pydoc doctest lzma bz2 _lzma _bz2 _decimal decimal csv _csv sqlite3 xmlrpc pdb
+  multiprocessing _codecs_jp _codecs_kr _codecs_cn _codecs_tw _codecs_hk _codecs_iso2022 _multibytecodec
+  asyncio concurrent xml pyexpat _elementtree curses readline lib2to3 ensurepip venv idlelib zoneinfo)
+
+cmd_binary() {
+  ensure_debs python3 python3-venv patchelf binutils
+  local bvenv="$HERE/.venv-build" stamp want
+  stamp="$bvenv/.requirements.sha256"
+  want=$(sha256sum requirements-build.txt | cut -d' ' -f1)
+  if [ ! -x "$bvenv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    log "creating $bvenv with Debian's python3"
+    /usr/bin/python3 -m venv --clear "$bvenv"
+    "$bvenv/bin/python" -m pip install -q --disable-pip-version-check -r requirements-build.txt
+    echo "$want" > "$stamp"
+  fi
+  local work="$HERE/build/binary" excl=()
+  rm -rf "$work" && mkdir -p "$work" dist
+  for m in "${EXCLUDES[@]}"; do excl+=(--exclude-module "$m"); done
+  log "freezing ggc_ota.py with PyInstaller"
+  "$bvenv/bin/pyinstaller" --onefile --strip --optimize 2 --noconfirm --log-level WARN --name ggc-ota-dynamic \
+    --distpath "$work/dist" --workpath "$work/build" --specpath "$work" "${excl[@]}" ggc_ota.py
+  log "making it static with staticx"
+  "$bvenv/bin/staticx" --strip "$work/dist/ggc-ota-dynamic" dist/ggc-ota
+  chmod 755 dist/ggc-ota
+  dist/ggc-ota --version
+  echo "dist/ggc-ota: $(stat -c %s dist/ggc-ota) bytes, $(uname -m), $(file -b dist/ggc-ota 2>/dev/null | cut -d, -f1-2)"
+}
+
 case "${1:-}" in
   test) shift; cmd_test "$@" ;;
   lint) shift; cmd_lint "$@" ;;
   cloud) shift; cmd_cloud "$@" ;;
   demo) shift; cmd_demo "$@" ;;
-  *) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  binary) shift; cmd_binary "$@" ;;
+  *) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -2309,8 +2309,28 @@ def failure_reason(err: BaseException) -> str:
     return "INTERNAL_ERROR"
 
 
+def child_environment(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The environment for a program this agent starts. A frozen binary runs with the loader
+    path of its own bundle (PyInstaller sets LD_LIBRARY_PATH and keeps the original in
+    LD_LIBRARY_PATH_ORIG); another program must not load those libraries."""
+    env = dict(os.environ)
+    if getattr(sys, "frozen", False):
+        for key in ("LD_LIBRARY_PATH", "LD_PRELOAD"):
+            original = env.pop(key + "_ORIG", None)
+            if original is not None:
+                env[key] = original
+            else:
+                env.pop(key, None)
+    env.update(extra or {})
+    return env
+
+
 def running_agent_file() -> str:
-    return sys.executable if getattr(sys, "frozen", False) else os.path.abspath(sys.argv[0])
+    """The agent file this process runs: under staticx the real program (not the copy it
+    extracted to TMPDIR), for PyInstaller alone sys.executable, for the script itself."""
+    if getattr(sys, "frozen", False):
+        return os.environ.get("STATICX_PROG_PATH") or sys.executable
+    return os.path.abspath(sys.argv[0])
 
 
 def agent_command(path: str, args: List[str]) -> List[str]:
@@ -2686,7 +2706,7 @@ class Agent:
         for args in (["--version"], ["--root", self.root, "--config", self.cfg.path, "--check-config"]):
             try:
                 out = subprocess.run(agent_command(agent, args), stdin=subprocess.DEVNULL, capture_output=True,
-                                     timeout=60, env={**os.environ, CRASH_ENV: ""})
+                                     timeout=60, env=child_environment({CRASH_ENV: ""}))
             except (OSError, subprocess.TimeoutExpired) as err:
                 raise OtaError(f"the new agent does not run: {err}", "NEW_AGENT_BROKEN") from None
             if out.returncode != 0:
@@ -2701,11 +2721,12 @@ class Agent:
             self.mqtt.stop()
         for handler in log.handlers:
             handler.flush()
+        env = child_environment()
         if self.state._lock_fd is not None:
-            os.environ[LOCK_FD_ENV] = str(self.state._lock_fd)
+            env[LOCK_FD_ENV] = str(self.state._lock_fd)
         crash_point("before_exec")
         argv = agent_command(path, self.argv)
-        os.execv(argv[0], argv)
+        os.execve(argv[0], argv, env)
 
     def commit(self, journal: dict) -> None:
         journal["step"] = "committed"
@@ -2993,19 +3014,17 @@ def daemonize(argv: List[str], pid_file: str, timeout: float = 30.0) -> int:
     written the PID file; 1 with its reason if it dies first."""
     if os.path.exists(pid_file):
         os.unlink(pid_file)
-    me = sys.executable if getattr(sys, "frozen", False) else os.path.abspath(sys.argv[0])
-    cmd = agent_command(me, argv + ["--foreground", DAEMON_CHILD_FLAG])
+    cmd = agent_command(running_agent_file(), argv + ["--foreground", DAEMON_CHILD_FLAG])
     child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             start_new_session=True, close_fds=True)
+                             start_new_session=True, close_fds=True, env=child_environment())
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if os.path.exists(pid_file):
-            try:
-                with open(pid_file) as f:
-                    if int(f.read().strip() or 0) == child.pid:
-                        return EXIT_OK
-            except ValueError:
-                pass
+        if os.path.exists(pid_file) and child.poll() is None:
+            # The daemon wrote its PID once it held the lock and ran. A frozen binary is a chain
+            # of launchers (staticx, PyInstaller) that forward signals to it: name the top one,
+            # the process this command started, as systemd expects of Type=forking.
+            write_pid(pid_file, child.pid)
+            return EXIT_OK
         code = child.poll()
         if code is not None:
             err = (child.stderr.read() if child.stderr else b"").decode(errors="replace").strip().splitlines()
@@ -3019,25 +3038,137 @@ def daemonize(argv: List[str], pid_file: str, timeout: float = 30.0) -> int:
 def run_agent(args: Any, argv: List[str]) -> int:
     if os.geteuid() != 0:
         raise OtaError("the agent must run as root (R12); --dry-run and --status do not need it", "NOT_ROOT")
-    root = args.root or default_root(sys.argv[0])
+    root = args.root or default_root(running_agent_file())
     cfg = load_config(root, args.config)
     pid_file = args.pid_file or os.path.join(cfg.ota["stateDir"], "ggc-ota.pid")
     if not args.foreground:
         return daemonize(argv, pid_file)
     setup_logging(args.log_file or cfg.ota["logFile"], args.log_level, to_stderr=not args.daemon_child,
                   max_bytes=cfg.ota["logMaxBytes"], backups=cfg.ota["logBackups"])
+    if getattr(sys, "frozen", False):
+        die_with_launcher()
+        for path in clean_stale_extractions():
+            log.info("removed the stale extraction directory %s", path)
     agent = Agent(cfg, argv, args.log_level, pid_file if (args.daemon_child or args.pid_file) else None)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     return agent.run()
 
 
-def write_pid(path: str) -> None:
+def write_pid(path: str, pid: Optional[int] = None) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
+        f.write(f"{pid or os.getpid()}\n")
     os.replace(tmp, path)
+
+
+# ---- frozen binaries (PyInstaller onefile + staticx) ------------------------------------------
+
+
+def die_with_launcher() -> None:
+    """A frozen binary is a chain of launchers (staticx, then PyInstaller, then this Python
+    process). When the top launcher is killed, even with SIGKILL, this process must stop too
+    rather than live on as an orphan beside a respawned agent: PR_SET_PDEATHSIG covers the
+    direct parent, and a watchdog thread covers the top launcher."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    top = top_launcher()
+    if top is not None:
+        threading.Thread(target=_watch_launcher, args=top, name="launcher-watch", daemon=True).start()
+
+
+def _proc_stat(pid: int) -> Optional[List[str]]:
+    """Fields of /proc/<pid>/stat after the command name, or None when gone (or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else fields
+
+
+def top_launcher() -> Optional[Tuple[int, str]]:
+    """(pid, start time) of the outermost ancestor that runs this same program."""
+    program = os.path.realpath(running_agent_file())
+    found = None
+    pid = os.getppid()
+    while pid > 1:
+        fields = _proc_stat(pid)
+        if fields is None:
+            break
+        try:
+            exe = os.path.realpath(os.readlink(f"/proc/{pid}/exe"))
+        except OSError:
+            break
+        if exe == program or "/staticx-" in exe or "/_MEI" in exe:
+            found = (pid, fields[19])  # field 22 of stat: the start time, against pid reuse
+        pid = int(fields[1])
+    return found
+
+
+def _watch_launcher(pid: int, started: str) -> None:
+    while True:
+        time.sleep(1.0)
+        fields = _proc_stat(pid)
+        if fields is None or fields[19] != started:
+            log.warning("the launcher process %d is gone; stopping", pid)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+
+STALE_EXTRACTION_AGE = 60.0
+
+
+def clean_stale_extractions(tmpdir: Optional[str] = None) -> List[str]:
+    """Remove the extraction directories (PyInstaller _MEI*, staticx-*) of earlier runs that no
+    live process uses any more: a killed launcher leaves them in TMPDIR, which is RAM on OpenWrt."""
+    tmpdir = tmpdir or tempfile.gettempdir()
+    try:
+        candidates = [os.path.join(tmpdir, n) for n in os.listdir(tmpdir)
+                      if (n.startswith("_MEI") or n.startswith("staticx-"))]
+    except OSError:
+        return []
+    # Another binary starting right now has a fresh directory that no process maps yet: only
+    # directories older than a minute can be stale.
+    cutoff = time.time() - STALE_EXTRACTION_AGE
+    candidates = [c for c in candidates if os.path.isdir(c) and not os.path.islink(c)
+                  and os.lstat(c).st_uid == os.geteuid() and os.lstat(c).st_mtime < cutoff]
+    if not candidates:
+        return []
+    in_use = paths_in_use()
+    removed = []
+    for path in candidates:
+        if not any(used == path or used.startswith(path + os.sep) for used in in_use):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def paths_in_use() -> set:
+    """Files mapped or executed by any process (from /proc), to tell live extractions from stale."""
+    used = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            used.add(os.readlink(f"/proc/{pid}/exe"))
+        except OSError:
+            pass
+        try:
+            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    parts = line.split(None, 5)
+                    if len(parts) == 6 and parts[5].startswith("/"):
+                        used.add(parts[5].strip())
+        except OSError:
+            pass
+    return used
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -3047,7 +3178,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.version:
             print(f"ggc-ota {__version__}")
             return EXIT_OK
-        root = args.root or default_root(sys.argv[0])
+        root = args.root or default_root(running_agent_file())
         if args.check_config:
             load_config(root, args.config)
             print("config OK")

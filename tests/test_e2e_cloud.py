@@ -27,6 +27,7 @@ def slow_release(device, cloud, bps=400_000, size=1_200_000):
     return obj
 
 
+@pytest.mark.frozen
 def test_canceled_mid_download_is_abandoned(cloud, device):
     before = device.dev.tree_digest("ggc")
     slow_release(device, cloud, bps=300_000)
@@ -80,6 +81,7 @@ def test_reset_after_the_url_expired_gets_a_fresh_url(cloud, device):
     assert any(status == 206 for _, status in obj.requests)
 
 
+@pytest.mark.frozen
 def test_terminal_status_kept_on_disk_while_offline(cloud, device):
     device.release_core("1.11.6")
     device.dev.hang_script("ggc_post_update.sh", 3)

@@ -15,6 +15,7 @@ def device(cloud, tmp_path):
     d.stop()
 
 
+@pytest.mark.frozen
 def test_core_update_succeeds(device):
     kept_before = device.dev.kept_state()
     device.release_core("1.11.6")
@@ -49,6 +50,7 @@ def details(ex):
     return ex["statusDetails"]["detailsMap"]
 
 
+@pytest.mark.frozen
 def test_wrong_hash_fails_and_touches_nothing(cloud, device):
     art = device.release_core("1.11.6")
     key = next(r.key for r in cloud.greengrass.releases if r.sha256 == art.sha256)
@@ -75,6 +77,7 @@ def test_wrong_hash_fails_and_touches_nothing(cloud, device):
      ["ggc_pre_update.sh", "greengrassd stop", "ggc_post_update.sh", "ggc_pre_update.sh", "greengrassd stop",
       "ggc_post_update.sh", "greengrassd start"]),
 ])
+@pytest.mark.frozen
 def test_script_failure_rolls_back(cloud, tmp_path, script, how, reason, calls):
     device = Device(cloud, tmp_path, ota={"scriptTimeout": 1.5})
     try:
@@ -140,6 +143,7 @@ def test_missing_or_unsafe_script_touches_nothing(cloud, device, problem):
     assert_untouched(device, *before)
 
 
+@pytest.mark.frozen
 def test_foreign_job_is_left_alone(cloud, device):
     foreign = "reboot-" + device.thing
     cloud.create_job(foreign, [cloud.thing_arn(device.thing)], {"operation": "reboot"})

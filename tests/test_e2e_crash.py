@@ -27,6 +27,7 @@ CORE_STEPS = {
 }
 
 
+@pytest.mark.frozen
 @pytest.mark.parametrize("step", list(CORE_STEPS))
 def test_crash_at_each_step_then_restart(cloud, tmp_path, step):
     device = Device(cloud, tmp_path)
@@ -73,6 +74,7 @@ def test_crash_during_rollback_is_finished_on_restart(cloud, tmp_path):
         device.stop()
 
 
+@pytest.mark.frozen
 def test_sigkill_mid_download_resumes(cloud, tmp_path):
     device = Device(cloud, tmp_path)
     try:

@@ -1,0 +1,93 @@
+"""The init-system files: the systemd unit of R18 (systemd-analyze verify) and the OpenWrt procd
+script (shellcheck, busybox ash, and its start_service run with stand-ins for procd's helpers)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO
+
+UNIT = REPO / "systemd/ggc-ota.service"
+PROCD = REPO / "openwrt/ggc-ota"
+
+
+def test_unit_has_r18_settings():
+    text = UNIT.read_text()
+    for line in ("Type=forking", "Restart=on-failure", "ExecStart=/greengrass/ota/ota_agent/ggc-ota",
+                 "PIDFile=/greengrass/ota-state/ggc-ota.pid", "KillMode=mixed"):
+        assert line in text.splitlines()
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    agent = tmp_path / "greengrass/ota/ota_agent/ggc-ota"
+    agent.parent.mkdir(parents=True)
+    shutil.copy(REPO / "ggc_ota.py", agent)
+    agent.chmod(0o755)
+    unit = tmp_path / "ggc-ota.service"
+    unit.write_text(UNIT.read_text().replace("/greengrass/", f"{tmp_path}/greengrass/"))
+    out = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    problems = [line for line in (out.stdout + out.stderr).splitlines() if "ggc-ota.service" in line]
+    assert out.returncode == 0 and not problems, out.stdout + out.stderr
+
+
+def test_procd_script_passes_shellcheck():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed")
+    out = subprocess.run([shellcheck, "-s", "sh", str(PROCD)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def busybox():
+    path = shutil.which("busybox")
+    if path is None:
+        pytest.skip("busybox is not installed")
+    return path
+
+
+def test_procd_script_parses_under_busybox_ash():
+    out = subprocess.run([busybox(), "ash", "-n", str(PROCD)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+STANDINS = r'''
+config_load() { echo "config_load $1" >> "$OUT"; }
+config_get() {  # var section option default: a uci setting when the test gives one
+    eval "v=\${UCI_$3:-$4}"; eval "$1=\$v"
+}
+procd_open_instance() { echo "open $*" >> "$OUT"; }
+procd_set_param() { echo "param $*" >> "$OUT"; }
+procd_close_instance() { echo "close" >> "$OUT"; }
+'''
+
+
+def run_start_service(tmp_path, **uci):
+    out = tmp_path / "params"
+    script = f"{STANDINS}\n. {PROCD}\nstart_service\n"
+    env = {"OUT": str(out), "PATH": "/usr/bin:/bin"} | {f"UCI_{k}": v for k, v in uci.items()}
+    done = subprocess.run([busybox(), "ash", "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    return out.read_text().splitlines()
+
+
+def test_procd_start_service_defaults(tmp_path):
+    lines = run_start_service(tmp_path)
+    assert lines[0] == "config_load ggc-ota" and lines[1] == "open ggc-ota" and lines[-1] == "close"
+    params = {line.split()[1]: " ".join(line.split()[2:]) for line in lines if line.startswith("param ")}
+    assert params["command"] == ("/greengrass/ota/ota_agent/ggc-ota --root /greengrass --foreground "
+                                 "--log-level INFO")
+    assert params["env"] == "TMPDIR=/tmp" and params["respawn"] == "3600 10 5"
+    assert params["stderr"] == "1" and "stdout" not in params
+    assert int(params["term_timeout"]) >= 300
+
+
+def test_procd_start_service_uci_settings(tmp_path):
+    lines = run_start_service(tmp_path, root="/mnt/gg", tmpdir="/mnt/tmp", log_level="DEBUG")
+    params = {line.split()[1]: " ".join(line.split()[2:]) for line in lines if line.startswith("param ")}
+    assert params["command"] == "/mnt/gg/ota/ota_agent/ggc-ota --root /mnt/gg --foreground --log-level DEBUG"
+    assert params["env"] == "TMPDIR=/mnt/tmp"
