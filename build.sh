@@ -6,6 +6,7 @@
 #                                   the static binary and the frozen subset against it (SKIP_BINARY=1: not)
 #   ./build.sh demo                 a whole update, end to end, against the local look-alike cloud
 #   ./build.sh binary               dist/ggc-ota: a static binary for this machine's architecture
+#   ./build.sh bench [--quick]      benchmarks against baselines measured in the same run
 #   ./build.sh cloud DIR            start the look-alike cloud by hand (see README)
 #   ./build.sh lint                 ruff and the Python 3.8 compatibility check of ggc_ota.py
 set -euo pipefail
@@ -99,6 +100,13 @@ EXCLUDES=(tkinter unittest pydoc doctest lzma bz2 _lzma _bz2 _decimal decimal cs
   multiprocessing _codecs_jp _codecs_kr _codecs_cn _codecs_tw _codecs_hk _codecs_iso2022 _multibytecodec
   asyncio concurrent xml pyexpat _elementtree curses readline lib2to3 ensurepip venv idlelib zoneinfo)
 
+cmd_bench() {
+  ensure_debs "${DEBS[@]}" curl gzip tar
+  ensure_venv
+  [ -x dist/ggc-ota ] || cmd_binary
+  exec "$VENV/bin/python" -m tests.bench "$@"
+}
+
 cmd_binary() {
   ensure_debs python3 python3-venv patchelf binutils
   local bvenv="$HERE/.venv-build" stamp want
@@ -129,5 +137,6 @@ case "${1:-}" in
   cloud) shift; cmd_cloud "$@" ;;
   demo) shift; cmd_demo "$@" ;;
   binary) shift; cmd_binary "$@" ;;
-  *) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  bench) shift; cmd_bench "$@" ;;
+  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -1,0 +1,505 @@
+"""./build.sh bench: each figure of the agent beside its baseline, measured in the same run on the
+same machine (medians of several runs, and ratios), printed as a table and written to
+bench/results.json. Loopback only; everything it starts is stopped by its pid.
+
+  python -m tests.bench [--quick] [--only NAME ...] [--idle-seconds N] [--download-mib N]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from tests.cloud import Cloud
+from tests.cloud.device import make_root, write_core_tree
+
+REPO = Path(__file__).resolve().parent.parent
+ROLE = "arn:aws:iam::123456789012:role/Bench"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def median(values):
+    return statistics.median(values)
+
+
+def random_file(path: Path, size: int) -> str:
+    digest = hashlib.sha256()
+    block = os.urandom(8 * 1024 * 1024)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            chunk = block[: min(len(block), left)]
+            f.write(chunk)
+            digest.update(chunk)
+            left -= len(chunk)
+            block = block[1:] + block[:1]  # vary the data cheaply
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fast_tarball(src_parent: Path, out: Path) -> None:
+    """tar + gzip -1: the agent reads any gzip level, and random payloads do not compress."""
+    with open(out, "wb") as f:
+        tar = subprocess.Popen(["tar", "-C", str(src_parent), "-cf", "-", "greengrass"], stdout=subprocess.PIPE)
+        subprocess.run(["gzip", "-1"], stdin=tar.stdout, stdout=f, check=True)
+        tar.wait()
+
+
+def timed(cmd, **kw) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, **kw)
+    return time.perf_counter() - start
+
+
+def rss_tree_kib(pid: int) -> int:
+    total = 0
+    for p in [pid, *descendants(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def descendants(pid: int) -> list:
+    out = []
+    for child in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            for c in child.read_text().split():
+                out.append(int(c))
+                out.extend(descendants(int(c)))
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def vm_hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+class Bench:
+    def __init__(self, args) -> None:
+        self.args = args
+        self.work = Path(tempfile.mkdtemp(prefix="ggc-ota-bench-"))
+        self.cloud = Cloud(self.work / "cloud").start()
+        self.rows: list = []
+        self.python = sys.executable
+
+    def close(self) -> None:
+        self.cloud.stop()
+        for pid_file in self.work.rglob("greengrassd.pid"):
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+            except (ValueError, OSError):
+                pass
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def row(self, figure, value, unit, baseline, base_value, ratio, target, met, runs) -> None:
+        self.rows.append({"figure": figure, "value": round(value, 3), "unit": unit, "baseline": baseline,
+                          "baselineValue": None if base_value is None else round(base_value, 3),
+                          "ratio": None if ratio is None else round(ratio, 3), "target": target, "met": met,
+                          "runs": runs})
+        print(f"  {figure}: {value:.3f} {unit}"
+              + (f"; baseline {base_value:.3f}; ratio {ratio:.3f}" if ratio is not None else "")
+              + f"; target {target}: {'met' if met else 'MISSED'}", flush=True)
+
+    # ---- a device with the agent --------------------------------------------------------------
+    def device(self, name: str, agent: Path = REPO / "ggc_ota.py", ota: dict | None = None):
+        thing = f"bench-{name}"
+        root = self.work / name / "greengrass"
+        settings = {"logFile": str(self.work / name / "agent.log"), "progressInterval": 5}
+        settings.update(ota or {})
+        dev = make_root(root, thing, self.cloud.add_thing(thing), self.cloud.pki.ca_path, "localhost",
+                        self.cloud.port, agent=agent, ota_agent=settings)
+        return dev
+
+    def start_agent(self, dev, binary: bool = False, env: dict | None = None) -> subprocess.Popen:
+        agent = dev.root / "ota/ota_agent/ggc-ota"
+        cmd = [str(agent)] if binary else [self.python, str(agent)]
+        return subprocess.Popen(cmd + ["--root", str(dev.root), "--foreground"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, **(env or {})})
+
+    def wait_log(self, dev, text: str, timeout: float = 120) -> None:
+        log = dev.root.parent / "agent.log"
+        deadline = time.monotonic() + timeout
+        while text not in (log.read_text() if log.exists() else ""):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: the agent never logged {text!r}")
+            time.sleep(0.05)
+
+    def core_release(self, version: str, payload: int) -> str:
+        tree = self.work / f"rel-{version}"
+        write_core_tree(tree / "greengrass/ggc", version, 0)
+        if payload:
+            random_file(tree / f"greengrass/ggc/packages/{version}/lib/payload.bin", payload)
+        out = self.work / f"core-{version}.tar.gz"
+        fast_tarball(tree, out)
+        shutil.rmtree(tree)
+        self.cloud.publish_release(software="core", version=version, architecture="x86_64",
+                                   operating_system="ubuntu", tarball=out)
+        return str(out)
+
+    def job(self, dev) -> str:
+        return self.cloud.create_software_update_job(
+            s3_url_signer_role=ROLE, software_to_update="core", update_targets=[self.cloud.thing_arn(dev.thing)],
+            update_targets_architecture="x86_64", update_targets_operating_system="ubuntu",
+            update_agent_log_level="INFO")["IotJobId"]
+
+    def wait_done(self, dev, job: str, timeout: float = 600) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            ex = self.cloud.describe_job_execution(job, dev.thing)["execution"]
+            if ex["status"] not in ("QUEUED", "IN_PROGRESS"):
+                return ex
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: job {job} still {ex['status']}")
+            time.sleep(0.05)
+
+    # ---- figures --------------------------------------------------------------------------------
+    def download(self) -> None:
+        size = self.args.download_mib * 1024 * 1024
+        print(f"download + sha256 of {size >> 20} MiB over HTTPS on loopback", flush=True)
+        src = self.work / "big.bin"
+        digest = random_file(src, size)
+        self.cloud.store.put("bench", "big.bin", src)
+        ca = str(self.cloud.pki.ca_path)
+        code = ("import sys, ggc_ota as g\n"
+                "g.Download(url=sys.argv[1], dest=sys.argv[2], sha256=sys.argv[3], size=int(sys.argv[4]),"
+                " context=g.https_context([sys.argv[5]])).run()\n")
+        agent_times, curl_times = [], []
+        for i in range(self.args.runs):
+            dest = self.work / f"dl-{i}"
+            url = self.cloud.store.presign("bench", "big.bin", 3600)
+            agent_times.append(timed([self.python, "-c", code, url, str(dest), digest, str(size), ca], cwd=REPO))
+            dest.unlink()
+            url = self.cloud.store.presign("bench", "big.bin", 3600)
+            start = time.perf_counter()
+            out = subprocess.run(["bash", "-c", f"curl -sS --cacert {ca} '{url}' | sha256sum"], check=True,
+                                 capture_output=True, text=True)
+            curl_times.append(time.perf_counter() - start)
+            assert out.stdout.split()[0] == digest
+        agent, curl = size / median(agent_times) / 2**20, size / median(curl_times) / 2**20
+        self.row("download + verify", agent, "MiB/s", "curl | sha256sum", curl, agent / curl, ">= 0.95x",
+                 agent / curl >= 0.95, self.args.runs)
+        src.unlink()
+
+    def unpack(self) -> None:
+        files, per_file = (1000, 40_000) if self.args.quick else (5000, 40_000)
+        print(f"unpack + fsync of a {files * per_file // 10**6} MB, {files}-file tree", flush=True)
+        tree = self.work / "tree"
+        for i in range(files):
+            d = tree / f"greengrass/ggc/packages/9.9.9/lib/d{i // 100:03d}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"f{i:05d}.so").write_bytes(os.urandom(per_file))
+        tarball = self.work / "tree.tar.gz"
+        fast_tarball(tree, tarball)
+        shutil.rmtree(tree)
+        code = "import sys, ggc_ota as g\ng.unpack(sys.argv[1], sys.argv[2])\n"
+        agent_times, tar_times = [], []
+        for i in range(self.args.runs):
+            dest = self.work / f"un-{i}"
+            agent_times.append(timed([self.python, "-c", code, str(tarball), str(dest)], cwd=REPO))
+            shutil.rmtree(dest)
+            dest.mkdir()
+            tar_times.append(timed(["bash", "-c", f"tar xzf {tarball} -C {dest} && sync -f {dest}"]))
+            shutil.rmtree(dest)
+        ratio = median(tar_times) / median(agent_times)
+        self.row("unpack + fsync", median(agent_times), "s", "tar xzf + sync -f", median(tar_times), ratio,
+                 ">= 0.7x (speed)", ratio >= 0.7, self.args.runs)
+
+    def memory(self) -> None:
+        sizes = [100 * 2**20, (200 if self.args.quick else 1024) * 2**20]
+        print("peak memory of the agent during updates of " + " and ".join(f"{s >> 20} MiB" for s in sizes),
+              flush=True)
+        peaks = []
+        for n, size in enumerate(sizes):
+            dev = self.device(f"mem{n}", ota={"minFreeBytes": 0})
+            self.core_release(f"2.0.{n}", size)
+            proc = self.start_agent(dev)
+            try:
+                self.wait_log(dev, "connected to")
+                job = self.job(dev)
+                ex = self.wait_done(dev, job)
+                assert ex["status"] == "SUCCEEDED", ex
+                peaks.append(vm_hwm_kib(proc.pid) / 1024)
+            finally:
+                stop(proc)
+            shutil.rmtree(dev.root.parent, ignore_errors=True)
+        flat = peaks[1] / peaks[0]
+        self.row(f"peak RSS, {sizes[0] >> 20} MiB update", peaks[0], "MiB", None, None, None, "<= 30 MiB",
+                 peaks[0] <= 30, 1)
+        self.row(f"peak RSS, {sizes[1] >> 20} MiB update", peaks[1], "MiB", f"the {sizes[0] >> 20} MiB update",
+                 peaks[0], flat, "<= 30 MiB, within 10%", peaks[1] <= 30 and flat <= 1.10, 1)
+
+    def latency(self) -> None:
+        jobs = 8 if self.args.quick else 20
+        print(f"job created -> IN_PROGRESS, {jobs} jobs", flush=True)
+        dev = self.device("latency")
+        self.core_release("3.0.0", 0)
+        proc = self.start_agent(dev)
+        samples = []
+        try:
+            self.wait_log(dev, "connected to")
+            time.sleep(0.5)
+            for _ in range(jobs):
+                created = time.time()
+                job = self.job(dev)
+                self.wait_done(dev, job)
+                started = next(h["at"] for h in self.cloud.history(job, dev.thing) if h["status"] == "IN_PROGRESS")
+                samples.append(started - created)
+                # the next job must update again: roll the device back to the old version
+                shutil.rmtree(dev.root / "ggc/packages/3.0.0")
+        finally:
+            stop(proc)
+        base = self.broker_round_trip(jobs)
+        value = median(samples)
+        self.row("job created -> IN_PROGRESS", value, "s", "paho publish -> receive", base, value / base,
+                 "<= 0.2 s", value <= 0.2, jobs)
+
+    def broker_round_trip(self, n: int) -> float:
+        import paho.mqtt.client as mqtt
+        cert = self.cloud.add_thing("bench-paho")
+        got = threading.Event()
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-paho", protocol=mqtt.MQTTv311)
+        client.tls_set(ca_certs=str(self.cloud.pki.ca_path), certfile=str(cert.cert), keyfile=str(cert.key))
+        client.on_message = lambda c, u, m: got.set()
+        subscribed = threading.Event()
+        client.on_subscribe = lambda *a: subscribed.set()
+        client.connect("localhost", self.cloud.port)
+        client.loop_start()
+        client.subscribe("$aws/things/bench-paho/rt", 1)
+        subscribed.wait(10)
+        samples = []
+        for _ in range(n):
+            got.clear()
+            start = time.perf_counter()
+            client.publish("$aws/things/bench-paho/rt", b"x", qos=1)
+            got.wait(10)
+            samples.append(time.perf_counter() - start)
+        client.disconnect()
+        client.loop_stop()
+        return median(samples)
+
+    def idle(self) -> None:
+        seconds = self.args.idle_seconds
+        print(f"idle agent for {seconds} s", flush=True)
+        dev = self.device("idle")
+        proc = self.start_agent(dev)
+        try:
+            self.wait_log(dev, "connected to")
+            before = cpu_seconds(proc.pid)
+            time.sleep(seconds)
+            used = cpu_seconds(proc.pid) - before
+        finally:
+            stop(proc)
+        per_hour = used * 3600 / seconds
+        self.row("idle CPU", per_hour, "CPU s/hour", None, None, None, "<= 1 CPU s/hour", per_hour <= 1.0, 1)
+
+    def whole_update(self) -> None:
+        size = 50 * 2**20
+        print("whole core update of a 50 MiB artifact, excluding the scripts, against the sum of its parts",
+              flush=True)
+        wholes, parts = [], []
+        for n in range(self.args.runs):
+            dev = self.device(f"whole{n}", ota={"minFreeBytes": 0})
+            tarball = self.core_release(f"4.0.{n}", size)
+            proc = self.start_agent(dev)
+            try:
+                self.wait_log(dev, "connected to")
+                job = self.job(dev)
+                assert self.wait_done(dev, job)["status"] == "SUCCEEDED"
+            finally:
+                stop(proc)
+            wholes.append(update_seconds(dev.root.parent / "agent.log", job))
+            parts.append(self.parts_of_update(tarball, dev))
+            shutil.rmtree(dev.root.parent, ignore_errors=True)
+        whole, total = median(wholes), median(parts)
+        self.row("whole update (no scripts)", whole, "s", "download + unpack + swap", total, whole / total,
+                 "overhead <= 10%", whole / total <= 1.10, self.args.runs)
+
+    def parts_of_update(self, tarball: str, dev) -> float:
+        digest = sha256_file(Path(tarball))
+        size = Path(tarball).stat().st_size
+        release = next(r for r in self.cloud.greengrass.releases if r.sha256 == digest)
+        url = self.cloud.store.presign("greengrass-updates", release.key)
+        scratch = self.work / "parts"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir()
+        code = ("import sys, time, shutil, os, ggc_ota as g\n"
+                "t = time.perf_counter()\n"
+                "g.Download(url=sys.argv[1], dest=sys.argv[2] + '/a.tgz', sha256=sys.argv[3], size=int(sys.argv[4]),"
+                " context=g.https_context([sys.argv[5]])).run()\n"
+                "g.unpack(sys.argv[2] + '/a.tgz', sys.argv[2] + '/st')\n"
+                "live = sys.argv[2] + '/live'\n"
+                "shutil.copytree(sys.argv[6] + '/ggc', live, symlinks=True)\n"
+                "new = g.check_layout(sys.argv[2] + '/st', 'core')\n"
+                "g.copy_kept(live, new, ['ggc/deployment', 'ggc/var'], 'ggc')\n"
+                "t_copy = time.perf_counter()\n"
+                "shutil.rmtree(live); shutil.copytree(sys.argv[6] + '/ggc', live, symlinks=True)\n"
+                "t_copy = time.perf_counter() - t_copy\n"
+                "st = g.State(sys.argv[2] + '/state'); st.ensure()\n"
+                "j = {'live': live, 'new': new, 'old': sys.argv[2] + '/old', 'liveId': g.path_id(live)}\n"
+                "g.swap_in(st, j)\n"
+                "print(time.perf_counter() - t - t_copy)\n")
+        out = subprocess.run([self.python, "-c", code, url, str(scratch), digest, str(size),
+                              str(self.cloud.pki.ca_path), str(dev.root)], cwd=REPO, check=True,
+                             capture_output=True, text=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+        return float(out.stdout.strip())
+
+    def binary(self) -> None:
+        binary = REPO / "dist/ggc-ota"
+        if not binary.exists():
+            print("binary: dist/ggc-ota is missing (./build.sh binary); skipped", flush=True)
+            return
+        print("the static binary against python3 ggc_ota.py: size, start to first CONNECT, idle RAM", flush=True)
+        size_mb = binary.stat().st_size / 1e6
+        self.row("binary size", size_mb, "MB", None, None, None, "<= 8 MB", size_mb <= 8.0, 1)
+        starts = {"binary": [], "script": []}
+        rams = {}
+        for kind in ("binary", "script"):
+            for i in range(self.args.runs + 2):
+                elapsed, ram = self.start_to_connect(kind, binary, i, measure_ram=(i == 0))
+                starts[kind].append(elapsed)
+                if ram is not None:
+                    rams[kind] = ram
+        b, s = median(starts["binary"]), median(starts["script"])
+        self.row("start to first CONNECT", b, "s", "python3 ggc_ota.py", s, b / s, "<= 0.7 s", b <= 0.7,
+                 len(starts["binary"]))
+        self.row("idle RAM incl. extraction", rams["binary"], "MiB", "python3 ggc_ota.py (RSS)", rams["script"],
+                 rams["binary"] / rams["script"], "<= 35 MiB", rams["binary"] <= 35, 1)
+
+    def start_to_connect(self, kind: str, binary: Path, n: int, measure_ram: bool):
+        """Time from spawning the agent to the first MQTT CONNECT at a TLS listener of ours."""
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(self.cloud.pki.server.cert), str(self.cloud.pki.server.key))
+        agent = binary if kind == "binary" else REPO / "ggc_ota.py"
+        dev = self.device(f"start-{kind}-{n}", agent=agent)
+        cfg = json.loads(dev.config_path.read_text())
+        cfg["coreThing"]["iotMqttPort"] = port
+        dev.config_path.write_text(json.dumps(cfg))
+        tmpdir = self.work / f"tmp-{kind}-{n}"
+        tmpdir.mkdir()
+        start = time.perf_counter()
+        proc = self.start_agent(dev, binary=(kind == "binary"), env={"TMPDIR": str(tmpdir)})
+        try:
+            listener.settimeout(30)
+            conn, _ = listener.accept()
+            tls = ctx.wrap_socket(conn, server_side=True)
+            first = tls.recv(2)
+            elapsed = time.perf_counter() - start
+            assert first and first[0] >> 4 == 1, first  # CONNECT
+            ram = None
+            if measure_ram:
+                time.sleep(2.0)
+                extraction = sum(f.stat().st_size for f in tmpdir.rglob("*") if f.is_file())
+                ram = (rss_tree_kib(proc.pid) * 1024 + extraction) / 2**20
+            tls.close()
+        finally:
+            stop(proc)
+            listener.close()
+        return elapsed, ram
+
+
+def update_seconds(log: Path, job: str) -> float:
+    """From the agent's log: the update's duration without the time spent in scripts."""
+    from datetime import datetime
+
+    def at(line: str) -> float:
+        return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    lines = log.read_text().splitlines()
+    begin = next(at(line) for line in lines if f"job {job}: starting" in line)
+    end = next(at(line) for line in lines if f"job {job}: SUCCEEDED" in line)
+    scripts = 0.0
+    running = None
+    for line in lines:
+        if "hook: running" in line:
+            running = at(line)
+        elif running is not None and ("succeeded" in line and "hook:" in line):
+            scripts += at(line) - running
+            running = None
+    return end - begin - scripts
+
+
+FIGURES = ("download", "unpack", "memory", "latency", "idle", "whole_update", "binary")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer runs (a smoke run)")
+    parser.add_argument("--only", nargs="+", choices=FIGURES)
+    parser.add_argument("--idle-seconds", type=int, default=600)
+    parser.add_argument("--download-mib", type=int, default=1024)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", default=str(REPO / "bench/results.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.idle_seconds = min(args.idle_seconds, 60)
+        args.download_mib = min(args.download_mib, 128)
+    bench = Bench(args)
+    try:
+        for name in args.only or FIGURES:
+            getattr(bench, name)()
+    finally:
+        bench.close()
+    result = {"date": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()),
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+              "python": platform.python_version(), "quick": args.quick, "figures": bench.rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print("\n| figure | value | baseline | ratio | target | met |\n|---|---|---|---|---|---|")
+    for r in bench.rows:
+        base = f"{r['baselineValue']} ({r['baseline']})" if r["baseline"] else "—"
+        print(f"| {r['figure']} | {r['value']} {r['unit']} | {base} | {r['ratio'] if r['ratio'] else '—'} | "
+              f"{r['target']} | {'yes' if r['met'] else 'no'} |")
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
