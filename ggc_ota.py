@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gzip
 import hashlib
 import http.client
 import json
@@ -48,6 +49,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -1623,7 +1625,7 @@ def plan_archive(path: str, max_members: int = MAX_ARCHIVE_MEMBERS,
                  max_bytes: int = MAX_ARCHIVE_BYTES) -> List[Tuple[str, tarfile.TarInfo]]:
     """Read every member header and check the whole archive; return (path, member) pairs."""
     try:
-        with tarfile.open(path, "r:gz") as tar:
+        with tarfile.open(path, "r:*") as tar:
             members = []
             for info in tar:
                 members.append(info)
@@ -1669,28 +1671,41 @@ def plan_archive(path: str, max_members: int = MAX_ARCHIVE_MEMBERS,
     return plan
 
 
+def gunzip_to(path: str, dest: str) -> None:
+    """Decompress once into a plain tar file, so that checking every member and then writing
+    them does not decompress the artifact twice."""
+    try:
+        with gzip.open(path, "rb") as src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+    except (OSError, EOFError, zlib.error) as err:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise
+        raise UnsafeArchive(f"not a readable gzip tar archive: {err}") from None
+
+
 def unpack(path: str, staging: str, max_members: int = MAX_ARCHIVE_MEMBERS,
            max_bytes: int = MAX_ARCHIVE_BYTES) -> int:
     """Check the archive, then write it under `staging` (which must not exist). Returns the
-    number of members written. Files are fsynced, then their directories."""
+    number of members written. Everything is made durable (syncfs) before it returns."""
+    plain = staging.rstrip(os.sep) + ".tar"
+    gunzip_to(path, plain)
+    try:
+        return _unpack_plain(plain, staging, max_members, max_bytes)
+    finally:
+        os.unlink(plain)
+
+
+def _unpack_plain(path: str, staging: str, max_members: int, max_bytes: int) -> int:
     plan = plan_archive(path, max_members, max_bytes)
     os.makedirs(staging, mode=0o755)
-    wanted = {info.name: rel for rel, info in plan}
-    dirs = {staging}
-    with tarfile.open(path, "r:gz") as tar:
-        for info in tar:
-            rel = wanted.get(info.name)
-            if rel is None:
-                continue
+    with tarfile.open(path, "r:") as tar:
+        for rel, info in plan:  # the checked headers, read again by offset: no second pass
             dest = os.path.join(staging, rel)
-            parent = os.path.dirname(dest)
-            os.makedirs(parent, mode=0o755, exist_ok=True)
-            dirs.add(parent)
+            os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
             mode = info.mode & SAFE_MODE_MASK
             if info.isdir():
                 os.makedirs(dest, mode=0o755, exist_ok=True)
                 os.chmod(dest, mode | 0o700)
-                dirs.add(dest)
             elif info.issym():
                 os.symlink(info.linkname, dest)
             else:
