@@ -135,12 +135,12 @@ class Bench:
         shutil.rmtree(self.work, ignore_errors=True)
 
     def row(self, figure, value, unit, baseline, base_value, ratio, target, met, runs) -> None:
-        self.rows.append({"figure": figure, "value": round(value, 3), "unit": unit, "baseline": baseline,
-                          "baselineValue": None if base_value is None else round(base_value, 3),
-                          "ratio": None if ratio is None else round(ratio, 3), "target": target, "met": met,
+        self.rows.append({"figure": figure, "value": float(f"{value:.4g}"), "unit": unit, "baseline": baseline,
+                          "baselineValue": None if base_value is None else float(f"{base_value:.4g}"),
+                          "ratio": None if ratio is None else float(f"{ratio:.4g}"), "target": target, "met": met,
                           "runs": runs})
-        print(f"  {figure}: {value:.3f} {unit}"
-              + (f"; baseline {base_value:.3f}; ratio {ratio:.3f}" if ratio is not None else "")
+        print(f"  {figure}: {value:.4g} {unit}"
+              + (f"; baseline {base_value:.4g}; ratio {ratio:.4g}" if ratio is not None else "")
               + f"; target {target}: {'met' if met else 'MISSED'}", flush=True)
 
     # ---- a device with the agent --------------------------------------------------------------
