@@ -13,6 +13,8 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
+import pytest
+
 from tests.cloud.device import DeviceRoot, build_core_artifact, make_root
 from tests.conftest import REPO
 
@@ -176,3 +178,17 @@ def release_agent(device: Device, version: str, broken: Optional[str] = None):
     device.cloud.publish_release(software="ota_agent", version=version, architecture="x86_64",
                                  operating_system="ubuntu", tarball=art.path)
     return source
+
+
+def details(execution: dict) -> dict:
+    """statusDetails of a describe-job-execution reply."""
+    return execution["statusDetails"]["detailsMap"]
+
+
+@pytest.fixture
+def device(cloud, tmp_path):
+    """A device root wired to the worker's look-alike cloud, with the agent under test; the
+    agent is stopped by its pid afterwards. Test modules import this fixture."""
+    d = Device(cloud, tmp_path)
+    yield d
+    d.stop()

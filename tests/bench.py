@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tests.cloud import Cloud
 from tests.cloud.device import make_root, write_core_tree
+from tests.cloud.greengrass import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 ROLE = "arn:aws:iam::123456789012:role/Bench"
@@ -47,14 +48,6 @@ def random_file(path: Path, size: int) -> str:
             left -= len(chunk)
             block = block[1:] + block[:1]  # vary the data cheaply
     return digest.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fast_tarball(src_parent: Path, out: Path) -> None:

@@ -4,20 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.agent_harness import Device, release_agent
+from tests.agent_harness import Device, details, device, release_agent  # noqa: F401 (device is a fixture)
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def device(cloud, tmp_path):
-    d = Device(cloud, tmp_path)
-    yield d
-    d.stop()
-
-
-def details(ex):
-    return ex["statusDetails"]["detailsMap"]
 
 
 def test_self_update_succeeds_in_the_same_process(device):

@@ -10,18 +10,11 @@ import time
 
 import pytest
 
-from tests.agent_harness import Device
+from tests.agent_harness import Device, details, device  # noqa: F401 (device is a fixture)
 from tests.cloud import Pki
 from tests.cloud.device import build_core_artifact
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def device(cloud, tmp_path):
-    d = Device(cloud, tmp_path)
-    yield d
-    d.stop()
 
 
 def test_version(device):

@@ -7,16 +7,9 @@ import time
 
 import pytest
 
-from tests.agent_harness import Device
+from tests.agent_harness import Device, details, device  # noqa: F401 (device is a fixture)
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def device(cloud, tmp_path):
-    d = Device(cloud, tmp_path)
-    yield d
-    d.stop()
 
 
 def slow_release(device, cloud, bps=400_000, size=1_200_000):

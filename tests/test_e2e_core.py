@@ -3,16 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.agent_harness import Device
+from tests.agent_harness import Device, details, device  # noqa: F401 (device is a fixture)
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def device(cloud, tmp_path):
-    d = Device(cloud, tmp_path)
-    yield d
-    d.stop()
 
 
 @pytest.mark.frozen
@@ -44,10 +37,6 @@ def assert_untouched(device, before_tree, before_kept):
 
 def snapshot(device):
     return device.dev.tree_digest("ggc"), device.dev.kept_state()
-
-
-def details(ex):
-    return ex["statusDetails"]["detailsMap"]
 
 
 @pytest.mark.frozen
