@@ -6,6 +6,7 @@
 #                                   the static binary and the frozen subset against it (SKIP_BINARY=1: not)
 #   ./build.sh demo                 a whole update, end to end, against the local look-alike cloud
 #   ./build.sh binary               dist/ggc-ota: a static binary for this machine's architecture
+#   ./build.sh binary --arch A      dist/ggc-ota-A for aarch64, armv7l or armv6l (Debian rootfs + qemu)
 #   ./build.sh bench [--quick]      benchmarks against baselines measured in the same run
 #   ./build.sh cloud DIR            start the look-alike cloud by hand (see README)
 #   ./build.sh lint                 ruff and the Python 3.8 compatibility check of ggc_ota.py
@@ -108,6 +109,10 @@ cmd_bench() {
 }
 
 cmd_binary() {
+  if [ "${1:-}" = "--arch" ]; then
+    cross_binary "${2:?--arch needs aarch64, armv7l or armv6l}"
+    return
+  fi
   ensure_debs python3 python3-venv patchelf binutils
   local bvenv="$HERE/.venv-build" stamp want
   stamp="$bvenv/.requirements.sha256"
@@ -129,6 +134,80 @@ cmd_binary() {
   chmod 755 dist/ggc-ota
   dist/ggc-ota --version
   echo "dist/ggc-ota: $(stat -c %s dist/ggc-ota) bytes, $(uname -m), $(file -b dist/ggc-ota 2>/dev/null | cut -d, -f1-2)"
+}
+
+# Cross builds: a Debian rootfs of the target architecture (debootstrap --foreign, cached in
+# .cache/), run by qemu-user-static through binfmt_misc; PyInstaller and staticx are installed
+# inside it (staticx builds its bootloader with musl-gcc there), then the binary is smoke-run
+# under qemu (armv6l with an ARMv6 CPU model). Slow: 10-20 minutes from nothing; not part of CI.
+cross_binary() {
+  local arch=$1 debarch qemu qemu_cpu=""
+  case "$arch" in
+    aarch64) debarch=arm64; qemu=qemu-aarch64-static ;;
+    armv7l) debarch=armhf; qemu=qemu-arm-static ;;
+    armv6l) debarch=armel; qemu=qemu-arm-static; qemu_cpu=arm1176 ;;
+    *) echo "build.sh: --arch takes aarch64, armv7l or armv6l" >&2; exit 2 ;;
+  esac
+  ensure_debs debootstrap qemu-user-static binfmt-support
+  if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
+    mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+  fi
+  local fmt="${qemu%-static}"
+  if [ ! -e "/proc/sys/fs/binfmt_misc/$fmt" ]; then
+    update-binfmts --enable "$fmt" 2>/dev/null || update-binfmts --import "$fmt" 2>/dev/null || true
+  fi
+  [ -e "/proc/sys/fs/binfmt_misc/$fmt" ] || { echo "build.sh: cannot register $fmt with binfmt_misc" >&2; exit 1; }
+  local rootfs="$HERE/.cache/rootfs-$debarch" mirror
+  mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n 1)
+  mirror=${mirror:-http://deb.debian.org/debian}
+  if [ ! -f "$rootfs/.ready" ]; then
+    log "making a Debian $debarch rootfs in $rootfs"
+    rm -rf "$rootfs"
+    debootstrap --foreign --arch="$debarch" --variant=minbase \
+      --include=python3,python3-venv,python3-dev,gcc,libc6-dev,zlib1g-dev,patchelf,binutils,musl-tools,scons,file \
+      bookworm "$rootfs" "$mirror"
+    cp "/usr/bin/$qemu" "$rootfs/usr/bin/"
+    chroot "$rootfs" /debootstrap/debootstrap --second-stage
+    touch "$rootfs/.ready"
+  fi
+  rm -rf "$rootfs/build" && mkdir -p "$rootfs/build"
+  cp ggc_ota.py requirements-build.txt "$rootfs/build/"
+  # pip inside the rootfs trusts what this machine trusts (a registry may sit behind a proxy
+  # with its own CA) and reads its index settings
+  mkdir -p "$rootfs/etc/ssl/certs"
+  cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/host-ca-certificates.crt"
+  [ -f /etc/pip.conf ] && cp /etc/pip.conf "$rootfs/etc/pip.conf"
+  local excl=""
+  for m in "${EXCLUDES[@]}"; do excl="$excl --exclude-module $m"; done
+  log "building ggc-ota for $arch inside the rootfs (under qemu)"
+  chroot "$rootfs" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root BOOTLOADER_CC=musl-gcc \
+    PIP_CERT=/etc/ssl/certs/host-ca-certificates.crt SSL_CERT_FILE=/etc/ssl/certs/host-ca-certificates.crt \
+    PIP_DEFAULT_TIMEOUT=180 \
+    ${qemu_cpu:+QEMU_CPU=$qemu_cpu} /bin/sh -ec "
+      cd /build
+      [ -x /venv/bin/pyinstaller ] || { python3 -m venv /venv && /venv/bin/pip install -q -r requirements-build.txt; }
+      /venv/bin/pyinstaller --onefile --strip --optimize 2 --noconfirm --log-level WARN --name ggc-ota-dynamic $excl ggc_ota.py
+      /venv/bin/staticx --strip dist/ggc-ota-dynamic dist/ggc-ota"
+  mkdir -p dist
+  cp "$rootfs/build/dist/ggc-ota" "dist/ggc-ota-$arch"
+  log "smoke run under qemu${qemu_cpu:+ (CPU $qemu_cpu)}: --version, and --dry-run on a sample root"
+  ensure_venv
+  local sample
+  sample=$(mktemp -d)
+  "$VENV/bin/python" - "$sample" <<'PY'
+import sys
+from pathlib import Path
+from tests.cloud import Pki
+from tests.cloud.device import make_root
+work = Path(sys.argv[1])
+pki = Pki(work / "pki")
+make_root(work / "greengrass", "sample-core", pki.client("sample-core"), pki.ca_path, "localhost", 8883,
+          ota_agent={"logFile": str(work / "agent.log")})
+PY
+  env ${qemu_cpu:+QEMU_CPU=$qemu_cpu} "$qemu" "dist/ggc-ota-$arch" --version
+  env ${qemu_cpu:+QEMU_CPU=$qemu_cpu} "$qemu" "dist/ggc-ota-$arch" --root "$sample/greengrass" --dry-run
+  rm -rf "$sample" "$sample/greengrass.lab"
+  echo "dist/ggc-ota-$arch: $(stat -c %s "dist/ggc-ota-$arch") bytes, $(file -b "dist/ggc-ota-$arch" | cut -d, -f1-2)"
 }
 
 case "${1:-}" in
