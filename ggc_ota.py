@@ -2051,6 +2051,11 @@ class State:
         os.set_inheritable(fd, True)  # kept across the exec of a self-update
         self._lock_fd = fd
 
+    @property
+    def lock_fd(self) -> Optional[int]:
+        """The descriptor that holds the lock (kept across the exec of a self-update)."""
+        return self._lock_fd
+
     def _adopt(self, fd: int) -> bool:
         try:
             same = os.path.samestat(os.fstat(fd), os.stat(os.path.join(self.dir, "lock")))
@@ -2752,8 +2757,8 @@ class Agent:
         for handler in log.handlers:
             handler.flush()
         env = child_environment()
-        if self.state._lock_fd is not None:
-            env[LOCK_FD_ENV] = str(self.state._lock_fd)
+        if self.state.lock_fd is not None:
+            env[LOCK_FD_ENV] = str(self.state.lock_fd)
         crash_point("before_exec")
         argv = agent_command(path, self.argv)
         os.execve(argv[0], argv, env)
@@ -2895,16 +2900,16 @@ def preflight(root: str, config_path: Optional[str]) -> List[Check]:
         cfg = load_config(root, config_path)
     except ConfigError as err:
         return [Check("config", False, str(err))]
+    alpn = " (ALPN x-amzn-mqtt-ca)" if cfg.port == 443 else ""  # an invalid port already failed load_config
     checks.append(Check("config", not cfg.unknown_keys,
-                        f"{cfg.path}: thing {cfg.thing_name}, {cfg.iot_host}:{cfg.port}, keepalive {cfg.keepalive} s"
+                        f"{cfg.path}: thing {cfg.thing_name}, {cfg.iot_host}:{cfg.port}{alpn}, "
+                        f"keepalive {cfg.keepalive} s"
                         + (f"; unknown otaAgent keys: {', '.join(cfg.unknown_keys)}" if cfg.unknown_keys else "")))
     try:
         tls_context(cfg.mqtt_settings())
         checks.append(Check("credentials", True, "root CA, certificate and key load and match"))
     except MqttAuthError as err:
         checks.append(Check("credentials", False, str(err)))
-    checks.append(Check("port", cfg.port in (8883, 443) or 1 <= cfg.port <= 65535,
-                        f"{cfg.port}" + (" (ALPN x-amzn-mqtt-ca)" if cfg.port == 443 else "")))
     if cfg.managed_respawn:
         for name in SCRIPT_NAMES["core"] + SCRIPT_NAMES["ota_agent"]:
             try:
