@@ -1370,19 +1370,18 @@ def https_context(ca_files: List[str]) -> ssl.SSLContext:
     return ctx
 
 
-def sha256_of_file(path: str, limit: Optional[int] = None) -> Tuple[hashlib._Hash, int]:
+def sha256_of_file(path: str) -> Tuple[hashlib._Hash, int]:
+    """(sha256 so far, bytes read) of a whole file, e.g. a partial download to resume."""
     digest = hashlib.sha256()
     done = 0
-    buf = bytearray(DOWNLOAD_CHUNK)
-    view = memoryview(buf)
+    view = memoryview(bytearray(DOWNLOAD_CHUNK))
     with open(path, "rb", buffering=0) as f:
-        while limit is None or done < limit:
-            n = f.readinto(view if limit is None else view[:min(len(buf), limit - done)])
+        while True:
+            n = f.readinto(view)
             if not n:
-                break
+                return digest, done
             digest.update(view[:n])
             done += n
-    return digest, done
 
 
 @dataclass
@@ -1404,7 +1403,6 @@ class Download:
     retry_cap: float = 60.0
     should_stop: Optional[Callable[[], bool]] = None
     rng: random.Random = field(default_factory=random.Random)
-    requests: int = 0
     url_refreshes: int = 0
     _have: int = field(default=0, init=False, repr=False)
     _digest: Any = field(default=None, init=False, repr=False)
@@ -1481,7 +1479,6 @@ class Download:
         headers = {"User-Agent": f"ggc-ota/{__version__}"}
         if self._have:
             headers["Range"] = f"bytes={self._have}-"
-        self.requests += 1
         try:
             try:
                 conn.request("GET", target, headers=headers)
