@@ -73,6 +73,7 @@ class Mosquitto:
             f"acl_file {self.acl_path}",
             f"max_packet_size {MAX_PAYLOAD + 1024}",  # 128 KB payload plus topic and header
             "max_inflight_messages 100",
+            "set_tcp_nodelay true",  # like a real broker: no Nagle delay on small replies
             f"listener {self.port} 127.0.0.1",
             f"cafile {self.pki.ca_path}",
             f"certfile {self.pki.server.cert}",

@@ -4,6 +4,7 @@ drives the same objects through a small control server on loopback."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from pathlib import Path
 from typing import Optional
@@ -138,6 +139,8 @@ class Cloud:
         client.on_disconnect = on_disconnect
         client.on_message = on_message
         client.on_subscribe = on_subscribe
+        # A cloud service answers at once: no Nagle delay between its PUBACK and its reply.
+        client.on_socket_open = lambda c, userdata, sock: sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client.connect(HOST, self.broker.port, keepalive=30)
         client.loop_start()
         self._client = client
