@@ -1,10 +1,15 @@
 """ggc_ota's archive section: real artifacts unpack and pass the layout check; every hostile
-member is refused before anything is written, and nothing lands outside staging."""
+member is refused before it is written, a refusal leaves nothing behind, and nothing lands
+outside staging."""
 from __future__ import annotations
 
+import gzip
+import io
 import os
 import stat
+import subprocess
 import tarfile
+import threading
 
 import pytest
 
@@ -80,6 +85,12 @@ HOSTILE = {
     "two-step": [member("greengrass/ggc/x", tarfile.SYMTYPE, linkname="../ggc"),
                  member("greengrass/ggc/x/y")],
     "below-a-file": [member("greengrass/f"), member("greengrass/f/g")],
+    # the same tricks in the other order: the child first, then the symlink or file above it
+    "symlink-after-child": [member("greengrass/ggc/l/evil"), member("greengrass/ggc/l", tarfile.SYMTYPE,
+                                                                     linkname=".")],
+    "file-after-child": [member("greengrass/f/g"), member("greengrass/f")],
+    # a refusal late in the archive, after good members were already written
+    "late": [member(f"greengrass/ggc/ok{i}", data=b"y" * 5000) for i in range(50)] + [member("/etc/evil")],
 }
 
 
@@ -118,3 +129,75 @@ def test_staging_must_not_exist(tmp_path):
     (tmp_path / "st").mkdir()
     with pytest.raises(FileExistsError):
         g.unpack(str(art.path), str(tmp_path / "st"))
+
+
+def tar_bytes(members):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for info, data in members:
+            info.size = len(data) if data is not None else 0
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def test_large_and_small_members_written_intact(tmp_path):
+    big = os.urandom(3 * g.UNPACK_CHUNK + 17)  # streamed in chunks by the parsing thread
+    small = [os.urandom(n) for n in (0, 1, g.UNPACK_CHUNK)]  # handed whole to the writer thread
+    members = [member("greengrass/ggc/big", data=big)] + [member(f"greengrass/ggc/s{i}", data=d)
+                                                          for i, d in enumerate(small)]
+    art = build_raw_artifact(tmp_path / "a.tar.gz", members)
+    assert g.unpack(str(art.path), str(tmp_path / "st")) == 4
+    assert (tmp_path / "st/greengrass/ggc/big").read_bytes() == big
+    for i, data in enumerate(small):
+        assert (tmp_path / f"st/greengrass/ggc/s{i}").read_bytes() == data
+
+
+def test_concatenated_gzip_members_and_padding(tmp_path):
+    """gzip allows several members back to back, and NUL padding after them (as gzip -d does)."""
+    raw = tar_bytes([member(f"greengrass/ggc/f{i}", data=os.urandom(3000)) for i in range(30)])
+    half = len(raw) // 2
+    path = tmp_path / "multi.tar.gz"
+    path.write_bytes(gzip.compress(raw[:half]) + b"\0" * 7 + gzip.compress(raw[half:]) + b"\0" * 512)
+    assert g.unpack(str(path), str(tmp_path / "st")) == 30
+
+
+@pytest.mark.parametrize("cut", ["gzip", "tar"])
+def test_truncated_archive_refused_and_nothing_left(tmp_path, cut):
+    members = [member(f"greengrass/ggc/f{i}", data=os.urandom(20_000)) for i in range(40)]
+    path = tmp_path / "cut.tar.gz"
+    if cut == "gzip":  # the compressed stream stops half way
+        build_raw_artifact(path, members)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # a complete gzip stream of a tar cut inside a member's data
+        raw = tar_bytes(members)
+        path.write_bytes(gzip.compress(raw[: len(raw) // 2 + 100]))
+    threads = threading.active_count()
+    with pytest.raises(g.UnsafeArchive, match="not a readable|truncated"):
+        g.unpack(str(path), str(tmp_path / "st"))
+    assert not (tmp_path / "st").exists()
+    assert threading.active_count() == threads, "the unpack threads must be gone"
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.parametrize("size", [20_000, 3 * 1024 * 1024])
+def test_full_disk_during_unpack(tmp_path, tiny_disk, size):
+    """ENOSPC from the writer thread (small files) or the parsing thread (a large one) is raised
+    as itself (the agent reports DISK_FULL), and the partial tree is removed."""
+    members = [member(f"greengrass/ggc/f{i}", data=os.urandom(size)) for i in range(2 * 1024 * 1024 // size + 2)]
+    art = build_raw_artifact(tmp_path / "a.tar.gz", members)
+    threads = threading.active_count()
+    with pytest.raises(OSError) as err:
+        g.unpack(str(art.path), str(tiny_disk / "st"))
+    assert err.value.errno == 28  # ENOSPC
+    assert not (tiny_disk / "st").exists()
+    assert threading.active_count() == threads
