@@ -31,6 +31,27 @@ def test_two_agents_on_one_root(device):
     assert device.proc.poll() is None
 
 
+@pytest.mark.skipif(bool(os.environ.get("GGC_OTA_AGENT")), reason="the script form only (a binary is precompiled)")
+def test_script_agent_restarts_once_without_its_syntax_tree(device):
+    """`python3 ggc-ota` keeps the script's syntax tree for as long as it runs: the agent
+    execs, once, into an interpreter that compiled the file with compile() (same PID); what
+    it starts does not inherit the marker, so a new agent does the same."""
+    import ggc_ota as g
+    proc = device.start()
+    device.wait_log("connected to", timeout=20)
+    cmdline = open(f"/proc/{proc.pid}/cmdline", "rb").read().split(b"\0")
+    assert cmdline[1:4] == [b"-c", g.SCRIPT_LOADER.encode(), str(device.agent_path).encode()]
+    assert cmdline[4:6] == [b"--root", str(device.root).encode()]
+    environ = open(f"/proc/{proc.pid}/environ", "rb").read().split(b"\0")
+    assert f"{g.FRESH_ENV}=1".encode() in environ
+    assert device.log().count("starting for") == 1  # the restart happens before the agent starts
+    os.environ[g.FRESH_ENV] = "1"
+    try:
+        assert g.FRESH_ENV not in g.child_environment()
+    finally:
+        del os.environ[g.FRESH_ENV]
+
+
 def test_usage_errors_exit_2(device):
     assert device.run("--bogus").returncode == 2
     assert device.run("--root", str(device.root), "--artifact", "x").returncode == 2
