@@ -25,9 +25,7 @@ def settings_for(cloud, thing, port=None, **over) -> g.MqttSettings:
     s = g.MqttSettings(host="localhost", port=port or cloud.port, client_id=thing, ca_path=str(cloud.pki.ca_path),
                        cert_path=str(cert.cert), key_path=str(cert.key), keepalive=30, backoff_base=0.2,
                        backoff_cap=1.0, connect_timeout=3, connack_timeout=3)
-    for k, v in over.items():
-        setattr(s, k, v)
-    return s
+    return s._replace(**over)
 
 
 class Inbox:

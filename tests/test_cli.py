@@ -1,0 +1,49 @@
+"""The CLI section's own parser: both option forms, defaults, and a usage error (exit 2) for
+anything else. The end-to-end CLI runs are in test_e2e_cli.py."""
+from __future__ import annotations
+
+import pytest
+
+import ggc_ota as g
+
+
+def test_defaults():
+    args = g.parse_args([])
+    assert args.root is None and args.foreground is False and args.log_level == g.DEFAULT_LOG_LEVEL
+    assert args.daemon_child is False and args.check_config is False
+
+
+def test_both_value_forms_and_flags():
+    args = g.parse_args(["--root", "/gg", "--config=/c.json", "--foreground", "--log-level", "DEBUG",
+                         g.DAEMON_CHILD_FLAG])
+    assert (args.root, args.config, args.foreground, args.log_level, args.daemon_child) == \
+        ("/gg", "/c.json", True, "DEBUG", True)
+    assert g.parse_args(["--root="]).root == ""  # an explicit empty value is the user's choice
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus"], "unrecognized argument: --bogus"),
+    (["--fore"], "unrecognized argument"),  # no abbreviations: a script must say what it means
+    (["stray"], "unrecognized argument: stray"),
+    (["--root"], "--root expects a value"),
+    (["--root", "--foreground"], "--root expects a value"),
+    (["--json=yes"], "--json takes no value"),
+    (["--log-level", "LOUD"], "--log-level must be one of"),
+])
+def test_usage_errors(argv, message):
+    with pytest.raises(g.UsageError, match=message):
+        g.parse_args(argv)
+
+
+def test_main_turns_usage_errors_into_exit_2(capsys):
+    assert g.main(["--bogus"]) == g.EXIT_USAGE
+    assert "ggc-ota: error: unrecognized argument: --bogus" in capsys.readouterr().err
+
+
+def test_help_lists_the_public_options_only(capsys):
+    with pytest.raises(SystemExit) as done:
+        g.parse_args(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for name, _, text in g.OPTIONS:
+        assert (name in out) == (text is not None), name
