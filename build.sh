@@ -99,7 +99,8 @@ cmd_demo() {
 # Standard-library parts the agent never uses; leaving them out keeps the binary under 8 MB.
 EXCLUDES=(tkinter unittest pydoc doctest lzma bz2 _lzma _bz2 _decimal decimal csv _csv sqlite3 xmlrpc pdb
   multiprocessing _codecs_jp _codecs_kr _codecs_cn _codecs_tw _codecs_hk _codecs_iso2022 _multibytecodec
-  asyncio concurrent xml pyexpat _elementtree curses readline lib2to3 ensurepip venv idlelib zoneinfo)
+  asyncio concurrent xml pyexpat _elementtree curses readline lib2to3 ensurepip venv idlelib zoneinfo
+  inspect)
 
 cmd_bench() {
   ensure_debs "${DEBS[@]}" curl gzip tar
