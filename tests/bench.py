@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import statistics
 import subprocess
 import sys
@@ -70,10 +71,17 @@ def ram_tree_kib(pid: int, extraction: Path) -> dict:
     process by PSS (pages shared between the processes split among them). Summing RSS and
     the extraction would count the extracted libraries twice: mapped, they are the same
     pages as the files."""
-    files = sum(f.stat().st_size for f in extraction.rglob("*") if f.is_file())
+    inodes = {}
+    for f in extraction.rglob("*"):
+        st = f.lstat()  # symlinks (staticx makes three) are not files: counted once, by inode
+        if stat.S_ISREG(st.st_mode):
+            inodes[st.st_ino] = st.st_blocks * 512  # what the file takes on the tmpfs
+    files = sum(inodes.values())
     other = 0
     prefix = str(extraction) + "/"
+    per = []
     for p in [pid, *descendants(pid)]:
+        before = other
         try:
             text = Path(f"/proc/{p}/smaps").read_text()
         except (FileNotFoundError, ProcessLookupError):
@@ -85,7 +93,8 @@ def ram_tree_kib(pid: int, extraction: Path) -> dict:
                 in_extraction = len(fields) > 5 and fields[5].startswith(prefix)
             elif fields[0] == "Pss:" and not in_extraction:
                 other += int(fields[1])
-    return {"extraction": files // 1024, "processes": other, "total": files // 1024 + other}
+        per.append(other - before)
+    return {"extraction": files // 1024, "processes": other, "total": files // 1024 + other, "per_process": per}
 
 
 def descendants(pid: int) -> list:
@@ -443,9 +452,10 @@ class Bench:
             ram = None
             if measure_ram:
                 time.sleep(2.0)
-                ram = {k: v / 1024 for k, v in ram_tree_kib(proc.pid, tmpdir).items()}
+                kib = ram_tree_kib(proc.pid, tmpdir)
+                ram = {k: kib[k] / 1024 for k in ("extraction", "processes", "total")}
                 print(f"  {kind}: extraction {ram['extraction']:.1f} MiB + processes {ram['processes']:.1f} MiB "
-                      f"(PSS, extraction pages not counted twice)", flush=True)
+                      f"(PSS of each: {', '.join(f'{k / 1024:.1f}' for k in kib['per_process'])})", flush=True)
             tls.close()
         finally:
             stop(proc)
