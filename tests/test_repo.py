@@ -48,3 +48,31 @@ def test_ruff_is_clean():
     out = subprocess.run([sys.executable, "-m", "ruff", "check", str(REPO)], capture_output=True, text=True,
                          timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# Modules an idle agent must not load: each costs memory on a router (the import diet in the
+# README's benchmark notes), and `inspect` is excluded from the frozen binary altogether.
+NOT_AT_IDLE = ("inspect", "dataclasses", "argparse", "http.client", "email", "tarfile", "subprocess",
+               "logging.handlers", "pickle", "uuid", "urllib.parse", "tempfile")
+
+
+def test_idle_agent_imports_stay_lean(tmp_path):
+    code = ("import sys, ggc_ota\n"
+            "ggc_ota.parse_args(['--root', '/x', '--foreground'])\n"
+            "ggc_ota.setup_logging(sys.argv[1], 'INFO', to_stderr=True)\n"
+            "ggc_ota.release_free_memory()\n"
+            "print(' '.join(sorted(sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "agent.log")], capture_output=True, text=True,
+                         timeout=60, cwd=REPO, check=True)
+    loaded = set(out.stdout.split())
+    assert "ggc_ota" in loaded and "ssl" in loaded  # the check sees real imports
+    assert not loaded & set(NOT_AT_IDLE), loaded & set(NOT_AT_IDLE)
+
+
+def test_agent_never_imports_inspect():
+    """The frozen binary is built without it (build.sh EXCLUDES)."""
+    assert "inspect" in (REPO / "build.sh").read_text()
+    tree = ast.parse(AGENT.read_text())
+    names = {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert "inspect" not in names and "dataclasses" not in names
