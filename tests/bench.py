@@ -318,6 +318,8 @@ class Bench:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-paho", protocol=mqtt.MQTTv311)
         client.tls_set(ca_certs=str(self.cloud.pki.ca_path), certfile=str(cert.cert), keyfile=str(cert.key))
         client.on_message = lambda c, u, m: got.set()
+        # as the agent does: the broker's round trip, not Nagle's algorithm's
+        client.on_socket_open = lambda c, u, sock: sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         subscribed = threading.Event()
         client.on_subscribe = lambda *a: subscribed.set()
         client.connect("localhost", self.cloud.port)
@@ -504,11 +506,20 @@ def main() -> int:
             getattr(bench, name)()
     finally:
         bench.close()
-    result = {"date": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
-              "python": platform.python_version(), "quick": args.quick, "figures": bench.rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    now = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime())
+    for row in bench.rows:
+        row["measured"] = now
+    rows = bench.rows
+    out = Path(args.out)
+    if args.only and out.exists():  # a partial run replaces its own rows, in place, and keeps the others
+        fresh = {r["figure"]: r for r in rows}
+        old = json.loads(out.read_text())["figures"]
+        rows = [fresh.pop(r["figure"], r) for r in old] + list(fresh.values())
+    result = {"date": now, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+              "python": platform.python_version(), "quick": args.quick, "figures": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    bench.rows = rows
     print("\n| figure | value | baseline | ratio | target | met |\n|---|---|---|---|---|---|")
     for r in bench.rows:
         base = f"{r['baselineValue']} ({r['baseline']})" if r["baseline"] else "—"
