@@ -1785,6 +1785,8 @@ class _GunzipStream:
                 self._put(err)
             else:
                 self._put(UnsafeArchive(f"not a readable gzip tar archive: {err}"))
+        except BaseException as err:  # whatever it is, the parser gets it and never waits forever
+            self._put(err)
 
     def _inflate(self, f: BinaryIO) -> None:
         inflater = zlib.decompressobj(GZIP_WBITS)
@@ -3375,12 +3377,15 @@ def restart_without_syntax_tree(argv: List[str]) -> None:
     (exec: same PID, same arguments) with an interpreter that compiles the file through
     compile(), which frees the tree before the code runs. Not needed, and not done, in the
     frozen binary (precompiled) or when this file was imported as a module."""
-    if getattr(sys, "frozen", False) or __name__ != "__main__" or os.environ.get(FRESH_ENV):
+    if getattr(sys, "frozen", False) or __name__ != "__main__" or os.environ.get(FRESH_ENV) or not sys.executable:
         return
     for handler in log.handlers:
         handler.flush()
-    os.execve(sys.executable, [sys.executable, "-c", SCRIPT_LOADER, running_agent_file()] + argv,
-              {**os.environ, FRESH_ENV: "1"})
+    try:
+        os.execve(sys.executable, [sys.executable, "-c", SCRIPT_LOADER, running_agent_file()] + argv,
+                  {**os.environ, FRESH_ENV: "1"})
+    except OSError as err:  # the agent runs all the same, with the tree kept
+        print(f"ggc-ota: could not restart without the syntax tree ({err}); going on", file=sys.stderr)
 
 
 def write_pid(path: str, pid: Optional[int] = None) -> None:
