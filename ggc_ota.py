@@ -23,6 +23,7 @@ See README.md for the contract it keeps (SPEC.md in the shared folder).
 """
 from __future__ import annotations
 
+import collections
 import errno
 import hashlib
 import json
@@ -32,7 +33,6 @@ import queue
 import random
 import re
 import select
-import shutil
 import signal
 import socket
 import ssl
@@ -43,12 +43,15 @@ import threading
 import time
 import types
 import zlib
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Dict, List, NamedTuple, Optional, Tuple
 
-if TYPE_CHECKING:  # imported where they are used: an idle agent does not load them (2.3 MiB)
+# Imported where they are used, so that an idle agent does not load them (2.8 MiB); typing is
+# for type checkers only (mypy and pyright read `if TYPE_CHECKING:` whatever its origin).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
     import http.client
     import subprocess
     import tarfile
+    from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
 
 __version__ = "0.1.0"
 
@@ -144,21 +147,14 @@ OTA_AGENT_KEYS: Dict[str, Tuple[tuple, Any]] = {
 }
 
 
-class Config(NamedTuple):
-    root: str
-    path: str
-    thing_name: str
-    thing_arn: str
-    iot_host: str
-    port: int
-    keepalive: int
-    ca_path: str
-    cert_path: str
-    key_path: str
-    managed_respawn: bool
-    ota: Dict[str, Any]
-    warnings: List[str]
-    unknown_keys: List[str]
+class Config(collections.namedtuple("Config", [
+        "root", "path", "thing_name", "thing_arn", "iot_host", "port", "keepalive", "ca_path", "cert_path",
+        "key_path", "managed_respawn", "ota", "warnings", "unknown_keys"])):
+    """config.json, checked: the paths and names (str), `port` and `keepalive` (int),
+    `managed_respawn` (bool), `ota` (the otaAgent block with every default filled in), and what
+    was odd about the file (`warnings`, `unknown_keys`: lists of str)."""
+
+    __slots__ = ()
 
     def mqtt_settings(self) -> MqttSettings:
         return MqttSettings(host=self.iot_host, port=self.port, client_id=self.thing_name, ca_path=self.ca_path,
@@ -386,24 +382,15 @@ MAX_REMAINING_LENGTH = 268_435_455
 DEFAULT_MAX_PACKET = 256 * 1024  # AWS IoT's payload limit is 128 KB; a topic and header fit beside it
 
 
-class Packet(NamedTuple):
-    """A decoded packet. Fields not used by a type keep their defaults."""
+class Packet(collections.namedtuple("Packet", [
+        "type", "flags", "packet_id", "topic", "payload", "qos", "retain", "dup", "return_code",
+        "session_present", "codes", "topics", "client_id", "keepalive", "clean_session"],
+        defaults=[0, 0, "", b"", 0, False, False, 0, False, (), (), "", 0, True])):
+    """A decoded packet; only `type` is required. Fields not used by a type keep their
+    defaults: numbers 0, `topic`/`client_id` "", `payload` b"", flags False but `clean_session`
+    True. `codes` holds SUBACK's return codes, `topics` SUBSCRIBE's (topic, qos) pairs."""
 
-    type: int
-    flags: int = 0
-    packet_id: int = 0
-    topic: str = ""
-    payload: bytes = b""
-    qos: int = 0
-    retain: bool = False
-    dup: bool = False
-    return_code: int = 0
-    session_present: bool = False
-    codes: Tuple[int, ...] = ()
-    topics: Tuple[Tuple[str, int], ...] = ()
-    client_id: str = ""
-    keepalive: int = 0
-    clean_session: bool = True
+    __slots__ = ()
 
     @property
     def name(self) -> str:
@@ -714,25 +701,21 @@ class PacketReader:
 ALPN_AWS_IOT = "x-amzn-mqtt-ca"
 
 
-class MqttSettings(NamedTuple):
-    host: str
-    port: int
-    client_id: str
-    ca_path: str
-    cert_path: str
-    key_path: str
-    keepalive: int = 60
-    connect_timeout: float = 10.0      # TCP connect and TLS handshake, each
-    connack_timeout: float = 10.0
-    ping_timeout: Optional[float] = None  # default: half the keepalive, at most 30 s
-    io_timeout: float = 30.0           # one blocking read or write of an open connection
-    backoff_base: float = 1.0
-    backoff_cap: float = 120.0
-    not_authorized_backoff: float = 300.0  # CONNACK 5: a policy problem, not worth hammering
-    stable_after: float = 60.0         # a connection this old resets the backoff
-    max_packet: int = DEFAULT_MAX_PACKET
-    server_hostname: Optional[str] = None  # SNI and certificate name; default: host
-    alpn: Optional[bool] = None        # offer ALPN x-amzn-mqtt-ca; default: only on port 443
+class MqttSettings(collections.namedtuple("MqttSettings", [
+        "host", "port", "client_id", "ca_path", "cert_path", "key_path",
+        "keepalive", "connect_timeout", "connack_timeout", "ping_timeout", "io_timeout", "backoff_base",
+        "backoff_cap", "not_authorized_backoff", "stable_after", "max_packet", "server_hostname", "alpn"],
+        defaults=[60, 10.0, 10.0, None, 30.0, 1.0, 120.0, 300.0, 60.0, DEFAULT_MAX_PACKET, None, None])):
+    """Where and how to connect. Seconds unless said: `keepalive` (60); `connect_timeout` (10)
+    for the TCP connect and the TLS handshake, each; `connack_timeout` (10); `ping_timeout`
+    (None: half the keepalive, at most 30); `io_timeout` (30) for one blocking read or write of
+    an open connection; `backoff_base` (1) and `backoff_cap` (120) of the reconnect backoff;
+    `not_authorized_backoff` (300) after CONNACK 5, a policy problem not worth hammering;
+    `stable_after` (60): a connection this old resets the backoff; `max_packet` in bytes;
+    `server_hostname` (None: `host`) for SNI and the certificate name; `alpn` (None: only on
+    port 443) offers x-amzn-mqtt-ca."""
+
+    __slots__ = ()
 
     def wants_alpn(self) -> bool:
         return self.port == 443 if self.alpn is None else self.alpn
@@ -2021,15 +2004,11 @@ class DiskFull(OtaError):
     reason = "DISK_FULL"
 
 
-class UpdateDocument(NamedTuple):
-    software: str
-    version: str
-    architecture: str
-    operating_system: str
-    log_level: str
-    url: str
-    sha256: str
-    size: int
+class UpdateDocument(collections.namedtuple("UpdateDocument", [
+        "software", "version", "architecture", "operating_system", "log_level", "url", "sha256", "size"])):
+    """A checked job document: every field a str but `size` (int)."""
+
+    __slots__ = ()
 
 
 def parse_document(doc: Any) -> UpdateDocument:
@@ -2427,6 +2406,7 @@ def remove_tree(path: str) -> None:
     if os.path.islink(path) or os.path.isfile(path):
         os.unlink(path)
     elif os.path.isdir(path):
+        import shutil
         shutil.rmtree(path)
 
 
@@ -2446,6 +2426,7 @@ def fsync_tree(path: str) -> None:
 def copy_kept(live: str, new: str, keep: List[str], prefix: str) -> List[str]:
     """Copy each kept path (relative to the root, e.g. ggc/var) from the live tree into the new
     one, replacing what the new tree has there. Returns what was copied."""
+    import shutil
     copied = []
     for rel in keep:
         parts = rel.strip("/").split("/")
@@ -3116,10 +3097,10 @@ def tree_size(path: str) -> int:
 # ============================================================================================
 
 
-class Check(NamedTuple):
-    name: str
-    ok: bool
-    message: str
+class Check(collections.namedtuple("Check", ["name", "ok", "message"])):
+    """One line of the dry-run: what was checked (str), whether it passed, and why."""
+
+    __slots__ = ()
 
 
 def preflight(root: str, config_path: Optional[str]) -> List[Check]:
@@ -3200,7 +3181,7 @@ def rehearse(root: str, config_path: Optional[str], document_path: str, artifact
     except OtaError as err:
         checks.append(Check("artifact", False, str(err)))
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_tree(scratch)
     return checks
 
 
@@ -3458,8 +3439,7 @@ STALE_EXTRACTION_AGE = 60.0
 def clean_stale_extractions(tmpdir: Optional[str] = None) -> List[str]:
     """Remove the extraction directories (PyInstaller _MEI*, staticx-*) of earlier runs that no
     live process uses any more: a killed launcher leaves them in TMPDIR, which is RAM on OpenWrt."""
-    import tempfile
-    tmpdir = tmpdir or tempfile.gettempdir()
+    tmpdir = tmpdir or extraction_parent()
     try:
         candidates = [os.path.join(tmpdir, n) for n in os.listdir(tmpdir)
                       if (n.startswith("_MEI") or n.startswith("staticx-"))]
@@ -3476,9 +3456,22 @@ def clean_stale_extractions(tmpdir: Optional[str] = None) -> List[str]:
     removed = []
     for path in candidates:
         if not any(used == path or used.startswith(path + os.sep) for used in in_use):
-            shutil.rmtree(path, ignore_errors=True)
+            try:
+                remove_tree(path)
+            except OSError as err:
+                log.warning("could not remove the stale extraction directory %s: %s", path, err)
+                continue
             removed.append(path)
     return removed
+
+
+def extraction_parent() -> str:
+    """Where the launchers unpacked this binary, and so where earlier runs left theirs: the
+    parent of PyInstaller's directory (it honours TMPDIR, TEMP and TMP, else /tmp)."""
+    meipass = getattr(sys, "_MEIPASS", None)
+    if meipass:
+        return os.path.dirname(meipass)
+    return os.environ.get("TMPDIR") or os.environ.get("TEMP") or os.environ.get("TMP") or "/tmp"
 
 
 def paths_in_use() -> set:
