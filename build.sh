@@ -96,11 +96,25 @@ cmd_demo() {
   exec "$VENV/bin/python" -m tests.demo "$@"
 }
 
-# Standard-library parts the agent never uses; leaving them out keeps the binary under 8 MB.
+# Standard-library parts the agent never uses; leaving them out keeps the binary under 8 MB and
+# the extraction in TMPDIR (RAM on OpenWrt) small. inspect: its mere presence adds a PyInstaller
+# runtime hook that imports it, ast, dis and zipfile at every start (2 MiB). The codecs: the CJK
+# ones cannot work without their C modules; the DOS, EBCDIC and Mac code pages and the
+# bytes-to-bytes codecs are no Linux locale's charset (the ISO-8859, KOI8, CP125x, TIS-620 and
+# UTF codecs stay, so a device with any glibc locale still starts).
 EXCLUDES=(tkinter unittest pydoc doctest lzma bz2 _lzma _bz2 _decimal decimal csv _csv sqlite3 xmlrpc pdb
   multiprocessing _codecs_jp _codecs_kr _codecs_cn _codecs_tw _codecs_hk _codecs_iso2022 _multibytecodec
   asyncio concurrent xml pyexpat _elementtree curses readline lib2to3 ensurepip venv idlelib zoneinfo
-  inspect)
+  inspect resource)
+for codec in cp037 cp273 cp424 cp437 cp500 cp720 cp737 cp775 cp850 cp852 cp855 cp856 cp857 cp858 cp860 \
+    cp861 cp862 cp863 cp864 cp865 cp866 cp869 cp874 cp875 cp1006 cp1026 cp1125 cp1140 mac_arabic mac_croatian \
+    mac_cyrillic mac_farsi mac_greek mac_iceland mac_latin2 mac_roman mac_romanian mac_turkish hp_roman8 \
+    palmos mbcs oem big5 big5hkscs cp932 cp949 cp950 euc_jis_2004 euc_jisx0213 euc_jp euc_kr gb18030 gb2312 \
+    gbk hz iso2022_jp iso2022_jp_1 iso2022_jp_2 iso2022_jp_2004 iso2022_jp_3 iso2022_jp_ext iso2022_kr johab \
+    shift_jis shift_jis_2004 shift_jisx0213 base64_codec bz2_codec hex_codec quopri_codec rot_13 uu_codec \
+    zlib_codec; do
+  EXCLUDES+=("encodings.$codec")
+done
 
 cmd_bench() {
   ensure_debs "${DEBS[@]}" curl gzip tar
