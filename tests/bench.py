@@ -67,10 +67,10 @@ def timed(cmd, **kw) -> float:
 
 def ram_tree_kib(pid: int, extraction: Path) -> dict:
     """The RAM a process tree costs, counting each page once: its files in `extraction` (a
-    tmpfs on a device: RAM) in full, mapped or not, plus every other resident page of every
-    process by PSS (pages shared between the processes split among them). Summing RSS and
-    the extraction would count the extracted libraries twice: mapped, they are the same
-    pages as the files."""
+    tmpfs on a device: RAM) in full, mapped or not; in the mappings of those files only the
+    pages the processes made private (relocations, written data: anonymous copies); every
+    other resident page by PSS (pages shared between the processes split among them). Summing
+    RSS and the extraction would count the mapped libraries twice (libc three times)."""
     inodes = {}
     for f in extraction.rglob("*"):
         st = f.lstat()  # symlinks (staticx makes three) are not files: counted once, by inode
@@ -92,6 +92,8 @@ def ram_tree_kib(pid: int, extraction: Path) -> dict:
             if "-" in fields[0] and not fields[0].endswith(":"):
                 in_extraction = len(fields) > 5 and fields[5].startswith(prefix)
             elif fields[0] == "Pss:" and not in_extraction:
+                other += int(fields[1])
+            elif fields[0] == "Anonymous:" and in_extraction:
                 other += int(fields[1])
         per.append(other - before)
     return {"extraction": files // 1024, "processes": other, "total": files // 1024 + other, "per_process": per}
