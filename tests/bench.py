@@ -99,6 +99,12 @@ def ram_tree_kib(pid: int, extraction: Path) -> dict:
     return {"extraction": files // 1024, "processes": other, "total": files // 1024 + other, "per_process": per}
 
 
+def anon_and_shmem_kib() -> int:
+    """The machine's anonymous memory plus its tmpfs pages (kB), from /proc/meminfo."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return int(fields["AnonPages"].split()[0]) + int(fields["Shmem"].split()[0])
+
+
 def descendants(pid: int) -> list:
     out = []
     for child in Path(f"/proc/{pid}/task").glob("*/children"):
@@ -426,8 +432,12 @@ class Bench:
         self.row("start to first CONNECT", b, "s", "python3 ggc_ota.py", s, b / s, "<= 0.7 s", b <= 0.7,
                  len(starts["binary"]))
         b_ram, s_ram = rams["binary"]["total"], rams["script"]["total"]
-        self.row("idle RAM incl. extraction", b_ram, "MiB", "python3 ggc_ota.py (PSS)", s_ram, b_ram / s_ram,
-                 "<= 35 MiB", b_ram <= 35, 1)
+        self.row("idle RAM incl. extraction", b_ram, "MiB", "python3 ggc_ota.py", s_ram, b_ram / s_ram,
+                 "<= 35 MB (33.38 MiB)", b_ram * 2**20 <= 35e6, 1)
+        system = rams["binary"].get("system")
+        if system is not None:  # the same, seen from the kernel: what the machine lost
+            self.row("idle RAM, /proc/meminfo view", system, "MiB", "the figure above", b_ram, system / b_ram,
+                     "agrees within 5%", abs(system / b_ram - 1) <= 0.05, 1)
 
     def start_to_connect(self, kind: str, binary: Path, n: int, measure_ram: bool):
         """Time from spawning the agent to the first MQTT CONNECT at a TLS listener of ours."""
@@ -444,6 +454,10 @@ class Bench:
         dev.config_path.write_text(json.dumps(cfg))
         tmpdir = self.work / f"tmp-{kind}-{n}"
         tmpdir.mkdir()
+        # TMPDIR on a tmpfs, as on OpenWrt: the kernel's own count can then check ours
+        on_tmpfs = measure_ram and kind == "binary" and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(tmpdir)], capture_output=True).returncode == 0
+        system_before = anon_and_shmem_kib() if on_tmpfs else None
         start = time.perf_counter()
         proc = self.start_agent(dev, binary=(kind == "binary"), env={"TMPDIR": str(tmpdir)})
         try:
@@ -459,11 +473,16 @@ class Bench:
                 kib = ram_tree_kib(proc.pid, tmpdir)
                 ram = {k: kib[k] / 1024 for k in ("extraction", "processes", "total")}
                 print(f"  {kind}: extraction {ram['extraction']:.1f} MiB + processes {ram['processes']:.1f} MiB "
-                      f"(PSS of each: {', '.join(f'{k / 1024:.1f}' for k in kib['per_process'])})", flush=True)
+                      f"({', '.join(f'{k / 1024:.1f}' for k in kib['per_process'])})", flush=True)
+                if system_before is not None:
+                    ram["system"] = (anon_and_shmem_kib() - system_before) / 1024
+                    print(f"  {kind}: /proc/meminfo AnonPages + Shmem grew by {ram['system']:.1f} MiB", flush=True)
             tls.close()
         finally:
             stop(proc)
             listener.close()
+            if on_tmpfs:
+                subprocess.run(["umount", "-l", str(tmpdir)], check=False)
         return elapsed, ram
 
 

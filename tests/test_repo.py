@@ -53,7 +53,7 @@ def test_ruff_is_clean():
 # Modules an idle agent must not load: each costs memory on a router (the import diet in the
 # README's benchmark notes), and `inspect` is excluded from the frozen binary altogether.
 NOT_AT_IDLE = ("inspect", "dataclasses", "argparse", "http.client", "email", "tarfile", "subprocess",
-               "logging.handlers", "pickle", "uuid", "urllib.parse", "tempfile")
+               "logging.handlers", "pickle", "uuid", "urllib.parse", "tempfile", "typing", "shutil", "fnmatch")
 
 
 def test_idle_agent_imports_stay_lean(tmp_path):
