@@ -2185,19 +2185,23 @@ def _kill_group(proc: subprocess.Popen) -> None:
 HISTORY_LIMIT = 200
 
 
-def write_json_atomic(path: str, value: Any) -> None:
+def write_json_atomic(path: str, value: Any, durable: bool = True) -> None:
+    """Replace `path` at once (a reader sees the old file or the new one); `durable`: the new
+    one survives a power cut once this returns."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(value, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    fsync_dir(os.path.dirname(path) or ".")
+    if durable:
+        fsync_dir(os.path.dirname(path) or ".")
 
 
 def read_json(path: str) -> Any:
@@ -2293,8 +2297,12 @@ class State:
 
     # ---- outbox: the latest status of each job not yet acknowledged by the cloud -----------------
     def queue_status(self, entry: dict) -> None:
-        """Keep `entry` ({jobId, status, statusDetails, at}) as the job's latest unsent status."""
-        write_json_atomic(os.path.join(self.outbox, entry["jobId"] + ".json"), entry)
+        """Keep `entry` ({jobId, status, statusDetails, at}) as the job's latest unsent status.
+        A terminal status is fsynced; an IN_PROGRESS one is not: a power cut that loses it loses
+        nothing (the update is recovered and reported again), and a device on flash is spared
+        two syncs per progress report."""
+        write_json_atomic(os.path.join(self.outbox, entry["jobId"] + ".json"), entry,
+                          durable=entry["status"] != "IN_PROGRESS")
 
     def pending_statuses(self) -> List[dict]:
         out = []

@@ -117,3 +117,19 @@ def test_lock_is_exclusive(tmp_path):
             "    sys.exit(3)\n")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=os.path.dirname(g.__file__))
     assert out.returncode == 3
+
+
+def test_only_terminal_statuses_are_fsynced(tmp_path, monkeypatch):
+    """An IN_PROGRESS status lost to a power cut costs nothing (the update is recovered and
+    reported again); a terminal one must survive it. Flash is spared two syncs per progress report."""
+    state = g.State(str(tmp_path / "s"))
+    state.ensure()
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    state.queue_status({"jobId": "j", "status": "IN_PROGRESS", "statusDetails": {"phase": "download"}, "at": 1})
+    assert synced == [] and state.pending_statuses()[0]["status"] == "IN_PROGRESS"
+    state.queue_status({"jobId": "j", "status": "FAILED", "statusDetails": {}, "at": 2})
+    assert len(synced) == 2  # the file, then its directory
+    assert [e["status"] for e in state.pending_statuses()] == ["FAILED"]
+    assert not [p for p in os.listdir(tmp_path / "s/outbox") if ".tmp" in p]
