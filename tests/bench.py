@@ -365,7 +365,8 @@ class Bench:
         print("whole core update of a 50 MiB artifact, excluding the scripts, against the sum of its parts",
               flush=True)
         wholes, parts = [], []
-        for n in range(self.args.runs):
+        runs = max(self.args.runs, 5)  # the overhead is a few tens of ms: more samples for a steadier median
+        for n in range(runs):
             dev = self.device(f"whole{n}", ota={"minFreeBytes": 0})
             tarball = self.core_release(f"4.0.{n}", size)
             proc = self.start_agent(dev)
@@ -380,7 +381,7 @@ class Bench:
             shutil.rmtree(dev.root.parent, ignore_errors=True)
         whole, total = median(wholes), median(parts)
         self.row("whole update (no scripts)", whole, "s", "download + unpack + swap", total, whole / total,
-                 "overhead <= 10%", whole / total <= 1.10, self.args.runs)
+                 "overhead <= 10%", whole / total <= 1.10, runs)
 
     def parts_of_update(self, tarball: str, dev) -> float:
         digest = sha256_file(Path(tarball))
