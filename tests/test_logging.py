@@ -33,6 +33,12 @@ def test_rotation(tmp_path):
         g.log.info("line %d %s", i, "x" * 40)
     assert (tmp_path / "ggc_ota.txt.1").exists() and (tmp_path / "ggc_ota.txt.2").exists()
     assert not (tmp_path / "ggc_ota.txt.3").exists()
+    numbers = []  # .2 holds older lines than .1, which holds older lines than the live file
+    for name in ("ggc_ota.txt.2", "ggc_ota.txt.1", "ggc_ota.txt"):
+        text = (tmp_path / name).read_text()
+        assert len(text.encode()) <= 2000 and text.endswith("\n")  # whole lines, under the cap
+        numbers += [int(line.split("line ")[1].split()[0]) for line in text.splitlines()]
+    assert numbers == list(range(numbers[0], 200)) and numbers[0] > 0
 
 
 def test_presigned_queries_are_redacted(tmp_path):
