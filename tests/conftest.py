@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import queue
+import subprocess
 import threading
 import uuid
 from pathlib import Path
@@ -185,3 +186,22 @@ def make_device(cloud):
     yield make
     for d in made:
         d.close()
+
+
+@pytest.fixture
+def make_tmpfs(tmp_path):
+    """A real, small filesystem: make_tmpfs("1m") mounts a tmpfs of that size under tmp_path
+    (skipping the test where mounting is not allowed) and unmounts it afterwards."""
+    mounted = []
+
+    def make(size: str) -> Path:
+        disk = tmp_path / f"tmpfs-{len(mounted)}"
+        disk.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here")
+        mounted.append(disk)
+        return disk
+    yield make
+    for disk in mounted:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -241,16 +241,9 @@ def test_invalid_document_is_rejected(cloud, device):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(make_tmpfs):
     """A real, small filesystem (tmpfs) for the device root."""
-    import subprocess
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(disk)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)
+    return make_tmpfs("40m")
 
 
 def test_full_disk(cloud, tmp_path, small_disk):
