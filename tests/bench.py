@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from tests.cloud import Cloud
-from tests.cloud.device import make_root, write_core_tree
+from tests.cloud.device import make_root, stop_process, write_core_tree
 from tests.cloud.greengrass import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -127,16 +127,6 @@ def vm_hwm_kib(pid: int) -> int:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
 
 
 class Bench:
@@ -286,7 +276,7 @@ class Bench:
                 assert ex["status"] == "SUCCEEDED", ex
                 peaks.append(vm_hwm_kib(proc.pid) / 1024)
             finally:
-                stop(proc)
+                stop_process(proc)
             shutil.rmtree(dev.root.parent, ignore_errors=True)
         flat = peaks[1] / peaks[0]
         self.row(f"peak RSS, {sizes[0] >> 20} MiB update", peaks[0], "MiB", None, None, None, "<= 30 MiB",
@@ -313,7 +303,7 @@ class Bench:
                 # the next job must update again: roll the device back to the old version
                 shutil.rmtree(dev.root / "ggc/packages/3.0.0")
         finally:
-            stop(proc)
+            stop_process(proc)
         base = self.broker_round_trip(jobs)
         value = median(samples)
         self.row("job created -> IN_PROGRESS", value, "s", "paho publish -> receive", base, value / base,
@@ -356,7 +346,7 @@ class Bench:
             time.sleep(seconds)
             used = cpu_seconds(proc.pid) - before
         finally:
-            stop(proc)
+            stop_process(proc)
         per_hour = used * 3600 / seconds
         self.row("idle CPU", per_hour, "CPU s/hour", None, None, None, "<= 1 CPU s/hour", per_hour <= 1.0, 1)
 
@@ -375,7 +365,7 @@ class Bench:
                 job = self.job(dev)
                 assert self.wait_done(dev, job)["status"] == "SUCCEEDED"
             finally:
-                stop(proc)
+                stop_process(proc)
             wholes.append(update_seconds(dev.root.parent / "agent.log", job))
             parts.append(self.parts_of_update(tarball, dev))
             shutil.rmtree(dev.root.parent, ignore_errors=True)
@@ -480,7 +470,7 @@ class Bench:
                     print(f"  {kind}: /proc/meminfo AnonPages + Shmem grew by {ram['system']:.1f} MiB", flush=True)
             tls.close()
         finally:
-            stop(proc)
+            stop_process(proc)
             listener.close()
             if on_tmpfs:
                 subprocess.run(["umount", "-l", str(tmpdir)], check=False)

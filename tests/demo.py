@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.cloud.device import build_core_artifact
+from tests.cloud.device import build_core_artifact, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 ROLE = "arn:aws:iam::123456789012:role/GreengrassOTARole"
@@ -140,13 +140,8 @@ class Demo:
 
     def stop(self) -> None:
         for proc in (self.agent_proc, self.cloud_proc):
-            if proc is not None and proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(5)
+            if proc is not None:
+                stop_process(proc)
         pid_file = Path(str(self.root) + ".lab") / "greengrassd.pid"
         if pid_file.exists():  # the look-alike core daemon the scripts started
             try:

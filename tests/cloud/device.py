@@ -14,6 +14,8 @@ import json
 import os
 import random
 import shutil
+import signal
+import subprocess
 import tarfile
 import time
 from dataclasses import dataclass
@@ -301,3 +303,15 @@ def build_raw_artifact(out: Path, members: list[tuple[tarfile.TarInfo, Optional[
             else:
                 tar.addfile(info)
     return _finish(Path(out))
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL to its whole process group after `grace` seconds (the agent, the
+    look-alike cloud: each started in a session of its own)."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
