@@ -192,3 +192,139 @@ def device(cloud, tmp_path):
     d = Device(cloud, tmp_path)
     yield d
     d.stop()
+
+
+# ---- the agent under an init system ------------------------------------------------------------
+
+def proc_cmdline(pid: int) -> list:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def alive(pid: Optional[int]) -> bool:
+    if not pid:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def agent_pids(root: Path) -> list:
+    """Every live process of the agents of this root (launchers, agents, agents on trial): their
+    command lines carry `--root <root>`; a test supervisor's does too, after `tests.supervisors`."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        args = proc_cmdline(int(entry.name))
+        if "tests.supervisors" in args or "--root" not in args:
+            continue
+        if args[args.index("--root") + 1:args.index("--root") + 2] == [str(root)] and alive(int(entry.name)):
+            out.append(int(entry.name))
+    return sorted(out)
+
+
+def extraction_usage(tmpdir: Path) -> tuple:
+    """(directories, KiB allocated) of the frozen binary's self-extractions in `tmpdir`."""
+    dirs = [p for p in tmpdir.iterdir() if p.name.startswith(("staticx-", "_MEI"))]
+    seen, blocks = set(), 0
+    for d in dirs:
+        for dirpath, _, files in os.walk(d):
+            for name in files:
+                st = os.lstat(os.path.join(dirpath, name))
+                if st.st_ino not in seen:
+                    seen.add(st.st_ino)
+                    blocks += st.st_blocks
+    return len(dirs), blocks // 2
+
+
+class Supervised:
+    """The device's agent as an init system runs it. kind "none": daemon mode started by hand,
+    nothing watches it; "systemd": tests/supervisors.py imitating the shipped unit (Type=forking,
+    PIDFile, Restart=on-failure); "procd": the same imitating OpenWrt's procd (--foreground,
+    respawn). The agent's TMPDIR is `tmpdir`."""
+
+    def __init__(self, device: Device, kind: str, tmpdir: Path, first_env: Optional[dict] = None) -> None:
+        self.device, self.kind, self.tmpdir = device, kind, tmpdir
+        self.pid_file = device.tmp / "ggc-ota.pid"
+        self.state_file = device.tmp / f"supervisor-{kind}.json"
+        self.first_env = first_env or {}
+        self.proc: Optional[subprocess.Popen] = None
+
+    def env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if k != "GGC_OTA_CRASH_AT"}
+        env["TMPDIR"] = str(self.tmpdir)
+        return env
+
+    def start(self) -> None:
+        root = str(self.device.root)
+        daemon = self.device.command("--root", root, "--pid-file", str(self.pid_file))
+        if self.kind == "none":
+            out = subprocess.run(daemon, capture_output=True, text=True, timeout=60,
+                                 env={**self.env(), **self.first_env})
+            assert out.returncode == 0, out.stderr
+            return
+        sup = [sys.executable, "-m", "tests.supervisors", self.kind, "--state", str(self.state_file)]
+        if self.kind == "systemd":
+            assert not self.first_env
+            cmd = sup + ["--pid-file", str(self.pid_file), "--"] + daemon
+        else:
+            for key, value in self.first_env.items():
+                sup += ["--first-env", f"{key}={value}"]
+            cmd = sup + ["--"] + self.device.command("--root", root, "--foreground")
+        self.proc = subprocess.Popen(cmd, cwd=str(REPO), env=self.env(), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=open(self.device.tmp / "agent.stderr", "ab"),
+                                     start_new_session=True)
+        deadline = time.monotonic() + 60
+        while not alive(self.main_pid()):
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.state()
+            time.sleep(0.05)
+
+    def state(self) -> dict:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def main_pid(self) -> Optional[int]:
+        """The process the init system tracks."""
+        if self.kind == "none":
+            try:
+                return int(self.pid_file.read_text())
+            except (OSError, ValueError):
+                return None
+        return self.state().get("main")
+
+    def agent_running(self) -> bool:
+        """The tracked process is alive and an agent holds the root's lock."""
+        holder = self.device.status()["agentRunning"]
+        return alive(self.main_pid()) and holder is not None and alive(int(holder))
+
+    def wait_settled(self, expected: int, timeout: float = 45) -> None:
+        """Until `expected` agent processes run (old stacks and trials gone) and one agent runs."""
+        deadline = time.monotonic() + timeout
+        while len(agent_pids(self.device.root)) != expected or not self.agent_running():
+            assert time.monotonic() < deadline, (agent_pids(self.device.root), self.state(), self.device.log()[-3000:])
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(40)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        elif self.kind == "none" and alive(self.main_pid()):
+            os.kill(self.main_pid(), signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while agent_pids(self.device.root) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in agent_pids(self.device.root):  # whatever a failed test left behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

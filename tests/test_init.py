@@ -81,7 +81,7 @@ def test_procd_start_service_defaults(tmp_path):
     params = {line.split()[1]: " ".join(line.split()[2:]) for line in lines if line.startswith("param ")}
     assert params["command"] == ("/greengrass/ota/ota_agent/ggc-ota --root /greengrass --foreground "
                                  "--log-level INFO")
-    assert params["env"] == "TMPDIR=/tmp" and params["respawn"] == "3600 10 5"
+    assert params["env"] == "TMPDIR=/tmp" and params["respawn"] == "3600 5 5"
     assert params["stderr"] == "1" and "stdout" not in params
     assert int(params["term_timeout"]) >= 300
 

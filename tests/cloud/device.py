@@ -4,7 +4,8 @@ builder for update artifacts (SPEC §7).
 The root's "lab" directory (`<root>.lab`, beside the root, never inside it) is where the
 look-alike scripts and the fake core daemon log their calls and read what the test wants of
 them: `<script>.fail` (exit code, every call), `<script>.fail-once` (exit code, next call only),
-`<script>.hang` (seconds to sleep first).
+`<script>.hang` (seconds to sleep first), `greengrassd.<version>.dies-after` (seconds the core
+daemon of that version lives).
 """
 from __future__ import annotations
 
@@ -59,7 +60,11 @@ if [ -f "$lab/greengrassd.fail" ]; then exit "$(cat "$lab/greengrassd.fail")"; f
 case "$1" in
   start)
     if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then exit 0; fi
-    nohup sh -c 'while :; do sleep 1; done' >/dev/null 2>&1 &
+    if [ -f "$lab/greengrassd.$version.dies-after" ]; then
+      nohup sleep "$(cat "$lab/greengrassd.$version.dies-after")" >/dev/null 2>&1 &
+    else
+      nohup sh -c 'while :; do sleep 1; done' >/dev/null 2>&1 &
+    fi
     echo $! > "$pidfile"
     echo "$version" > "$lab/greengrassd.version" ;;
   stop)
@@ -278,8 +283,10 @@ def build_core_artifact(out: Path, version: str, payload_bytes: int = 0, workdir
     return _finish(Path(out))
 
 
-def build_agent_artifact(out: Path, agent: Path, workdir: Optional[Path] = None) -> Artifact:
-    """An ota_agent release tarball: greengrass/ota/ota_agent/ggc-ota = `agent`."""
+def build_agent_artifact(out: Path, agent: Path, workdir: Optional[Path] = None,
+                         extra: Optional[dict[str, bytes]] = None) -> Artifact:
+    """An ota_agent release tarball: greengrass/ota/ota_agent/ggc-ota = `agent`, and `extra`
+    files (name -> content) beside it, executable."""
     work = Path(workdir or str(out) + ".d")
     if work.exists():
         shutil.rmtree(work)
@@ -287,6 +294,9 @@ def build_agent_artifact(out: Path, agent: Path, workdir: Optional[Path] = None)
     dest.parent.mkdir(parents=True)
     shutil.copyfile(agent, dest)
     os.chmod(dest, 0o755)
+    for name, content in (extra or {}).items():
+        (dest.parent / name).write_bytes(content)
+        os.chmod(dest.parent / name, 0o755)
     with tarfile.open(out, "w:gz") as tar:
         _add_tree(tar, work / "greengrass", "greengrass")
     shutil.rmtree(work)
