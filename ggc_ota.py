@@ -143,6 +143,9 @@ OTA_AGENT_KEYS: Dict[str, Tuple[tuple, Any]] = {
     "downloadRetries": ((int,), 8),
     "newAgentTimeout": ((int, float), 120),      # the new agent must reach CONNACK within this
     "progressInterval": ((int, float), 10),      # seconds between progress reports
+    "corePidFile": ((str,), "/var/run/greengrassd.pid"),  # greengrassd's; the health check watches it
+    "healthCheckTimeout": ((int, float), 60),    # ggc_health_check.sh must pass within this
+    "healthCheckSeconds": ((int, float), 10),    # without it, the core daemon must live this long
     "reconnectMaxSeconds": ((int, float), 120),  # cap of the MQTT reconnect backoff
 }
 
@@ -286,20 +289,45 @@ logging.addLevelName(VERBOSE, "VERBOSE")
 LOG_LEVELS = {"NONE": logging.CRITICAL + 10, "TRACE": TRACE, "DEBUG": logging.DEBUG, "VERBOSE": VERBOSE,
               "INFO": logging.INFO, "WARN": logging.WARNING, "ERROR": logging.ERROR, "FATAL": logging.CRITICAL}
 DEFAULT_LOG_LEVEL = "INFO"
-URL_QUERY = re.compile(r"(https?://[^\s?#\"']+)\?[^\s\"']*")
+URL_QUERY = re.compile(r"(https?://[^\s?#\"']+)\?[^\s\"']*", re.IGNORECASE)
+# A presigned URL's parameters, wherever they appear: http.client's errors carry the path and
+# query without the scheme, so the URL pattern alone does not catch them.
+AMZ_PARAMETER = re.compile(r"(X-Amz-[A-Za-z0-9-]+=)[^&\s\"'#]*", re.IGNORECASE)
+LOG_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
+MAX_LOG_RECORD = 4096  # characters of one log message; the rest is cut, with a note
 
 
 def redact(text: str) -> str:
-    return URL_QUERY.sub(r"\1?<redacted>", text)
+    return AMZ_PARAMETER.sub(r"\1<redacted>", URL_QUERY.sub(r"\1?<redacted>", text))
+
+
+def one_log_line(text: str) -> str:
+    """What a log record may say: redacted, control characters escaped (a newline from outside,
+    in a job id or an archive member's name, cannot forge a line of its own), and bounded."""
+    text = LOG_CONTROL_CHAR.sub(lambda m: f"\\x{ord(m.group()):02x}", redact(text))
+    if len(text) > MAX_LOG_RECORD:
+        text = text[:MAX_LOG_RECORD] + f"... ({len(text) - MAX_LOG_RECORD} more characters)"
+    return text
 
 
 class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        clean = redact(message)
+        clean = one_log_line(message)
         if clean != message:
             record.msg, record.args = clean, None
         return True
+
+
+def reopen_log_files() -> None:
+    """SIGHUP (logrotate): the log file is opened again, under its name, at the next record."""
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            with handler.lock:
+                if handler.stream is not None:
+                    handler.stream.close()
+                    handler.stream = None  # reopened by FileHandler.emit
+    log.info("log file reopened (SIGHUP)")
 
 
 def setup_logging(log_file: Optional[str], level: str, to_stderr: bool, max_bytes: int = 5 * 1024 * 1024,
@@ -877,6 +905,10 @@ class MqttClient:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def stopped(self) -> bool:
+        return self._stopping.is_set()
+
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
@@ -1204,6 +1236,14 @@ class MqttClient:
 RETRYABLE_JOBS_CODES = ("RequestThrottled", "InternalError")
 
 
+JOB_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # AWS IoT's job ids
+UNREADABLE_REPLY = "UnreadableReply"  # our code for a reply that cannot be parsed (not AWS's)
+
+
+def valid_job_id(value: Any) -> bool:
+    return isinstance(value, str) and JOB_ID.fullmatch(value) is not None
+
+
 class JobsRejected(OtaError):
     """A /rejected reply: `code` is AWS's error code (VersionMismatch, TerminalStateReached, ...)."""
 
@@ -1230,7 +1270,7 @@ class JobsClient:
         self.retries = retries
         self.retry_base = retry_base
         self._rng = rng or random.Random()
-        self._waiting: Dict[str, Tuple[threading.Event, list]] = {}
+        self._waiting: Dict[str, Tuple[threading.Event, list, str]] = {}  # token -> (event, box, suffix)
         self._lock = threading.Lock()
 
     def reply_topics(self) -> List[str]:
@@ -1249,8 +1289,9 @@ class JobsClient:
         rest = topic[len(self.prefix):]
         try:
             body = json.loads(payload.decode("utf-8")) if payload else {}
-        except (UnicodeDecodeError, ValueError):
-            log.warning("Jobs: ignoring a message on %s that is not JSON", topic)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            log.warning("Jobs: a message on %s is not JSON that can be read", topic)
+            self._fail_waiters(rest.rsplit("/", 1)[0], "unreadable")
             return True
         if not isinstance(body, dict):
             return True
@@ -1269,10 +1310,15 @@ class JobsClient:
 
     def interrupt(self) -> None:
         """Wake every caller waiting for a reply; each raises MqttNotConnected."""
+        self._fail_waiters(None, "interrupted")
+
+    def _fail_waiters(self, suffix: Optional[str], outcome: str) -> None:
+        """Wake the callers waiting on a request to `suffix` (None: every caller) with `outcome`."""
         with self._lock:
-            for event, box in self._waiting.values():
-                box.append(("interrupted", {}))
-                event.set()
+            for event, box, asked in self._waiting.values():
+                if suffix is None or asked == suffix:
+                    box.append((outcome, {}))
+                    event.set()
 
     def request(self, suffix: str, payload: Optional[dict] = None) -> dict:
         """Send one request and return the accepted reply; raise JobsRejected otherwise."""
@@ -1293,7 +1339,7 @@ class JobsClient:
         payload["clientToken"] = token
         event, box = threading.Event(), []
         with self._lock:
-            self._waiting[token] = (event, box)
+            self._waiting[token] = (event, box, suffix)
         try:
             self.mqtt.publish(self.prefix + suffix, json.dumps(payload, separators=(",", ":")).encode(), 1,
                               self.timeout)
@@ -1305,6 +1351,8 @@ class JobsClient:
         outcome, body = box[0]
         if outcome == "interrupted":
             raise MqttNotConnected("interrupted: the agent is stopping")
+        if outcome == "unreadable":
+            raise JobsRejected(UNREADABLE_REPLY, f"the reply to jobs/{suffix} is not JSON that can be read")
         if outcome == "rejected":
             raise JobsRejected(str(body.get("code", "Unknown")), str(body.get("message", "")),
                                body.get("executionState"))
@@ -1312,22 +1360,39 @@ class JobsClient:
 
     # ---- the operations the agent uses ------------------------------------------------------------
     def list_pending(self) -> Tuple[List[dict], List[dict]]:
-        """(in-progress summaries, queued summaries), each oldest first."""
+        """(in-progress summaries, queued summaries), each oldest first. A summary whose jobId is
+        not an AWS job id ([a-zA-Z0-9_-]{1,64}) is left out, with a warning: it would reach topic
+        names and file names."""
         reply = self.request("get")
+
         def by_age(items: Any) -> List[dict]:
-            items = [i for i in (items or []) if isinstance(i, dict) and isinstance(i.get("jobId"), str)]
-            return sorted(items, key=lambda i: (i.get("queuedAt", 0), i["jobId"]))
+            out = []
+            for item in items if isinstance(items, list) else []:
+                if not isinstance(item, dict) or not valid_job_id(item.get("jobId")):
+                    log.warning("jobs: ignoring a summary with an invalid jobId: %.100r", item)
+                    continue
+                queued = item.get("queuedAt")
+                out.append(dict(item, queuedAt=queued if isinstance(queued, (int, float)) else 0))
+            return sorted(out, key=lambda i: (i["queuedAt"], i["jobId"]))
         return by_age(reply.get("inProgressJobs")), by_age(reply.get("queuedJobs"))
 
     def describe(self, job_id: str) -> Optional[dict]:
-        """The execution with its document (a freshly presigned URL), or None once terminal."""
+        """The execution with its document (a freshly presigned URL), or None once terminal. A
+        reply about another job than the one asked for is refused (MqttProtocolError)."""
+        if not valid_job_id(job_id):
+            raise MqttProtocolError(f"not a job id: {job_id!r:.100}")
         try:
             reply = self.request(f"{job_id}/get", {"includeJobDocument": True})
         except JobsRejected as err:
             if err.code in ("TerminalStateReached", "ResourceNotFound"):
                 return None
             raise
-        return reply.get("execution")
+        execution = reply.get("execution")
+        if execution is None:
+            return None
+        if not isinstance(execution, dict) or execution.get("jobId") != job_id:
+            raise MqttProtocolError(f"the reply to describing job {job_id} is about another job")
+        return execution
 
     def update(self, job_id: str, status: str, details: Optional[Dict[str, str]] = None,
                expected_version: Optional[int] = None, step_timeout_minutes: Optional[int] = None) -> dict:
@@ -2004,6 +2069,9 @@ class DiskFull(OtaError):
     reason = "DISK_FULL"
 
 
+MAX_ARTIFACT_BYTES = 64 * 2**30
+
+
 class UpdateDocument(collections.namedtuple("UpdateDocument", [
         "software", "version", "architecture", "operating_system", "log_level", "url", "sha256", "size"])):
     """A checked job document: every field a str but `size` (int)."""
@@ -2015,31 +2083,46 @@ def parse_document(doc: Any) -> UpdateDocument:
     """Check a Greengrass software-update job document (SPEC §6); unknown fields are ignored."""
     if not isinstance(doc, dict):
         raise InvalidDocument("the job document is not a JSON object")
-    software = doc.get("softwareToUpdate")
-    if software not in SOFTWARE_KINDS:
-        raise InvalidDocument(f"softwareToUpdate must be one of {', '.join(SOFTWARE_KINDS)}")
+    software = _one_of(doc, "softwareToUpdate", SOFTWARE_KINDS)
     version = doc.get("version")
-    if not isinstance(version, str) or not VERSION_TEXT.match(version):
+    if not isinstance(version, str) or not VERSION_TEXT.fullmatch(version):
         raise InvalidDocument("version must be a version string such as 1.11.6")
-    arch, os_name = doc.get("updateTargetsArchitecture"), doc.get("updateTargetsOperatingSystem")
-    if arch not in ARCHITECTURES:
-        raise InvalidDocument(f"updateTargetsArchitecture must be one of {', '.join(ARCHITECTURES)}")
-    if os_name not in OPERATING_SYSTEMS:
-        raise InvalidDocument(f"updateTargetsOperatingSystem must be one of {', '.join(OPERATING_SYSTEMS)}")
+    arch = _one_of(doc, "updateTargetsArchitecture", ARCHITECTURES)
+    os_name = _one_of(doc, "updateTargetsOperatingSystem", OPERATING_SYSTEMS)
     level = doc.get("updateAgentLogLevel", "ERROR")
-    if level not in LOG_LEVELS:
+    if not isinstance(level, str) or level.upper() not in LOG_LEVELS:
         raise InvalidDocument(f"updateAgentLogLevel must be one of {', '.join(LOG_LEVELS)}")
     artifact = doc.get("artifact")
     if not isinstance(artifact, dict):
         raise InvalidDocument("artifact must be an object with url, sha256 and size")
     url, digest, size = artifact.get("url"), artifact.get("sha256"), artifact.get("size")
-    if not isinstance(url, str) or not url.lower().startswith("https://"):
-        raise InvalidDocument("artifact.url must be an https URL")
-    if not isinstance(digest, str) or not SHA256_HEX.match(digest):
+    check_artifact_url(url)
+    if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
         raise InvalidDocument("artifact.sha256 must be 64 lowercase hex digits")
-    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-        raise InvalidDocument("artifact.size must be a positive number of bytes")
-    return UpdateDocument(software, version, arch, os_name, level, url, digest, size)
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_ARTIFACT_BYTES:
+        raise InvalidDocument(f"artifact.size must be a number of bytes from 1 to {MAX_ARTIFACT_BYTES}")
+    return UpdateDocument(software, version, arch, os_name, level.upper(), url, digest, size)
+
+
+def _one_of(doc: dict, key: str, allowed: Any) -> str:
+    value = doc.get(key)
+    if not isinstance(value, str) or value not in allowed:
+        raise InvalidDocument(f"{key} must be one of {', '.join(allowed)}")
+    return value
+
+
+def check_artifact_url(url: Any) -> None:
+    """An https URL with a host and a valid port, without white space or control characters."""
+    import urllib.parse
+    if not isinstance(url, str) or not url or len(url) > 8192 or re.search(r"[\x00-\x20\x7f]", url):
+        raise InvalidDocument("artifact.url must be an https URL")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port out of range)
+    except ValueError as err:
+        raise InvalidDocument(f"artifact.url is not a valid URL: {err}") from None
+    if parts.scheme.lower() != "https" or not parts.hostname:
+        raise InvalidDocument("artifact.url must be an https URL")
 
 
 def detect_platform(ota: Dict[str, Any], etc: str = "/etc") -> Tuple[str, Optional[str]]:
@@ -2092,9 +2175,15 @@ def check_script(path: str) -> None:
         raise ScriptInvalid(f"{name} has mode {stat.S_IMODE(st.st_mode):04o}: group/other may write or execute it")
     if not st.st_mode & stat.S_IXUSR:
         raise ScriptInvalid(f"{name} is not executable by its owner")
-    dst = os.stat(os.path.dirname(path))
-    if dst.st_uid != 0 or dst.st_mode & 0o022:
-        raise ScriptInvalid(f"the directory of {name} is writable by others than root")
+    directory = os.path.dirname(os.path.abspath(path))
+    while True:  # no one but root may replace the script, or a directory on its way
+        dst = os.stat(directory)
+        sticky = dst.st_mode & stat.S_ISVTX
+        if dst.st_uid != 0 or (dst.st_mode & 0o022 and not sticky):
+            raise ScriptInvalid(f"{directory} (on the way to {name}) is writable by others than root")
+        if directory == os.path.dirname(directory):
+            return
+        directory = os.path.dirname(directory)
 
 
 def check_free_space(needs: List[Tuple[str, int]], floor: int) -> None:
@@ -2127,6 +2216,14 @@ HOOK_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 class HookFailed(OtaError):
     reason = "HOOK_FAILED"
+
+
+class HealthCheckFailed(OtaError):
+    reason = "HEALTH_CHECK_FAILED"
+
+
+HEALTH_SCRIPT = "ggc_health_check.sh"
+HEALTH_RETRY_SECONDS = 2.0
 
 
 def run_hook(argv: List[str], env_extra: Dict[str, str], timeout: float, cwd: str) -> None:
@@ -2176,6 +2273,92 @@ def _kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
+# ---- other processes: the agent's own launchers, a new agent on trial, a daemon handed over to ----
+
+
+def proc_stat(pid: int) -> Optional[List[str]]:
+    """Fields of /proc/<pid>/stat after the command name (the state first, then the parent's
+    pid, ...), or None when the process is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else fields
+
+
+def process_start_time(pid: int) -> str:
+    """The kernel's start time of a process (field 22 of its stat), which tells a process from a
+    later one that reuses its pid; "" when it is gone."""
+    fields = proc_stat(pid)
+    return fields[19] if fields else ""
+
+
+def watch_process(pid: int, started: str, what: str) -> None:
+    """Stop this agent (SIGTERM to itself) when the process `pid`, started at `started`, is gone:
+    checked every second by a daemon thread."""
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if process_start_time(pid) != started:
+                log.warning("%s (pid %d) is gone; stopping", what, pid)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+    if pid > 1 and started:
+        threading.Thread(target=watch, name="watch-" + str(pid), daemon=True).start()
+
+
+def stop_session(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """End a process started in a session of its own, and everything in that session that is
+    still in its process group: SIGTERM, SIGKILL after `grace` seconds; reaped."""
+    import subprocess
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # what the leader left behind in its group (a frozen binary's launchers exit with it)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def read_pid(path: str) -> Optional[int]:
+    """The pid a PID file names, or None (no file, not a number)."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read(32).strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and int(text) > 1 else None
+
+
+def describe_exit(code: Optional[int]) -> str:
+    """`exited with code 1`, `was killed by SIGSEGV` (a Popen returncode)."""
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def last_line(path: str, limit: int = 4096) -> str:
+    """The last non-empty line of a (possibly large) text file, at most 300 characters."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
+            lines = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
 # ============================================================================================
 # state: the agent's own files in the state directory (default <root>/ota-state): the lock,
 # the journal, pending status updates (the outbox), the history, downloads and staging. Every
@@ -2220,6 +2403,18 @@ class AnotherAgent(OtaError):
     reason = "ALREADY_RUNNING"
 
 
+class JournalCorrupt(OtaError):
+    reason = "JOURNAL_CORRUPT"
+
+
+JOURNAL_KEYS = ("jobId", "executionNumber", "software", "live", "new", "old", "stage", "liveId", "step")
+JOURNAL_MAX_BYTES = 64 * 1024
+
+
+LOCK_WAIT_SECONDS = 15.0    # how long a starting agent waits for the previous one to stop
+LOCK_POLL_SECONDS = 0.2
+
+
 class State:
     def __init__(self, directory: str) -> None:
         self.dir = directory
@@ -2234,24 +2429,49 @@ class State:
         for d in (self.dir, self.outbox, self.downloads, self.staging):
             os.makedirs(d, mode=0o700, exist_ok=True)
 
-    def lock(self) -> None:
-        """One agent per root (R12): an exclusive lock held for the process's life. After the
-        exec of a self-update the new agent adopts the descriptor it inherited."""
+    @staticmethod
+    def job_path(directory: str, job_id: str, suffix: str = "") -> str:
+        """<directory>/<jobId><suffix>: the one way a job's files are named. A job id comes from
+        the cloud; only an AWS job id ([a-zA-Z0-9_-]{1,64}) may name a file, so none can lead
+        outside the state directory."""
+        if not valid_job_id(job_id):
+            raise OtaError(f"not a job id: {job_id!r:.100}", "INVALID_JOB_ID")
+        return os.path.join(directory, job_id + suffix)
+
+    def lock(self, wait: float = 0.0) -> None:
+        """One agent per root: an exclusive lock held for the process's life. An agent handed
+        over to (exec, a new daemon, a trial) adopts the descriptor it inherited. A lock held
+        by another process is waited for up to `wait` seconds: an init system's restart, or a
+        respawn after a launcher died, may start this agent while the previous one still stops."""
         import fcntl
         inherited = os.environ.pop(LOCK_FD_ENV, None)
         if inherited is not None and self._adopt(int(inherited)):
             return
         fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip()
-            os.close(fd)
-            raise AnotherAgent(f"another agent already runs on this root (pid {holder or 'unknown'})") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        deadline = time.monotonic() + wait
+        said = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise AnotherAgent(f"another agent already runs on this root (pid {holder})")
+            if not said:
+                log.info("waiting up to %.0f s for the agent that holds the lock (pid %s) to stop", wait, holder)
+                said = True
+            time.sleep(LOCK_POLL_SECONDS)
         os.set_inheritable(fd, True)  # kept across the exec of a self-update
         self._lock_fd = fd
+        self.mark_lock_holder()
+
+    def mark_lock_holder(self) -> None:
+        """Write this process's pid into the lock file (what --status and a waiting agent show)."""
+        if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
+            os.pwrite(self._lock_fd, str(os.getpid()).encode(), 0)
 
     @property
     def lock_fd(self) -> Optional[int]:
@@ -2265,6 +2485,7 @@ class State:
             return False
         if same:
             self._lock_fd = fd
+            self.mark_lock_holder()
         return same
 
     def lock_holder(self) -> Optional[str]:
@@ -2284,8 +2505,36 @@ class State:
             os.close(fd)
 
     # ---- journal ----------------------------------------------------------------------------
+    def has_journal(self) -> bool:
+        """Whether a journal exists, readable or not: while one does, nothing is cleaned up."""
+        return os.path.lexists(self.journal_path)
+
     def journal(self) -> Optional[dict]:
-        return read_json(self.journal_path)
+        """The update in flight; None when there is none. A journal that exists but cannot be
+        read (empty, truncated, not JSON, not an object, keys missing) raises JournalCorrupt:
+        doubt is never read as "no update in flight"."""
+        try:
+            with open(self.journal_path, "rb") as f:
+                raw = f.read(JOURNAL_MAX_BYTES + 1)
+        except FileNotFoundError:
+            return None
+        try:
+            journal = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            journal = None
+        missing = [k for k in JOURNAL_KEYS if not isinstance(journal, dict) or k not in journal]
+        if len(raw) > JOURNAL_MAX_BYTES or missing:
+            raise JournalCorrupt(f"the update journal {self.journal_path} cannot be read ({len(raw)} bytes"
+                                 + (f", without {', '.join(missing[:4])}" if journal is not None else ", not JSON")
+                                 + ")")
+        return journal
+
+    def set_aside_journal(self) -> str:
+        """Move an unreadable journal out of the way, kept for a person to read; returns where."""
+        aside = f"{self.journal_path}.corrupt-{int(time.time())}"
+        os.replace(self.journal_path, aside)
+        fsync_dir(self.dir)
+        return aside
 
     def write_journal(self, journal: dict) -> None:
         write_json_atomic(self.journal_path, journal)
@@ -2301,7 +2550,7 @@ class State:
         A terminal status is fsynced; an IN_PROGRESS one is not: a power cut that loses it loses
         nothing (the update is recovered and reported again), and a device on flash is spared
         two syncs per progress report."""
-        write_json_atomic(os.path.join(self.outbox, entry["jobId"] + ".json"), entry,
+        write_json_atomic(self.job_path(self.outbox, entry["jobId"], ".json"), entry,
                           durable=entry["status"] != "IN_PROGRESS")
 
     def pending_statuses(self) -> List[dict]:
@@ -2314,7 +2563,7 @@ class State:
         return sorted(out, key=lambda e: e.get("at", 0))
 
     def status_sent(self, entry: dict) -> None:
-        path = os.path.join(self.outbox, entry["jobId"] + ".json")
+        path = self.job_path(self.outbox, entry["jobId"], ".json")
         current = read_json(path)
         if current is not None and current.get("at") == entry.get("at"):
             os.unlink(path)
@@ -2371,7 +2620,36 @@ class State:
 CRASH_ENV = "GGC_OTA_CRASH_AT"
 CRASH_EXIT = 99
 MAX_RECOVERIES = 3        # a crash loop inside recovery ends in ROLLBACK_FAILED, never loops
-MAX_TRIAL_STARTS = 2      # starts of a self-updated agent before it is rolled back
+MAX_TRIAL_STARTS = 2      # journal format 1 only: starts of an agent exec'd in place before rollback
+JOURNAL_FORMAT = 2        # 1: no "format" key; a self-update's new agent was tried in place, after the swap
+
+# What recovery does after a crash at a step.
+ROLL_BACK, ROLL_FORWARD, CLOSE = "roll back", "roll forward", "report the rollback"
+
+
+class Step(collections.namedtuple("Step", ["name", "doing", "core", "ota_agent"])):
+    """One step of an update: its journal name, what happens at it, and what recovery does
+    after a crash at it for each kind of software (None: the step does not occur for it)."""
+
+    __slots__ = ()
+
+
+# The steps of an update, in order. Each is written to the journal (durably) before it is done.
+# Before the journal exists (checking, download, unpack) nothing in the root has changed and a
+# restart simply takes the job again. README "What an update does" is this table.
+STEPS = (
+    Step("pre_update", "the pre-update script runs (it stops the software)", ROLL_BACK, ROLL_BACK),
+    Step("trial", "the new agent runs from staging, under the old one, and must prove itself", None, ROLL_BACK),
+    Step("proven", "the new agent connected, ran ota_post_update.sh and reported", None, ROLL_BACK),
+    Step("swapping", "the live tree and the staged one are exchanged", ROLL_BACK, ROLL_BACK),
+    Step("swapped", "the new tree is live; the agent hands over to the new agent", ROLL_BACK, ROLL_FORWARD),
+    Step("post_update", "the post-update script starts the new core", ROLL_BACK, None),
+    Step("health_check", "the new core must prove healthy before the commit", ROLL_BACK, None),
+    Step("committed", "the update is final: SUCCEEDED, the old tree deleted", ROLL_FORWARD, ROLL_FORWARD),
+    Step("rolling_back", "the old tree is put back and its post-update script runs", ROLL_BACK, ROLL_BACK),
+    Step("rolled_back", "the old software runs again: FAILED is reported", CLOSE, CLOSE),
+)
+STEP_BY_NAME = {step.name: step for step in STEPS}
 
 
 class RollbackFailed(OtaError):
@@ -2379,11 +2657,29 @@ class RollbackFailed(OtaError):
 
 
 def crash_point(step: str) -> None:
-    if os.environ.get(CRASH_ENV) == step:
-        log.warning("crash point %s: exiting on purpose (%s is set)", step, CRASH_ENV)
-        for handler in log.handlers:
-            handler.flush()
-        os._exit(CRASH_EXIT)
+    """Tests only (inert unless GGC_OTA_CRASH_AT is set): GGC_OTA_CRASH_AT=<step> exits with 99
+    at that step, <step>:hang stops there for good (for a SIGKILL from outside), <step>:SIGSEGV
+    (or another signal name) dies of that signal, <step>:ENOSPC (or another errno name) raises
+    that OSError there, as the next system call would."""
+    wanted = os.environ.get(CRASH_ENV)
+    if not wanted:
+        return
+    name, _, how = wanted.partition(":")
+    if name != step:
+        return
+    log.warning("crash point %s: %s on purpose (%s is set)", step, how or "exiting", CRASH_ENV)
+    for handler in log.handlers:
+        handler.flush()
+    if how == "hang":
+        while True:
+            time.sleep(3600)
+    if how.startswith("SIG") and isinstance(getattr(signal, how, None), int):
+        signal.signal(getattr(signal, how), signal.SIG_DFL)
+        os.kill(os.getpid(), getattr(signal, how))
+        time.sleep(5)
+    if how.startswith("E") and isinstance(getattr(errno, how, None), int):
+        raise OSError(getattr(errno, how), f"{os.strerror(getattr(errno, how))} (crash point {step})")
+    os._exit(CRASH_EXIT)
 
 
 def path_id(path: str) -> Optional[List[int]]:
@@ -2431,6 +2727,22 @@ def fsync_tree(path: str) -> None:
         fsync_dir(dirpath)
 
 
+def copy_tree(src: str, dst: str) -> None:
+    """Copy a directory tree, symlinks as symlinks; the first error is raised as it is (an
+    OSError with its errno: ENOSPC is DISK_FULL), where shutil.copytree would collect them all."""
+    import shutil
+    for dirpath, dirnames, filenames in os.walk(src):
+        target = os.path.join(dst, os.path.relpath(dirpath, src))
+        os.makedirs(target, exist_ok=True)
+        shutil.copystat(dirpath, target, follow_symlinks=False)
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                os.symlink(os.readlink(path), os.path.join(target, name))
+            elif name in filenames:
+                shutil.copy2(path, os.path.join(target, name), follow_symlinks=False)
+
+
 def copy_kept(live: str, new: str, keep: List[str], prefix: str) -> List[str]:
     """Copy each kept path (relative to the root, e.g. ggc/var) from the live tree into the new
     one, replacing what the new tree has there. Returns what was copied."""
@@ -2447,7 +2759,7 @@ def copy_kept(live: str, new: str, keep: List[str], prefix: str) -> List[str]:
         remove_tree(dst)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         if os.path.isdir(src) and not os.path.islink(src):
-            shutil.copytree(src, dst, symlinks=True)
+            copy_tree(src, dst)
             sync_tree(dst)
         else:
             shutil.copy2(src, dst, follow_symlinks=False)
@@ -2507,6 +2819,14 @@ CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 DETAILS_KEY = re.compile(r"^[a-zA-Z0-9:_-]+$")
 UNDELIVERABLE = ("InvalidStateTransition", "TerminalStateReached", "ResourceNotFound", "InvalidRequest")
 RESYNC_SECONDS = 300.0      # list the jobs again this often even without a notification
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_RUNNING = 0, 1, 2, 3
+EXIT_RESTART = 75           # a frozen agent in the foreground after a self-update: start me again
+TRIAL_ENV = "GGC_OTA_TRIAL"  # set for a new agent on trial: <jobId>:<pid of the old agent>:<its start time>
+TRIAL_STDERR = "new-agent.stderr"
+TRIAL_GRACE_SECONDS = 5.0   # beyond newAgentTimeout, for the agent on trial to say why it gave up
+LOCK_FD_ENV = "GGC_OTA_LOCK_FD"
+DAEMON_CHILD_FLAG = "--daemon-child"
+FRESH_ENV = "GGC_OTA_FRESH_INTERPRETER"
 RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 2.0, 60.0
 
 
@@ -2514,8 +2834,18 @@ class JobCanceled(OtaError):
     reason = "CANCELED"
 
 
-class AgentStopping(Exception):
-    """SIGTERM arrived while the agent could still stop without harm (before any change)."""
+class AgentStopping(BaseException):
+    """SIGTERM arrived while the agent could still stop without harm (before any change). Not
+    an Exception: no `except Exception` meant for failures may swallow it."""
+
+
+class AgentReplaced(BaseException):
+    """Another agent process now runs in place of this one (a self-update or its rollback
+    handed over): this process must exit with `code` and touch nothing more."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def clean_details(details: Dict[str, Any]) -> Dict[str, str]:
@@ -2550,12 +2880,18 @@ def failure_reason(err: BaseException) -> str:
     return "INTERNAL_ERROR"
 
 
+# What the launchers of a frozen binary tell the process they start (staticx: STATICX_PROG_PATH,
+# ...; PyInstaller: _PYI_*, _MEIPASS2 in older releases). A program this agent starts, a new
+# agent binary above all, must not take them as its own.
+LAUNCHER_ENV_PREFIXES = ("STATICX_", "_PYI_", "_MEIPASS")
+
+
 def child_environment(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """The environment for a program this agent starts. A frozen binary runs with the loader
     path of its own bundle (PyInstaller sets LD_LIBRARY_PATH and keeps the original in
     LD_LIBRARY_PATH_ORIG); another program must not load those libraries."""
-    env = dict(os.environ)
-    env.pop(FRESH_ENV, None)
+    env = {key: value for key, value in os.environ.items()
+           if key not in (FRESH_ENV, TRIAL_ENV, LOCK_FD_ENV) and not key.startswith(LAUNCHER_ENV_PREFIXES)}
     if getattr(sys, "frozen", False):
         for key in ("LD_LIBRARY_PATH", "LD_PRELOAD"):
             original = env.pop(key + "_ORIG", None)
@@ -2565,6 +2901,69 @@ def child_environment(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
                 env.pop(key, None)
     env.update(extra or {})
     return env
+
+
+def without_options(argv: List[str], names: Dict[str, bool]) -> List[str]:
+    """`argv` without the options in `names` (name -> takes a value), in either form."""
+    out: List[str] = []
+    items = iter(argv)
+    for item in items:
+        name, has_value, _ = item.partition("=")
+        if name in names:
+            if names[name] and not has_value:
+                next(items, None)
+            continue
+        out.append(item)
+    return out
+
+
+def is_trial_of(journal: dict) -> bool:
+    """Whether this process is the new agent that the agent which wrote `journal` started on
+    trial (GGC_OTA_TRIAL=<jobId>:<its pid>:<its start time>)."""
+    job_id, _, rest = os.environ.get(TRIAL_ENV, "").partition(":")
+    return bool(job_id) and job_id == journal.get("jobId") and bool(rest)
+
+
+def trial_supervisor() -> Tuple[int, str]:
+    """(pid, start time) of the agent that runs this trial, from GGC_OTA_TRIAL."""
+    _, _, rest = os.environ.get(TRIAL_ENV, "").partition(":")
+    pid, _, started = rest.partition(":")
+    return (int(pid) if pid.isdigit() else 0), started
+
+
+def start_daemon(command: List[str], pid_file: str, lock_fd: Optional[int] = None, timeout: float = 30.0) -> int:
+    """Start `command` (an agent with --foreground --daemon-child) detached, in a session of its
+    own, and wait until it has written `pid_file` (it does so once it holds the lock and runs).
+    Then name its top process there, as systemd's Type=forking expects: for a frozen binary the
+    outermost launcher, which forwards signals to the agent. `lock_fd`: the lock is handed to it.
+    Returns that pid; raises OtaError with the daemon's last words when it dies or is late."""
+    import subprocess
+    if os.path.lexists(pid_file):
+        os.unlink(pid_file)
+    env = child_environment({LOCK_FD_ENV: str(lock_fd)} if lock_fd is not None else None)
+    child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True, close_fds=True, env=env,
+                             pass_fds=(lock_fd,) if lock_fd is not None else ())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(pid_file) and child.poll() is None:
+            write_pid(pid_file, child.pid)
+            return child.pid
+        if child.poll() is not None:
+            err = (child.stderr.read() if child.stderr else b"").decode(errors="replace").strip().splitlines()
+            raise OtaError(f"the daemon exited with {child.returncode}: {err[-1] if err else 'no message'}",
+                           "ALREADY_RUNNING" if child.returncode == EXIT_RUNNING else "NEW_AGENT_CRASHED")
+        time.sleep(0.05)
+    stop_session(child)
+    raise OtaError("the daemon did not write its PID file in time", "NEW_AGENT_CRASHED")
+
+
+def write_pid(path: str, pid: Optional[int] = None) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(f"{pid or os.getpid()}\n")
+    os.replace(tmp, path)
 
 
 def running_agent_file() -> str:
@@ -2584,9 +2983,11 @@ def agent_command(path: str, args: List[str]) -> List[str]:
 
 
 class Agent:
-    def __init__(self, cfg: Config, argv: List[str], base_level: str, pid_file: Optional[str] = None) -> None:
+    def __init__(self, cfg: Config, argv: List[str], base_level: str, pid_file: Optional[str] = None,
+                 daemon: bool = False) -> None:
         self.cfg = cfg
         self.pid_file = pid_file
+        self.daemon = daemon  # started by `ggc-ota` without --foreground: the PID file names this agent
         self.ota = cfg.ota
         self.root = cfg.root
         self.state = State(cfg.ota["stateDir"])
@@ -2594,20 +2995,22 @@ class Agent:
         self.base_level = base_level
         self.events: queue.Queue = queue.Queue()  # (kind, payload) pairs for the main loop
         self.stopping = threading.Event()
+        self.notified = threading.Event()  # a notify arrived and the loop has not synced since
         self.mqtt: Optional[MqttClient] = None
         self.jobs: Optional[JobsClient] = None
         self.subscribed = False
         self.not_ours: set = set()
         self.current: Optional[str] = None
         self.current_canceled = threading.Event()
-        self.trial: Optional[dict] = None
+        self.trial: Optional[dict] = None        # this process is a new agent on trial (its journal)
+        self.in_place_trial: Optional[dict] = None  # the same, exec'd in place by an agent of format 1
         self.unsaved: Dict[str, dict] = {}  # statuses the disk could not take
         self.exe_id = path_id(running_agent_file())  # which agent file this process runs
 
     # ---- life cycle ----------------------------------------------------------------------------
     def start(self) -> None:
         self.state.ensure()
-        self.state.lock()
+        self.state.lock(wait=LOCK_WAIT_SECONDS)
         for warning in self.cfg.warnings:
             log.warning("config: %s", warning)
         log.info("ggc-ota %s starting for %s (root %s)", __version__, self.cfg.thing_name, self.root)
@@ -2616,11 +3019,23 @@ class Agent:
         self.recover()
 
     def run(self) -> int:
-        self.start()
-        self.connect()
-        release_free_memory()
-        if self.trial is not None:
-            self.finish_self_update(self.trial)
+        try:
+            self.start()
+            if self.trial is not None:
+                return self.prove_new_agent(self.trial)
+            self.connect()
+            release_free_memory()
+            if self.in_place_trial is not None:
+                self.finish_self_update(self.in_place_trial)
+            self.loop()
+        except AgentReplaced as replaced:
+            log.info("%s", replaced)
+            return replaced.code
+        log.info("ggc-ota stopping")
+        self.disconnect()
+        return EXIT_OK
+
+    def loop(self) -> None:
         next_resync = time.monotonic() + RESYNC_SECONDS
         retry_delay = RETRY_FIRST_SECONDS
         while not self.stopping.is_set():
@@ -2632,6 +3047,7 @@ class Agent:
                 if kind == "connected":
                     self.on_connected()
                 elif kind in ("notify", "resync"):
+                    self.notified.clear()
                     self.flush_outbox()
                     self.sync()
                 if kind in ("connected", "notify", "resync"):
@@ -2639,15 +3055,13 @@ class Agent:
                     retry_delay = RETRY_FIRST_SECONDS
             except AgentStopping:
                 break
-            except MqttError as err:
-                # A request or its reply was lost: try again soon (a reconnect also triggers it).
-                log.warning("talking to the cloud failed: %s; trying again in %.0f s", err, retry_delay)
+            except Exception as err:  # MqttError: a request or its reply was lost; else a bug
+                if isinstance(err, MqttError):
+                    log.warning("talking to the cloud failed: %s; trying again in %.0f s", err, retry_delay)
+                else:
+                    log.exception("unexpected error; trying again in %.0f s", retry_delay)
                 next_resync = time.monotonic() + retry_delay
                 retry_delay = min(retry_delay * 2, RETRY_MAX_SECONDS)
-        log.info("ggc-ota stopping")
-        if self.mqtt is not None:
-            self.mqtt.stop()
-        return 0
 
     def stop(self) -> None:
         """SIGTERM: stop soon. A download stops at once (its partial file is kept for the resume);
@@ -2662,7 +3076,15 @@ class Agent:
     def connect(self) -> None:
         self.mqtt = MqttClient(self.cfg.mqtt_settings(), self.on_message, self.on_connect)
         self.jobs = JobsClient(self.mqtt, self.cfg.thing_name, on_notify=self.on_notify)
+        self.subscribed = False
         self.mqtt.start()
+
+    def disconnect(self) -> None:
+        """Leave the cloud: a new agent on trial connects with the same client id, and AWS IoT
+        drops the older of two connections that share one."""
+        if self.mqtt is not None:
+            self.mqtt.stop()
+        self.subscribed = False
 
     # ---- callbacks from the MQTT network thread: never block ----------------------------------
     def on_connect(self) -> None:
@@ -2678,7 +3100,9 @@ class Agent:
                    for j in items if isinstance(j, dict)}
         if self.current is not None and self.current not in pending:
             self.current_canceled.set()  # confirmed by describing the job before acting on it
-        self.events.put(("notify", payload))
+        if not self.notified.is_set():  # a flood of notifications is one pending flag, not a queue
+            self.notified.set()
+            self.events.put(("notify", None))
 
     # ---- talking to the cloud --------------------------------------------------------------------
     def on_connected(self) -> None:
@@ -2744,7 +3168,14 @@ class Agent:
             key = (summary["jobId"], summary.get("executionNumber", 1))
             if key in self.not_ours or self.state.handled(*key):
                 continue
-            execution = self.jobs.describe(summary["jobId"])
+            try:
+                execution = self.jobs.describe(summary["jobId"])
+            except JobsRejected as err:
+                if err.code != UNREADABLE_REPLY:
+                    raise
+                log.warning("leaving job %s alone: its description cannot be read (%s)", key[0], err)
+                self.not_ours.add(key)
+                continue
             if execution is None:
                 continue
             document = execution.get("jobDocument")
@@ -2798,18 +3229,30 @@ class Agent:
             log.warning("job %s abandoned: %s", job_id, err)
             record.update(result="CANCELED", reason=err.reason, finishedAt=int(time.time()))
             self.state.add_history(record)
+        except (MqttError, JobsRejected) as err:
+            if isinstance(err, JobsRejected) and err.code not in RETRYABLE_JOBS_CODES:
+                raise OtaError(f"the cloud refused a request: {err}", "JOBS_REJECTED") from None
+            # The link, a lost reply, throttling: nothing is changed yet and nothing is reported;
+            # the job stays IN_PROGRESS, and the next sync takes it up again (the download resumes).
+            log.warning("job %s: %s; the job is taken up again when the cloud answers", job_id, err)
+            raise MqttError(str(err)) from None
         except (OtaError, OSError) as err:
             log.error("job %s failed before anything was changed: %s", job_id, err)
-            if self.state.journal() is None:
+            if not self.state.has_journal():
                 self.cleanup(job_id)  # first: on a full disk this frees the room to report
             self.finish(record, "FAILED", failure_reason(err), str(err), rolled_back="false")
         except AgentStopping:
             log.info("job %s: stopping; the download resumes at the next start", job_id)
             raise
+        except Exception as err:  # a bug, or input nothing above foresaw: this job ends, the agent goes on
+            log.exception("job %s failed on an unexpected error", job_id)
+            if not self.state.has_journal():
+                self.cleanup(job_id)
+            self.finish(record, "FAILED", "INTERNAL_ERROR", f"{type(err).__name__}: {err}", rolled_back="false")
         finally:
             self.current = None
             set_log_level(self.base_level)
-        if self.state.journal() is None:
+        if not self.state.has_journal():
             self.cleanup(job_id)
 
     def installed(self, software: str) -> Optional[str]:
@@ -2828,8 +3271,8 @@ class Agent:
                 f" ({reason}: {message})" if reason else "")
 
     def check_device(self, doc: UpdateDocument) -> None:
-        if self.cfg.managed_respawn:
-            for name in SCRIPT_NAMES[doc.software]:
+        if self.cfg.managed_respawn:  # all four, whichever software: a rollback may need any of them
+            for name in SCRIPT_NAMES["core"] + SCRIPT_NAMES["ota_agent"]:
                 check_script(os.path.join(self.root, "usr", "scripts", name))
         elif doc.software == "core" and not os.access(os.path.join(self.root, "ggc/core/greengrassd"), os.X_OK):
             raise ScriptInvalid("ggc/core/greengrassd is missing or not executable (managedRespawn is false)")
@@ -2841,7 +3284,7 @@ class Agent:
                          self.ota["minFreeBytes"])
 
     def download(self, job_id: str, doc: UpdateDocument) -> str:
-        dest = os.path.join(self.state.downloads, job_id + ".tar.gz")
+        dest = State.job_path(self.state.downloads, job_id, ".tar.gz")
         if os.path.exists(dest) and sha256_of_file(dest)[0].hexdigest() == doc.sha256:
             log.info("job %s: the artifact was downloaded before", job_id)
             return dest
@@ -2869,7 +3312,7 @@ class Agent:
         return dest
 
     def unpack(self, job_id: str, doc: UpdateDocument, artifact: str) -> str:
-        stage = os.path.join(self.state.staging, job_id)
+        stage = State.job_path(self.state.staging, job_id)
         remove_tree(stage)
         os.makedirs(stage)
         self.report(job_id, "IN_PROGRESS", {"phase": "unpack", "version": doc.version})
@@ -2879,9 +3322,9 @@ class Agent:
         return stage
 
     def cleanup(self, job_id: str) -> None:
-        remove_tree(os.path.join(self.state.staging, job_id))
+        remove_tree(State.job_path(self.state.staging, job_id))
         for suffix in (".tar.gz", ".tar.gz.part"):
-            path = os.path.join(self.state.downloads, job_id + suffix)
+            path = State.job_path(self.state.downloads, job_id, suffix)
             if os.path.exists(path):
                 os.unlink(path)
 
@@ -2892,7 +3335,8 @@ class Agent:
                    "fromVersion": record.get("fromVersion"), "toVersion": doc.version, "startedAt": record["startedAt"],
                    "live": live, "new": os.path.join(stage, "new"), "old": os.path.join(stage, "old"),
                    "stage": stage, "liveId": path_id(live), "newId": path_id(os.path.join(stage, "new")),
-                   "step": "pre_update", "recoveries": 0, "starts": 0}
+                   "step": "pre_update", "recoveries": 0, "format": JOURNAL_FORMAT,
+                   "corePidFile": self.ota["corePidFile"] if os.path.exists(self.ota["corePidFile"]) else None}
         self.state.write_journal(journal)
         return journal
 
@@ -2902,6 +3346,7 @@ class Agent:
         prefix = "ggc" if software == "core" else "ota"
         if self.cfg.managed_respawn:
             argv = [os.path.join(self.root, "usr", "scripts", f"{prefix}_{which}_update.sh")]
+            check_script(argv[0])  # again, right before it runs: recovery and rollback included
         elif software == "core":
             argv = [os.path.join(self.root, "ggc", "core", "greengrassd"), "stop" if which == "pre" else "start"]
         else:
@@ -2924,12 +3369,69 @@ class Agent:
             self.state.write_journal(journal)
             self.hook("core", "post", journal)
             crash_point("after_post_update")
-        except (OtaError, OSError) as err:
+            journal["step"] = "health_check"
+            self.state.write_journal(journal)
+            self.report(job_id, "IN_PROGRESS", {"phase": "health_check", "version": doc.version})
+            self.check_core_health(journal)
+            crash_point("after_health_check")
+        except Exception as err:  # from the first script on, every failure rolls back
             self.roll_back(journal, failure_reason(err), str(err))
             return
         self.commit(journal)
 
+    def check_core_health(self, journal: dict) -> None:
+        """The update commits only when the new core is healthy: ggc_health_check.sh, when it
+        exists, exits 0 within healthCheckTimeout (run again every 2 s until then); else the
+        core daemon of corePidFile, when the old core had one, comes up and stays alive for
+        healthCheckSeconds. With neither, the check is skipped with a warning."""
+        script = os.path.join(self.root, "usr", "scripts", HEALTH_SCRIPT)
+        if os.path.lexists(script):
+            self.run_health_script(script, journal)
+        elif journal.get("corePidFile"):
+            self.watch_core_daemon(journal["corePidFile"])
+        else:
+            log.warning("job %s: no health check: neither %s nor the core's PID file %s exists",
+                        journal["jobId"], script, self.ota["corePidFile"])
+
+    def run_health_script(self, script: str, journal: dict) -> None:
+        timeout = float(self.ota["healthCheckTimeout"])
+        deadline = time.monotonic() + timeout
+        env = {"GGC_OTA_JOB_ID": journal["jobId"], "GGC_ROOT": self.root, "GGC_OTA_NEW_VERSION": journal["toVersion"]}
+        while True:
+            check_script(script)
+            try:
+                run_hook([script], env, max(1.0, deadline - time.monotonic()), self.root)
+                return
+            except HookFailed as err:
+                failure = err
+            if time.monotonic() + HEALTH_RETRY_SECONDS >= deadline:
+                raise HealthCheckFailed(f"{HEALTH_SCRIPT} did not pass within {timeout:.0f} s: {failure}")
+            time.sleep(HEALTH_RETRY_SECONDS)
+
+    def watch_core_daemon(self, pid_file: str) -> None:
+        seconds, timeout = float(self.ota["healthCheckSeconds"]), float(self.ota["healthCheckTimeout"])
+        start = time.monotonic()
+        watched: Optional[Tuple[int, str]] = None
+        while True:
+            pid = read_pid(pid_file)
+            started = process_start_time(pid) if pid else ""
+            if watched is None and started:
+                watched, start = (pid or 0, started), time.monotonic()
+            elif watched is not None and (pid, started) != watched:
+                raise HealthCheckFailed(f"the core daemon (pid {watched[0]}) died "
+                                        f"{time.monotonic() - start:.1f} s after it started")
+            if watched is None and time.monotonic() - start > timeout:
+                raise HealthCheckFailed(f"the core daemon did not start within {timeout:.0f} s ({pid_file})")
+            if watched is not None and time.monotonic() - start >= seconds:
+                log.info("health check: the core daemon (pid %d) ran for %.0f s", watched[0], seconds)
+                return
+            time.sleep(0.2)
+
     def apply_agent(self, job_id: str, number: int, doc: UpdateDocument, stage: str, record: dict) -> None:
+        """The new agent replaces this one only once it has proved itself: it runs from staging,
+        under this agent, with the real config; it must connect, run ota_post_update.sh and
+        report. Until the swap the live tree is the old one, so a crash or a power cut at any
+        moment of the trial leaves the old agent to start, roll back and report."""
         new_agent = os.path.join(stage, "new", "ota_agent", "ggc-ota")
         self.self_test(new_agent)
         journal = self.new_journal(job_id, number, doc, stage, record)
@@ -2937,13 +3439,141 @@ class Agent:
         try:
             self.hook("ota_agent", "pre", journal)
             crash_point("after_pre_update")
+            self.try_new_agent(journal, new_agent)
             swap_in(self.state, journal)
             crash_point("after_swap")
-        except (OtaError, OSError) as err:
+            self.hand_over(journal)
+        except Exception as err:  # from the first script on, every failure rolls back
             self.roll_back(journal, failure_reason(err), str(err))
-            return
-        self.report(job_id, "IN_PROGRESS", {"phase": "restarting_agent", "version": doc.version})
-        self.exec_agent(os.path.join(journal["live"], "ota_agent", "ggc-ota"))
+            if self.mqtt is None or self.mqtt.stopped:
+                self.connect()
+
+    def try_new_agent(self, journal: dict, new_agent: str) -> None:
+        """Run the staged agent on trial and watch it; raises OtaError (NEW_AGENT_CRASHED,
+        NEW_AGENT_NO_CONNECTION, NEW_AGENT_TIMEOUT, or the trial's own reason) unless it proved
+        itself. This agent leaves the cloud meanwhile and returns to it only on failure."""
+        journal["step"] = "trial"
+        self.state.write_journal(journal)
+        self.report(journal["jobId"], "IN_PROGRESS", {"phase": "new_agent_trial", "version": journal["toVersion"]})
+        log.info("job %s: trying the new agent from staging", journal["jobId"])
+        self.disconnect()
+        child = self.spawn_trial(new_agent, journal)
+        try:
+            crash_point("trial_started")
+            proven = self.watch_trial(child, journal)
+        finally:
+            stop_session(child)
+            self.state.mark_lock_holder()
+        journal.update(proven)
+        log.info("job %s: the new agent proved itself", journal["jobId"])
+
+    def spawn_trial(self, new_agent: str, journal: dict) -> subprocess.Popen:
+        import subprocess
+        assert self.state.lock_fd is not None
+        args = without_options(self.argv, {"--root": True, "--config": True, "--pid-file": True,
+                                            "--foreground": False, DAEMON_CHILD_FLAG: False})
+        args += ["--root", self.root, "--config", self.cfg.path, "--foreground"]
+        me = os.getpid()
+        env = child_environment({TRIAL_ENV: f"{journal['jobId']}:{me}:{process_start_time(me)}",
+                                 LOCK_FD_ENV: str(self.state.lock_fd)})
+        with open(os.path.join(self.state.dir, TRIAL_STDERR), "wb") as stderr:
+            return subprocess.Popen(agent_command(new_agent, args), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=stderr, env=env,
+                                    pass_fds=(self.state.lock_fd,), start_new_session=True)
+
+    def watch_trial(self, child: subprocess.Popen, journal: dict) -> dict:
+        """Wait for the agent on trial to exit; returns the journal it left at step `proven`."""
+        connect_by = time.monotonic() + float(self.ota["newAgentTimeout"]) + TRIAL_GRACE_SECONDS
+        finish_by: Optional[float] = None
+        seen: dict = journal
+        while child.poll() is None:
+            seen = self.read_journal_or(seen)
+            if self.stopping.is_set():
+                raise AgentStopping()
+            if seen.get("trialConnected") and finish_by is None:  # the script, then a report (as long as a connect)
+                finish_by = time.monotonic() + float(self.ota["scriptTimeout"]) + float(self.ota["newAgentTimeout"]) \
+                    + TRIAL_GRACE_SECONDS
+            if finish_by is None and time.monotonic() > connect_by:
+                raise OtaError(f"the new agent did not connect within {self.ota['newAgentTimeout']} s",
+                               "NEW_AGENT_NO_CONNECTION")
+            if finish_by is not None and time.monotonic() > finish_by:
+                raise OtaError("the new agent connected but did not run ota_post_update.sh and report in time",
+                               "NEW_AGENT_TIMEOUT")
+            time.sleep(0.1)
+        seen = self.read_journal_or(seen)
+        if child.returncode == 0 and seen.get("step") == "proven" and seen.get("jobId") == journal["jobId"]:
+            return seen
+        if seen.get("trialReason"):
+            raise OtaError(str(seen.get("trialMessage") or "the new agent's trial failed"), str(seen["trialReason"]))
+        when = "after it connected" if seen.get("trialConnected") else "before it connected"
+        tail = last_line(os.path.join(self.state.dir, TRIAL_STDERR))
+        raise OtaError(f"the new agent {describe_exit(child.returncode)} {when}" + (f": {tail}" if tail else ""),
+                       "NEW_AGENT_CRASHED")
+
+    def read_journal_or(self, default: dict) -> dict:
+        try:
+            return self.state.journal() or default
+        except JournalCorrupt:
+            return default
+
+    def prove_new_agent(self, journal: dict) -> int:
+        """This process is the new agent on trial, started from staging by the old agent: connect,
+        run ota_post_update.sh, report, mark the journal `proven`, exit. The old agent does the
+        rest (swap, hand over), or the rollback when this fails."""
+        assert self.jobs is None
+        watch_process(*trial_supervisor(), "the agent that runs this trial")
+        self.connect()
+        assert self.mqtt is not None and self.jobs is not None
+        timeout = float(self.ota["newAgentTimeout"])
+        if not self.mqtt.wait_connected(timeout):
+            return self.trial_failed(journal, "NEW_AGENT_NO_CONNECTION", f"the new agent did not connect within "
+                                                                        f"{timeout:.0f} s")
+        journal["trialConnected"] = True
+        self.state.write_journal(journal)
+        crash_point("trial_connected")
+        try:
+            self.jobs.subscribe()
+            self.hook("ota_agent", "post", journal)
+            self.jobs.update(journal["jobId"], "IN_PROGRESS",
+                             clean_details({"phase": "new_agent_verified", "version": journal["toVersion"]}))
+        except JobsRejected as err:
+            return self.trial_failed(journal, "NEW_AGENT_NO_REPORT", f"the new agent's report was refused: {err}")
+        except OtaError as err:
+            return self.trial_failed(journal, err.reason, str(err))
+        journal["step"] = "proven"
+        self.state.write_journal(journal)
+        crash_point("trial_proven")
+        log.info("job %s: this new agent connected, ran ota_post_update.sh and reported", journal["jobId"])
+        self.disconnect()
+        return EXIT_OK
+
+    def trial_failed(self, journal: dict, reason: str, message: str) -> int:
+        log.error("job %s: the new agent's trial failed: %s", journal["jobId"], message)
+        journal.update(trialReason=reason, trialMessage=message)
+        self.state.write_journal(journal)
+        self.disconnect()
+        return EXIT_FAILED
+
+    def hand_over(self, journal: dict) -> None:
+        """The proven new agent is live: make it the running agent (it commits when it starts)."""
+        crash_point("before_handover")
+        self.restart_as(os.path.join(journal["live"], "ota_agent", "ggc-ota"))
+
+    def restart_as(self, path: str) -> None:
+        """Replace this agent with the one at `path` without nesting one process stack in
+        another. The script: exec (same PID). The frozen binary, whose launchers would stay
+        behind an exec: as a daemon, start a new daemon, name it in the PID file (systemd
+        follows the PID file when the old main process exits) and exit; in the foreground,
+        exit with 75 so that the init system (procd, runit, systemd Restart=) starts it.
+        Raises OtaError when the new agent cannot be started; returns never otherwise."""
+        if not getattr(sys, "frozen", False):
+            self.exec_agent(path)
+        self.disconnect()
+        if self.daemon and self.pid_file:
+            assert self.state.lock_fd is not None
+            pid = start_daemon(agent_command(path, self.argv), self.pid_file, self.state.lock_fd)
+            raise AgentReplaced(EXIT_OK, f"handed over to the agent {path} (pid {pid}); exiting")
+        raise AgentReplaced(EXIT_RESTART, f"exiting with {EXIT_RESTART} so that the init system starts {path}")
 
     def self_test(self, agent: str) -> None:
         """The new agent must run from staging before it replaces this one."""
@@ -2960,18 +3590,21 @@ class Agent:
                                f"{' '.join(tail)}", "NEW_AGENT_BROKEN")
 
     def exec_agent(self, path: str) -> None:
-        """Replace this process with the agent at `path` (same PID: systemd and procd see no exit)."""
+        """Replace this process with the agent at `path` (same PID: systemd and procd see no exit).
+        Raises OtaError (NEW_AGENT_BROKEN) when the exec fails; returns never otherwise."""
         log.info("restarting as %s", path)
-        if self.mqtt is not None:
-            self.mqtt.stop()
+        self.disconnect()
         for handler in log.handlers:
             handler.flush()
         env = child_environment()
         if self.state.lock_fd is not None:
             env[LOCK_FD_ENV] = str(self.state.lock_fd)
-        crash_point("before_exec")
         argv = agent_command(path, self.argv)
-        os.execve(argv[0], argv, env)
+        try:
+            crash_point("before_exec")
+            os.execve(argv[0], argv, env)
+        except OSError as err:
+            raise OtaError(f"could not start {path}: {err.strerror or err}", "NEW_AGENT_BROKEN") from None
 
     def commit(self, journal: dict) -> None:
         journal["step"] = "committed"
@@ -2991,10 +3624,11 @@ class Agent:
         log.error("job %s: rolling back: %s", journal["jobId"], message)
         # Past the post-update step the new software may be running; kept in the journal, since
         # a restart in the middle of the rollback no longer sees that step.
-        journal["newStarted"] = bool(journal.get("newStarted")) or journal.get("step") == "post_update"
+        journal["newStarted"] = bool(journal.get("newStarted")) or journal.get("step") in ("post_update",
+                                                                                          "health_check")
         journal.update(step="rolling_back", reason=journal.get("reason") or reason,
                        message=journal.get("message") or message)
-        self.state.write_journal(journal)
+        self.write_journal_if_possible(journal)
         rolled_back = "true"
         if journal["software"] == "core" and journal["newStarted"]:
             try:  # stop the new software before its tree goes away
@@ -3010,11 +3644,23 @@ class Agent:
             journal["reason"], journal["message"] = "ROLLBACK_FAILED", f"{message}; rollback: {err}"
             rolled_back = "false"
         journal.update(step="rolled_back", rolledBack=rolled_back)
-        self.state.write_journal(journal)
+        self.write_journal_if_possible(journal)
         installed = os.path.join(journal["live"], "ota_agent", "ggc-ota")
         if journal["software"] == "ota_agent" and rolled_back == "true" and path_id(installed) != self.exe_id:
-            self.exec_agent(installed)  # this process runs the new agent: the restored old one reports
+            try:  # this process runs the new agent: the restored old one reports
+                self.restart_as(installed)
+            except OtaError as err:
+                log.error("could not hand over to the restored agent (%s); reporting from this one", err)
         self.close_rolled_back(journal)
+
+    def write_journal_if_possible(self, journal: dict) -> None:
+        """During a rollback: a full disk must not stop it. The renames and the scripts need no
+        room; a journal write that fails leaves the previous step on disk, and recovery from it
+        redoes the rollback (it is safe to run twice)."""
+        try:
+            self.state.write_journal(journal)
+        except OSError as err:
+            log.error("rollback: cannot write the journal (%s); going on", err)
 
     def close_rolled_back(self, journal: dict) -> None:
         record = {k: journal.get(k) for k in ("jobId", "executionNumber", "fromVersion", "toVersion", "startedAt")}
@@ -3028,32 +3674,34 @@ class Agent:
 
     # ---- recovery at start ----------------------------------------------------------------------
     def recover(self) -> None:
-        journal = self.state.journal()
+        """At start: finish whatever update a crash interrupted, as STEPS says for its step."""
+        try:
+            journal = self.state.journal()
+        except JournalCorrupt as err:
+            self.recover_without_journal(err)
+            return
         if journal is None:
             for name in os.listdir(self.state.staging):  # staging of an update that never started
                 remove_tree(os.path.join(self.state.staging, name))
             return
-        step = journal.get("step")
+        step, software = journal.get("step"), journal.get("software")
+        if step == "trial" and is_trial_of(journal):
+            self.trial = journal  # this process is the new agent the old one is trying
+            return
         log.warning("recovery: found the journal of job %s at step %s", journal.get("jobId"), step)
-        if step == "committed":
+        if journal.get("format", 1) == 1 and software == "ota_agent" and step == "swapped":
+            self.recover_in_place_trial(journal)
+            return
+        known = STEP_BY_NAME.get(str(step))
+        action = getattr(known, str(software), None) if known is not None else None
+        if action == ROLL_FORWARD and (step == "committed" or path_id(journal["live"]) == journal.get("newId")):
             self.commit(journal)
             return
-        if step == "rolled_back":
+        if action == CLOSE:
             self.close_rolled_back(journal)
             return
-        new_in_place = path_id(journal["live"]) == journal["newId"]
-        if journal["software"] == "ota_agent" and step == "swapped" and new_in_place:
-            journal["starts"] = journal.get("starts", 0) + 1
-            self.state.write_journal(journal)
-            if journal["starts"] > MAX_TRIAL_STARTS:
-                self.roll_back(journal, "NEW_AGENT_CRASHED",
-                               f"the new agent stopped {journal['starts'] - 1} times before it was confirmed")
-                return
-            crash_point("trial_started")
-            self.trial = journal
-            return
         journal["recoveries"] = journal.get("recoveries", 0) + 1
-        self.state.write_journal(journal)
+        self.write_journal_if_possible(journal)
         if journal["recoveries"] > MAX_RECOVERIES:
             log.critical("ROLLBACK FAILED: recovery of job %s was interrupted %d times; giving up",
                          journal["jobId"], journal["recoveries"] - 1)
@@ -3064,8 +3712,60 @@ class Agent:
             return
         self.roll_back(journal, "INTERRUPTED", f"the agent stopped during the update (at step {step})")
 
+    def recover_without_journal(self, err: JournalCorrupt) -> None:
+        """Nothing is deleted on doubt. With the journal unreadable, which tree is which cannot be
+        known: both stay where they are (the staged trees move to <stateDir>/kept/, where no
+        cleanup reaches), the live core is started, and each job that was staged ends FAILED
+        JOURNAL_CORRUPT, telling where the trees are."""
+        aside = self.state.set_aside_journal()
+        log.critical("%s; kept as %s. Both trees are left where they are: the device needs a look.", err, aside)
+        kept_dir = os.path.join(self.state.dir, "kept")
+        os.makedirs(kept_dir, mode=0o700, exist_ok=True)
+        for name in sorted(os.listdir(self.state.staging)):
+            if not valid_job_id(name):
+                continue
+            kept = os.path.join(kept_dir, f"{name}-{int(time.time())}")
+            os.rename(os.path.join(self.state.staging, name), kept)
+            fsync_dir(self.state.staging)
+            software = "ota_agent" if any(os.path.isdir(os.path.join(kept, t, "ota_agent"))
+                                          for t in ("new", "old")) else "core"
+            if software == "core":
+                try:  # whichever core is live, it must run
+                    self.hook("core", "post", {"jobId": name, "toVersion": "", "fromVersion": None})
+                except OtaError as hook_err:
+                    log.error("recovery: starting the live core failed: %s", hook_err)
+            record = {"jobId": name, "executionNumber": self.staged_execution(name), "component": software,
+                      "startedAt": int(time.time())}
+            self.finish(record, "FAILED", "JOURNAL_CORRUPT",
+                        f"the update journal was unreadable; the live tree was left as it was and the staged "
+                        f"trees were kept in {kept}", rolled_back="false")
+
+    def staged_execution(self, job_id: str) -> int:
+        """The execution number of a job from its last queued status, else 1."""
+        try:
+            entry = read_json(State.job_path(self.state.outbox, job_id, ".json"))
+        except OtaError:
+            entry = None
+        return 1 if not isinstance(entry, dict) else int(entry.get("executionNumber") or 1)
+
+    def recover_in_place_trial(self, journal: dict) -> None:
+        """A journal of format 1: the previous agent swapped the new agent in and exec'd it, so
+        this process is that new agent, unproven. It proves itself in place (finish_self_update);
+        after MAX_TRIAL_STARTS starts that never got that far, it rolls back."""
+        if path_id(journal["live"]) != journal.get("newId"):
+            self.roll_back(journal, "INTERRUPTED", "the agent stopped during the update (at step swapped)")
+            return
+        journal["starts"] = journal.get("starts", 0) + 1
+        self.state.write_journal(journal)
+        if journal["starts"] > MAX_TRIAL_STARTS:
+            self.roll_back(journal, "NEW_AGENT_CRASHED",
+                           f"the new agent stopped {journal['starts'] - 1} times before it was confirmed")
+            return
+        self.in_place_trial = journal
+
     def finish_self_update(self, journal: dict) -> None:
-        """This is the new agent on trial: it must connect, then ota_post_update.sh must pass."""
+        """Format 1: this is the new agent on trial in place: it must connect, then
+        ota_post_update.sh must pass."""
         assert self.mqtt is not None
         timeout = float(self.ota["newAgentTimeout"])
         if not self.mqtt.wait_connected(timeout):
@@ -3077,7 +3777,7 @@ class Agent:
             self.roll_back(journal, err.reason, str(err))
             return
         self.commit(journal)
-        self.trial = None
+        self.in_place_trial = None
 
 
 def release_free_memory() -> None:
@@ -3196,7 +3896,10 @@ def rehearse(root: str, config_path: Optional[str], document_path: str, artifact
 def status_report(root: str, config_path: Optional[str]) -> dict:
     cfg = load_config(root, config_path)
     state = State(cfg.ota["stateDir"])
-    journal = read_json(state.journal_path) if os.path.exists(state.journal_path) else None
+    try:
+        journal = state.journal()
+    except JournalCorrupt as err:
+        journal = {"step": f"unknown: {err}"}
     return {"root": cfg.root, "thing": cfg.thing_name, "coreVersion": installed_core_version(cfg.root),
             "agentVersion": __version__, "agentRunning": state.lock_holder(),
             "updateInFlight": journal and {k: journal.get(k) for k in ("jobId", "software", "fromVersion",
@@ -3209,10 +3912,6 @@ def status_report(root: str, config_path: Optional[str]) -> dict:
 # CLI
 # ============================================================================================
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_RUNNING = 0, 1, 2, 3
-LOCK_FD_ENV = "GGC_OTA_LOCK_FD"
-DAEMON_CHILD_FLAG = "--daemon-child"
-FRESH_ENV = "GGC_OTA_FRESH_INTERPRETER"
 # Runs the script the way `python3 ggc_ota.py` does (argv[0], sys.path[0], __main__), except
 # that compile() frees the syntax tree before the code runs.
 SCRIPT_LOADER = ("import os, sys\n"
@@ -3310,37 +4009,22 @@ def print_status(report: dict, as_json: bool) -> None:
               f"{h.get('result')}" + (f" ({h.get('reason')})" if h.get("reason") else ""))
 
 
-def daemonize(argv: List[str], pid_file: str, timeout: float = 30.0) -> int:
+def daemonize(argv: List[str], pid_file: str) -> int:
     """Start a detached fresh copy of this executable (never a double fork: a frozen onefile
     binary deletes its extraction directory when its launcher exits) and exit 0 once it has
-    written the PID file; 1 with its reason if it dies first."""
-    import subprocess
-    if os.path.exists(pid_file):
-        os.unlink(pid_file)
-    cmd = agent_command(running_agent_file(), argv + ["--foreground", DAEMON_CHILD_FLAG])
-    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             start_new_session=True, close_fds=True, env=child_environment())
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if os.path.exists(pid_file) and child.poll() is None:
-            # The daemon wrote its PID once it held the lock and ran. A frozen binary is a chain
-            # of launchers (staticx, PyInstaller) that forward signals to it: name the top one,
-            # the process this command started, as systemd expects of Type=forking.
-            write_pid(pid_file, child.pid)
-            return EXIT_OK
-        code = child.poll()
-        if code is not None:
-            err = (child.stderr.read() if child.stderr else b"").decode(errors="replace").strip().splitlines()
-            print(f"ggc-ota: the daemon exited with {code}: {err[-1] if err else 'no message'}", file=sys.stderr)
-            return code if code in (EXIT_RUNNING, EXIT_FAILED) else EXIT_FAILED
-        time.sleep(0.05)
-    print("ggc-ota: the daemon did not write its PID file in time", file=sys.stderr)
-    return EXIT_FAILED
+    written the PID file; 1 (3 when another agent runs) with its reason if it dies first."""
+    try:
+        start_daemon(agent_command(running_agent_file(), argv + ["--foreground", DAEMON_CHILD_FLAG]), pid_file)
+    except OtaError as err:
+        print(f"ggc-ota: {err}", file=sys.stderr)
+        return EXIT_RUNNING if err.reason == "ALREADY_RUNNING" else EXIT_FAILED
+    return EXIT_OK
 
 
 def run_agent(args: Any, argv: List[str]) -> int:
     if os.geteuid() != 0:
-        raise OtaError("the agent must run as root (R12); --dry-run and --status do not need it", "NOT_ROOT")
+        raise OtaError("the agent must run as root; --dry-run and --status do not need it", "NOT_ROOT")
+    os.umask(0o022)  # whatever started it: the log, history and state are never writable by others
     root = args.root or default_root(running_agent_file())
     cfg = load_config(root, args.config)
     pid_file = args.pid_file or os.path.join(cfg.ota["stateDir"], "ggc-ota.pid")
@@ -3353,10 +4037,37 @@ def run_agent(args: Any, argv: List[str]) -> int:
         die_with_launcher()
         for path in clean_stale_extractions():
             log.info("removed the stale extraction directory %s", path)
-    agent = Agent(cfg, argv, args.log_level, pid_file if (args.daemon_child or args.pid_file) else None)
-    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
-    signal.signal(signal.SIGINT, lambda *_: agent.stop())
+    agent = Agent(cfg, argv, args.log_level, pid_file if (args.daemon_child or args.pid_file) else None,
+                  daemon=args.daemon_child)
+    handle_signals(agent)
     return agent.run()
+
+
+def handle_signals(agent: Agent) -> None:
+    """SIGTERM and SIGINT stop the agent; SIGHUP reopens the log file. A Python signal handler
+    runs in the main thread between two bytecodes, perhaps while that thread holds a lock the
+    handler would need (the MQTT client's, a queue's): so the handler only writes the signal's
+    number into a pipe, and a thread of its own acts on it."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        try:
+            os.write(write_end, bytes([signum]))
+        except OSError:  # the pipe is full: that signal is pending already
+            pass
+
+    def act() -> None:
+        while True:
+            for signum in os.read(read_end, 64):
+                if signum == signal.SIGHUP:
+                    reopen_log_files()
+                else:
+                    agent.stop()
+
+    threading.Thread(target=act, name="signals", daemon=True).start()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
 
 
 def restart_without_syntax_tree(argv: List[str]) -> None:
@@ -3377,68 +4088,41 @@ def restart_without_syntax_tree(argv: List[str]) -> None:
         print(f"ggc-ota: could not restart without the syntax tree ({err}); going on", file=sys.stderr)
 
 
-def write_pid(path: str, pid: Optional[int] = None) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(f"{pid or os.getpid()}\n")
-    os.replace(tmp, path)
-
-
 # ---- frozen binaries (PyInstaller onefile + staticx) ------------------------------------------
 
 
 def die_with_launcher() -> None:
-    """A frozen binary is a chain of launchers (staticx, then PyInstaller, then this Python
-    process). When the top launcher is killed, even with SIGKILL, this process must stop too
+    """A frozen binary is a stack of launchers (staticx, then PyInstaller, then this Python
+    process). When its top launcher is killed, even with SIGKILL, this process must stop too
     rather than live on as an orphan beside a respawned agent: PR_SET_PDEATHSIG covers the
-    direct parent, and a watchdog thread covers the top launcher."""
+    direct parent, and a watchdog thread the top launcher of this stack. Only this stack's own:
+    whatever started it (a shell, an init system, the `ggc-ota` that daemonized it, an old agent
+    that handed over) may exit as it likes."""
     prctl = libc_function("prctl")
     if prctl is not None:
         pr_set_pdeathsig = 1
         prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-    top = top_launcher()
+    top = own_top_launcher()
     if top is not None:
-        threading.Thread(target=_watch_launcher, args=top, name="launcher-watch", daemon=True).start()
+        watch_process(top[0], top[1], "the launcher process")
 
 
-def _proc_stat(pid: int) -> Optional[List[str]]:
-    """Fields of /proc/<pid>/stat after the command name, or None when gone (or a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] == "Z" else fields
-
-
-def top_launcher() -> Optional[Tuple[int, str]]:
-    """(pid, start time) of the outermost ancestor that runs this same program."""
-    program = os.path.realpath(running_agent_file())
-    found = None
-    pid = os.getppid()
-    while pid > 1:
-        fields = _proc_stat(pid)
-        if fields is None:
+def own_top_launcher() -> Optional[Tuple[int, str]]:
+    """(pid, start time) of the outermost launcher of this process's own stack: its parent (the
+    PyInstaller bootloader) and, when staticx started that (STATICX_PROG_PATH is set), the
+    grandparent. Never further up."""
+    levels = 2 if os.environ.get("STATICX_PROG_PATH") else 1
+    pid, found = os.getpid(), None
+    for _ in range(levels):
+        fields = proc_stat(pid)
+        if fields is None or int(fields[1]) <= 1:
             break
-        try:
-            exe = os.path.realpath(os.readlink(f"/proc/{pid}/exe"))
-        except OSError:
-            break
-        if exe == program or "/staticx-" in exe or "/_MEI" in exe:
-            found = (pid, fields[19])  # field 22 of stat: the start time, against pid reuse
         pid = int(fields[1])
+        started = process_start_time(pid)
+        if not started:
+            break
+        found = (pid, started)
     return found
-
-
-def _watch_launcher(pid: int, started: str) -> None:
-    while True:
-        time.sleep(1.0)
-        fields = _proc_stat(pid)
-        if fields is None or fields[19] != started:
-            log.warning("the launcher process %d is gone; stopping", pid)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
 
 
 STALE_EXTRACTION_AGE = 60.0

@@ -113,9 +113,17 @@ def test_script_rules(scripts):
         g.check_script(str(scripts))
     os.chown(scripts, 0, 0)
     os.chmod(scripts.parent, 0o775)
-    with pytest.raises(g.ScriptInvalid, match="directory"):
+    with pytest.raises(g.ScriptInvalid, match="writable by others than root"):
         g.check_script(str(scripts))
     os.chmod(scripts.parent, 0o755)
+    grandparent = scripts.parent.parent  # any directory on the way: whoever can write it can swap the script
+    mode = grandparent.stat().st_mode
+    os.chmod(grandparent, 0o777)
+    with pytest.raises(g.ScriptInvalid, match=str(grandparent)):
+        g.check_script(str(scripts))
+    os.chmod(grandparent, 0o1777)  # sticky, as /tmp: others cannot replace root's entries
+    g.check_script(str(scripts))
+    os.chmod(grandparent, mode)
     link = scripts.parent / "link.sh"
     link.symlink_to(scripts)
     with pytest.raises(g.ScriptInvalid, match="regular file"):

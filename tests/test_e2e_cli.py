@@ -26,9 +26,32 @@ def test_version(device):
 def test_two_agents_on_one_root(device):
     device.start()
     device.wait_log("connected to", timeout=20)
-    second = device.run("--root", str(device.root), "--foreground", timeout=30)
+    started = time.monotonic()
+    second = device.run("--root", str(device.root), "--foreground", timeout=60)
     assert second.returncode == 3 and "another agent" in second.stderr
+    assert time.monotonic() - started >= 14  # it waited for the holder to stop, 15 s, then gave up
     assert device.proc.poll() is None
+
+
+@pytest.mark.frozen
+def test_a_start_waits_for_the_agent_that_is_still_stopping(device):
+    """An init system's restart, or a respawn after a launcher died, can start the agent while
+    the previous one still holds the lock: the new one waits for it instead of exiting 3."""
+    import fcntl
+    device.state_dir = device.root / "ota-state"
+    device.state_dir.mkdir(exist_ok=True)
+    fd = os.open(device.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, b"4242")
+    try:
+        proc = device.start()
+        device.wait_log("waiting up to 15 s for the agent that holds the lock (pid 4242) to stop", timeout=30)
+        time.sleep(2)
+        assert proc.poll() is None and "connected to" not in device.log()
+    finally:
+        os.close(fd)  # the previous agent is gone
+    device.wait_log("connected to", timeout=30)
+    assert proc.poll() is None
 
 
 @pytest.mark.skipif(bool(os.environ.get("GGC_OTA_AGENT")), reason="the script form only (a binary is precompiled)")

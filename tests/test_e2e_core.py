@@ -265,7 +265,7 @@ def test_full_disk(cloud, tmp_path, small_disk):
         job = device.update_job()
         device.wait_log(f"job {job}: downloaded", timeout=30)
         st = os.statvfs(small_disk)
-        with open(small_disk / "filler", "wb") as f:  # someone else eats the rest of the disk
+        with open(small_disk / "filler", "wb", buffering=0) as f:  # someone else eats the rest of the disk
             try:
                 f.write(b"\0" * (st.f_bavail * st.f_frsize))
             except OSError:
@@ -276,5 +276,137 @@ def test_full_disk(cloud, tmp_path, small_disk):
         assert_untouched(device, *before)
         assert not list((device.root / "ota-state/downloads").iterdir())  # the partial file is gone
         time.sleep(0.2)
+    finally:
+        device.stop()
+
+
+# ---- the health check before the commit ---------------------------------------------------------
+
+def health_device(cloud, tmp_path, **ota):
+    settings = {"healthCheckSeconds": 3, "healthCheckTimeout": 4}
+    settings.update(ota)
+    device = Device(cloud, tmp_path, ota=settings)
+    device.dev.lab.mkdir(parents=True, exist_ok=True)
+    import subprocess
+    subprocess.run([str(device.root / "ggc/core/greengrassd"), "start"], check=True)  # the old core runs
+    return device
+
+
+def health_script(device, body: str) -> None:
+    import os
+    script = device.root / "usr/scripts/ggc_health_check.sh"
+    script.write_text("#!/bin/sh\n" + body + "\n")
+    os.chmod(script, 0o700)
+
+
+@pytest.mark.parametrize("case", ["daemon-lives", "daemon-dies", "script-passes", "script-fails", "script-hangs"])
+def test_health_check_before_commit(cloud, tmp_path, case):
+    device = health_device(cloud, tmp_path, corePidFile=str(tmp_path / "greengrass.lab/greengrassd.pid"))
+    try:
+        before = device.dev.tree_digest("ggc")
+        if case == "daemon-dies":
+            (device.dev.lab / "greengrassd.1.11.6.dies-after").write_text("1")
+        if case.startswith("script"):
+            health_script(device, {"script-passes": "exit 0", "script-fails": "echo core not ready; exit 1",
+                                   "script-hangs": "sleep 100"}[case])
+        device.release_core("1.11.6")
+        device.start()
+        ex = device.wait_status(device.update_job(), timeout=90)
+        if case in ("daemon-lives", "script-passes"):
+            assert ex["status"] == "SUCCEEDED", device.log()[-3000:]
+            assert (device.dev.lab / "greengrassd.version").read_text().strip() == "1.11.6"
+            return
+        assert ex["status"] == "FAILED", device.log()[-3000:]
+        assert details(ex)["reason"] == "HEALTH_CHECK_FAILED" and details(ex)["rolledBack"] == "true"
+        assert device.dev.tree_digest("ggc") == before
+        assert (device.dev.lab / "greengrassd.version").read_text().strip() == "1.11.5"  # the old core runs again
+        if case == "daemon-dies":
+            assert "died" in details(ex)["message"]
+    finally:
+        device.stop()
+
+
+def test_without_script_or_pid_file_the_health_check_is_skipped_with_a_warning(cloud, device):
+    device.release_core("1.11.6")
+    device.start()
+    assert device.wait_status(device.update_job())["status"] == "SUCCEEDED"
+    assert "no health check: neither" in device.log()
+
+
+@pytest.mark.parametrize("name", ["ota_pre_update.sh", "ota_post_update.sh"])
+def test_a_core_update_needs_all_four_scripts(cloud, device, name):
+    (device.root / "usr/scripts" / name).unlink()
+    before = snapshot(device)
+    device.release_core("1.11.6")
+    device.start()
+    ex = device.wait_status(device.update_job())
+    assert ex["status"] == "FAILED" and details(ex)["reason"] == "SCRIPT_INVALID"
+    assert name in details(ex)["message"] and device.dev.hook_calls() == []
+    assert_untouched(device, *before)
+
+
+MALFORMED = {
+    "log level a list": {"updateAgentLogLevel": []},
+    "log level an object": {"updateAgentLogLevel": {"a": 1}},
+    "port out of range": {"artifact": {"url": "https://localhost:99999/x", "sha256": "0" * 64, "size": 1}},
+    "url with a newline": {"artifact": {"url": "https://a/x\nb", "sha256": "0" * 64, "size": 1}},
+    "software a list": {"softwareToUpdate": ["core"]},
+    "architecture a number": {"updateTargetsArchitecture": 64},
+    "size a string": {"artifact": {"url": "https://a/x", "sha256": "0" * 64, "size": "12"}},
+    "version with a newline": {"version": "1.0\n"},
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_document_is_rejected_and_the_next_job_runs(cloud, device, case):
+    doc = {"softwareToUpdate": "core", "version": "1.11.6", "updateTargetsArchitecture": "x86_64",
+           "updateTargetsOperatingSystem": "ubuntu", "artifact": {"url": "https://a/x", "sha256": "0" * 64, "size": 1}}
+    doc.update(MALFORMED[case])
+    bad = "bad-" + device.thing
+    cloud.create_job(bad, [cloud.thing_arn(device.thing)], doc)
+    device.release_core("1.11.6")
+    proc = device.start()
+    good = device.update_job()
+    ex = device.wait_status(bad)
+    assert ex["status"] == "REJECTED" and details(ex)["reason"] == "INVALID_DOCUMENT", device.log()[-2000:]
+    assert device.wait_status(good)["status"] == "SUCCEEDED"
+    assert proc.poll() is None
+
+
+def test_the_disk_filling_after_the_pre_update_script_still_rolls_back(cloud, tmp_path, small_disk):
+    """The pre-update script has stopped the core; then the disk fills up. The rollback needs
+    no room: the old tree stays, the post-update script starts the old core, FAILED DISK_FULL
+    with rolledBack "true" is reported, and the agent goes on."""
+    import os
+    import time
+    device = Device(cloud, small_disk, ota={"minFreeBytes": 0, "logFile": str(tmp_path / "agent.log")})
+    device.artifacts = tmp_path
+    try:
+        before = snapshot(device)
+        device.release_core("1.11.6", payload_bytes=1_000_000)
+        device.dev.hang_script("ggc_pre_update.sh", 3)
+        proc = device.start()
+        job = device.update_job()
+        device.wait_log("hook: running ggc_pre_update.sh", timeout=60)
+        st = os.statvfs(small_disk)
+        with open(small_disk / "filler", "wb", buffering=0) as f:  # someone else eats the rest of the disk
+            try:
+                f.write(b"\0" * (st.f_bavail * st.f_frsize))
+            except OSError:
+                pass
+        ex = device.wait_status(job, timeout=90)
+        assert ex["status"] == "FAILED" and details(ex)["reason"] == "DISK_FULL", device.log()[-3000:]
+        assert details(ex)["rolledBack"] == "true"
+        assert_untouched(device, *before)
+        assert proc.poll() is None
+        (small_disk / "filler").unlink()
+        device.stop()
+        connects = device.log().count("connected to")
+        device.start()  # and a restart is clean
+        deadline = time.monotonic() + 30
+        while device.log().count("connected to") == connects:
+            assert time.monotonic() < deadline and device.proc.poll() is None, device.log()[-3000:]
+            time.sleep(0.1)
+        assert device.status()["updateInFlight"] is None
     finally:
         device.stop()

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.agent_harness import Device
+from tests.agent_harness import Device, details
 
 pytestmark = pytest.mark.e2e
 
@@ -92,5 +92,60 @@ def test_sigkill_mid_download_resumes(cloud, tmp_path):
         assert device.wait_status(job)["status"] == "SUCCEEDED"
         ranges = [r for r, status in obj.requests if status == 206]
         assert ranges, obj.requests  # the second agent resumed the partial file
+    finally:
+        device.stop()
+
+
+def digest(tree, as_recorded=None) -> list:
+    """The content of a tree (or of a tree_digest record of it), by relative path."""
+    if as_recorded is not None:
+        prefix = tree.name + "/"
+        return sorted((k.split("/", 1)[1], v) for k, v in as_recorded.items() if k.startswith(prefix))
+    import hashlib
+    return sorted((str(p.relative_to(tree)), "dir" if p.is_dir() and not p.is_symlink() else
+                   "link:" + str(p.readlink()) if p.is_symlink() else hashlib.sha256(p.read_bytes()).hexdigest())
+                  for p in tree.rglob("*"))
+
+
+CORRUPTIONS = {
+    "empty": lambda raw: b"",
+    "truncated": lambda raw: raw[:len(raw) // 2],
+    "garbage": lambda raw: b"\x00\xff not json at all",
+    "not an object": lambda raw: b"[1, 2, 3]",
+    "keys missing": lambda raw: b'{"jobId": "x"}',
+}
+
+
+@pytest.mark.parametrize("step", ["after_pre_update", "after_swap", "after_post_update"])
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_an_unreadable_journal_deletes_nothing(cloud, tmp_path, step, corruption):
+    """Nothing is deleted on doubt: with the journal unreadable, the live tree stays as the crash
+    left it, the staged trees (the old one among them, after the swap) are kept, the live core
+    is started, and the job ends FAILED JOURNAL_CORRUPT."""
+    device = Device(cloud, tmp_path)
+    try:
+        old_tree = device.dev.tree_digest("ggc")
+        device.release_core("1.11.6")
+        device.start(crash_at=step)
+        job = device.update_job()
+        assert device.wait_exit(60) == 99, device.log()[-3000:]
+        journal = device.root / "ota-state/journal.json"
+        journal.write_bytes(CORRUPTIONS[corruption](journal.read_bytes()))
+        live = device.dev.tree_digest("ggc")
+        device.start()
+        ex = device.wait_status(job)
+        assert ex["status"] == "FAILED" and details(ex)["reason"] == "JOURNAL_CORRUPT", device.log()[-3000:]
+        assert details(ex)["rolledBack"] == "false" and "kept in" in details(ex)["message"]
+        assert device.dev.tree_digest("ggc") == live
+        kept = list((device.root / "ota-state/kept").iterdir())
+        assert len(kept) == 1
+        if step == "after_pre_update":  # not swapped yet: the old tree is live, the new one kept
+            assert live == old_tree and (kept[0] / "new").is_dir()
+        else:  # swapped: the new tree is live, and the old one, kept, is whole
+            assert live != old_tree and digest(kept[0] / "old") == digest(device.root / "ggc", old_tree)
+        assert list((device.root / "ota-state").glob("journal.json.corrupt-*"))
+        version = device.dev.core_version()
+        assert (device.dev.lab / "greengrassd.version").read_text().strip() == version  # the live core runs
+        assert device.proc.poll() is None and device.status()["updateInFlight"] is None
     finally:
         device.stop()

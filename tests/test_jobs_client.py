@@ -81,3 +81,23 @@ def test_foreign_replies_and_garbage_are_ignored(thing, jobs):
     assert not jobs.handle("$aws/things/other/jobs/notify", b"{}")
     assert jobs.handle(f"$aws/things/{thing}/jobs/get/accepted", b"not json")
     assert jobs.handle(f"$aws/things/{thing}/jobs/get/accepted", b'{"clientToken": "nobody-waits"}')
+
+
+@pytest.mark.parametrize("job_id,ok", [("GreengrassUpdateJob_1-a", True), ("j" * 64, True), ("j" * 65, False),
+                                       ("", False), ("../../ggc", False), ("a+b", False), ("a/b", False),
+                                       ("x\x00y", False), ("a\n", False), (7, False), (None, False)])
+def test_job_ids_are_aws_job_ids_and_only_they_name_files(tmp_path, job_id, ok):
+    assert g.valid_job_id(job_id) is ok
+    if ok:
+        assert g.State.job_path(str(tmp_path), job_id, ".json") == str(tmp_path / (job_id + ".json"))
+    else:
+        with pytest.raises(g.OtaError) as err:
+            g.State.job_path(str(tmp_path), job_id)
+        assert err.value.reason == "INVALID_JOB_ID"
+
+
+def test_describe_refuses_a_bad_id_without_asking(cloud, thing, jobs):
+    sent = len(cloud.jobs.requests)
+    with pytest.raises(g.MqttProtocolError):
+        jobs.describe("../x")
+    assert len(cloud.jobs.requests) == sent

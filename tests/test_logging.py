@@ -49,3 +49,21 @@ def test_presigned_queries_are_redacted(tmp_path):
     text = log_file.read_text()
     assert "deadbeef" not in text and "sig=1" not in text and "https://b.s3.amazonaws.com/k.tgz?<redacted>" in text
     logging.getLogger("ggc-ota").handlers.clear()
+
+
+def test_redaction_of_presigned_parameters_in_every_form():
+    signed = "X-Amz-Algorithm=AWS4&X-Amz-Credential=AKIA%2F&X-Amz-Signature=deadbeef"
+    for text in (f"https://b.s3.amazonaws.com/k?{signed}", f"HTTPS://b.s3.amazonaws.com/k?{signed}",
+                 f"error for /k?{signed} (http.client, no scheme)", "x-amz-signature=deadbeef and more"):
+        clean = g.redact(text)
+        assert "deadbeef" not in clean and "AKIA" not in clean, clean
+
+
+def test_a_record_is_one_bounded_line(tmp_path):
+    log_file = tmp_path / "ggc_ota.txt"
+    g.setup_logging(str(log_file), "INFO", to_stderr=False)
+    g.log.info("job %s starting", "evil\n2026-01-01 00:00:00,000 CRITICAL forged\x1b[31m")
+    g.log.info("member %s", "n" * 10_000_000)
+    lines = log_file.read_text().splitlines()
+    assert len(lines) == 2 and "\\x0a2026" in lines[0] and "\\x1b" in lines[0]
+    assert len(lines[1]) < g.MAX_LOG_RECORD + 200 and "more characters" in lines[1]

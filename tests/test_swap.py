@@ -18,7 +18,8 @@ def layout(tmp_path):
     (stage / "new/new.txt").write_text("new")
     state = g.State(str(tmp_path / "state"))
     state.ensure()
-    journal = {"jobId": "job", "live": str(root / "ggc"), "new": str(stage / "new"), "old": str(stage / "old"),
+    journal = {"jobId": "job", "executionNumber": 1, "software": "core", "stage": str(stage),
+               "live": str(root / "ggc"), "new": str(stage / "new"), "old": str(stage / "old"),
                "liveId": g.path_id(str(root / "ggc")), "newId": g.path_id(str(stage / "new")), "step": "pre_update"}
     return root, state, journal
 
@@ -87,11 +88,17 @@ def test_copy_kept_replaces_the_new_trees_copy(tmp_path):
 def test_journal_and_outbox_and_history(tmp_path):
     state = g.State(str(tmp_path / "s"))
     state.ensure()
-    assert state.journal() is None
-    state.write_journal({"step": "x"})
-    assert state.journal() == {"step": "x"}
-    (tmp_path / "s/journal.json").write_text("{torn")
-    assert state.journal() is None and (tmp_path / "s/journal.json.corrupt").exists()
+    assert state.journal() is None and not state.has_journal()
+    record = {key: "x" for key in g.JOURNAL_KEYS}
+    state.write_journal(record)
+    assert state.journal() == record
+    for torn in ("{torn", "", "[]", '{"step": "x"}', "x" * (g.JOURNAL_MAX_BYTES + 1)):
+        (tmp_path / "s/journal.json").write_text(torn)
+        with pytest.raises(g.JournalCorrupt):  # doubt is never "no journal"
+            state.journal()
+        assert state.has_journal()
+    aside = state.set_aside_journal()
+    assert not state.has_journal() and os.path.exists(aside)
     state.queue_status({"jobId": "j", "status": "IN_PROGRESS", "statusDetails": {}, "at": 1})
     state.queue_status({"jobId": "j", "status": "SUCCEEDED", "statusDetails": {}, "at": 2})
     assert [e["status"] for e in state.pending_statuses()] == ["SUCCEEDED"]  # the latest wins

@@ -142,6 +142,7 @@ class JobsService:
         self.lock = threading.RLock()
         self.requests: list[dict] = []  # every request received, for assertions
         self._faults: list[dict] = []
+        self._tampers: list[dict] = []
         self._last_pending: dict[str, list] = {}
         self._last_head: dict[str, Optional[tuple]] = {}
         self._stop = threading.Event()
@@ -248,6 +249,19 @@ class JobsService:
         with self.lock:
             self._faults.append({"thing": thing, "operation": operation, "code": code, "count": count})
 
+    def inject_reply(self, thing: str, operation: str, change: Callable[[dict], dict], count: int = 1) -> None:
+        """Pass the next `count` accepted replies to `operation` from `thing` through `change`
+        before they are sent: a hostile or broken cloud, for the device's tests."""
+        with self.lock:
+            self._tampers.append({"thing": thing, "operation": operation, "change": change, "count": count})
+
+    def _tamper(self, thing: str, operation: str, reply: dict) -> dict:
+        for tamper in self._tampers:
+            if tamper["thing"] == thing and tamper["operation"] == operation and tamper["count"] > 0:
+                tamper["count"] -= 1
+                return tamper["change"](copy.deepcopy(reply))
+        return reply
+
     def stop(self) -> None:
         self._stop.set()
         self._ticker.join(5)
@@ -271,7 +285,7 @@ class JobsService:
                 reply = self._dispatch(thing, operation, job_id, request)
                 if "clientToken" in request:
                     reply["clientToken"] = request["clientToken"]
-                self._publish(topic + "/accepted", reply)
+                self._publish(topic + "/accepted", self._tamper(thing, operation, reply))
             except JobsError as err:
                 self._publish(topic + "/rejected", self._rejection(err, request))
             self._announce(thing)

@@ -1,0 +1,118 @@
+"""End to end: input from outside is hostile until checked. Cloud replies that name other jobs
+or carry ids that are not AWS job ids, floods of notifications, signals (SIGHUP from a
+logrotate, SIGTERM at any moment), a umask of 000: the agent neither crashes nor writes outside
+its trees, and keeps working."""
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import time
+
+import pytest
+
+from tests.agent_harness import Device, details, device  # noqa: F401 (device is a fixture)
+
+pytestmark = pytest.mark.e2e
+
+
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_a_describe_reply_about_another_job_is_refused(device, cloud):
+    """A reply whose jobId is `../../ggc` (or any other job than the one asked for) is refused: no
+    path is built from it, nothing is deleted, and the job runs once the cloud answers right."""
+    device.release_core("1.11.6")
+    outside = device.root.parent / "ggc"
+    outside.mkdir()
+    (outside / "victim").write_text("keep me")
+    cloud.jobs.inject_reply(device.thing, "describe",
+                            lambda reply: {**reply, "execution": {**reply["execution"], "jobId": "../../ggc"}})
+    device.start()
+    ex = device.wait_status(device.update_job(), timeout=90)
+    assert ex["status"] == "SUCCEEDED", device.log()[-3000:]
+    assert "is about another job" in device.log()
+    assert (outside / "victim").read_text() == "keep me"
+    assert device.proc.poll() is None
+
+
+@pytest.mark.parametrize("bad_id", ["../../ggc", "a+b", "a#b", "x\u0000y", "line\nCRITICAL forged", "j" * 65])
+def test_job_ids_that_are_not_aws_job_ids_are_ignored(device, cloud, bad_id):
+    device.release_core("1.11.6")
+    cloud.jobs.inject_reply(device.thing, "get", lambda reply: {
+        **reply, "queuedJobs": [{"jobId": bad_id, "queuedAt": 1, "executionNumber": 1}] + reply["queuedJobs"]})
+    device.start()
+    ex = device.wait_status(device.update_job(), timeout=90)
+    assert ex["status"] == "SUCCEEDED", device.log()[-3000:]
+    assert "ignoring a summary with an invalid jobId" in device.log()
+    assert "\nCRITICAL forged" not in device.log()
+    assert not (device.root.parent / "ggc").exists() and device.proc.poll() is None
+
+
+def test_a_flood_of_notifications_is_one_pending_sync(device, cloud):
+    """2000 notify messages of 90 KB each: they coalesce into one flag, the agent's memory does
+    not grow with them, and it still takes the next job."""
+    proc = device.start()
+    device.wait_log("connected to", timeout=30)
+    time.sleep(1)
+    before = rss_kib(proc.pid)
+    filler = {"jobs": {"QUEUED": [{"jobId": f"other-{i}", "queuedAt": 1, "executionNumber": 1}
+                                  for i in range(1500)]}, "timestamp": 1}
+    assert 80_000 < len(str(filler)) < 120_000
+    topic = f"$aws/things/{device.thing}/jobs/notify"
+    for _ in range(2000):
+        cloud._publish(topic, filler)
+    time.sleep(3)
+    grown = rss_kib(proc.pid) - before
+    assert grown < 30 * 1024, f"the agent grew by {grown} KiB"
+    device.release_core("1.11.6")
+    assert device.wait_status(device.update_job(), timeout=90)["status"] == "SUCCEEDED"
+
+
+def test_sighup_reopens_the_log_and_the_agent_goes_on(device):
+    proc = device.start()
+    device.wait_log("connected to", timeout=30)
+    rotated = device.log_path.with_suffix(".txt.1")
+    os.replace(device.log_path, rotated)
+    os.kill(proc.pid, signal.SIGHUP)  # what logrotate's postrotate does
+    device.wait_log("log file reopened", timeout=10)
+    assert proc.poll() is None and "log file reopened" not in rotated.read_text()
+    device.release_core("1.11.6")
+    assert device.wait_status(device.update_job(), timeout=90)["status"] == "SUCCEEDED"
+
+
+def test_sigterm_storm_during_an_update_never_deadlocks(device, cloud):
+    """Signals arrive while the main thread holds the MQTT client's and the queue's locks: the
+    handler only writes to a pipe, so the agent stops within seconds however they land."""
+    art = device.release_core("1.11.6", payload_bytes=600_000)
+    key = next(r.key for r in cloud.greengrass.releases if r.sha256 == art.sha256)
+    cloud.store.objects[f"greengrass-updates/{key}"].faults.throttle_bps = 400_000
+    proc = device.start()
+    device.update_job()
+    device.wait_log("downloaded", timeout=30)
+    for _ in range(50):
+        os.kill(proc.pid, signal.SIGHUP)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(15) == 0
+
+
+def test_a_umask_of_000_leaves_no_file_writable_by_others(cloud, tmp_path):
+    device = Device(cloud, tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "GGC_OTA_CRASH_AT"}
+    device.proc = subprocess.Popen(device.command("--root", str(device.root), "--foreground"), env=env,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True, preexec_fn=lambda: os.umask(0))
+    try:
+        device.release_core("1.11.6")
+        assert device.wait_status(device.update_job(), timeout=90)["status"] == "SUCCEEDED"
+        state = device.root / "ota-state"
+        for path in [device.log_path, *state.rglob("*")]:
+            mode = path.lstat().st_mode
+            assert not mode & stat.S_IWOTH and not (mode & stat.S_IWGRP), (path, oct(mode))
+    finally:
+        device.stop()
