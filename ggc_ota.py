@@ -1416,6 +1416,7 @@ class JobsClient:
 # ============================================================================================
 
 DOWNLOAD_CHUNK = 256 * 1024
+STALL_BYTES = 1024  # fewer bytes than this in downloadReadTimeout seconds: the download stalled
 
 
 class DownloadError(OtaError):
@@ -1468,8 +1469,10 @@ class Download:
                  fresh_url: Optional[Callable[[], str]] = None,
                  progress: Optional[Callable[[int, int], None]] = None, progress_interval: float = 10.0,
                  read_timeout: float = 60.0, retries: int = 8, retry_base: float = 1.0, retry_cap: float = 60.0,
-                 should_stop: Optional[Callable[[], bool]] = None, rng: Optional[random.Random] = None) -> None:
+                 should_stop: Optional[Callable[[], bool]] = None, rng: Optional[random.Random] = None,
+                 stall_bytes: int = STALL_BYTES) -> None:
         self.url = url
+        self.stall_bytes = stall_bytes
         self.dest = dest
         self.sha256 = sha256
         self.size = size
@@ -1484,6 +1487,8 @@ class Download:
         self.should_stop = should_stop
         self.rng = rng or random.Random()
         self.url_refreshes = 0
+        self._aborted = False
+        self._conn: Any = None  # the request under way, for abort()
         self._have = 0  # bytes in the partial file, all of them in _digest
         self._digest: Any = None
         self._last_report = 0.0
@@ -1518,7 +1523,10 @@ class Download:
                 self._one_request()
                 failures = 0
             except _Transient as err:
-                failures = 0 if self._have > before else failures + 1  # progress made: not a failure streak
+                if self._aborted or (self.should_stop is not None and self.should_stop()):
+                    raise DownloadError("download stopped", "CANCELED") from None
+                # Progress made ends a failure streak, but a stall is a failure however little it brought.
+                failures = 0 if self._have > before and not err.stalled else failures + 1
                 if failures > self.retries:
                     raise DownloadError(f"giving up after {failures} failed attempts: {err}") from None
                 delay = backoff_delay(max(0, failures - 1), self.retry_base, self.retry_cap, self.rng)
@@ -1558,6 +1566,7 @@ class Download:
         target = parts.path + ("?" + parts.query if parts.query else "")
         conn = http.client.HTTPSConnection(parts.hostname or "", parts.port or 443, context=self.context,
                                            timeout=self.read_timeout)
+        self._conn = conn
         headers = {"User-Agent": f"ggc-ota/{__version__}"}
         if self._have:
             headers["Range"] = f"bytes={self._have}-"
@@ -1599,24 +1608,44 @@ class Download:
             raise DownloadError(f"the server has {self._have + int(length)} bytes, the job document says "
                                 f"{self.size}", "SIZE_MISMATCH")
 
+    def abort(self) -> None:
+        """From another thread (SIGTERM): end the request under way at once; a read blocked on a
+        silent server returns, and the download stops (its partial file is kept)."""
+        self._aborted = True
+        conn = self._conn
+        sock = getattr(conn, "sock", None) if conn is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def _stream(self, resp: http.client.HTTPResponse) -> None:
+        """Write what arrives, one socket read at a time (read1: a server that sends one byte
+        every few seconds cannot hold a read for long), checking between reads whether to stop.
+        Less than STALL_BYTES in `read_timeout` seconds is a stall: the request is retried."""
         import http.client
-        buf = bytearray(DOWNLOAD_CHUNK)
-        view = memoryview(buf)
+        window_start, window_bytes = time.monotonic(), 0
         with open(self.partial, "r+b", buffering=0) as f:
             f.seek(self._have)
             f.truncate()
             try:
                 while self._have < self.size:
-                    n = resp.readinto(view[:min(len(buf), self.size - self._have)])
-                    if not n:
+                    data = resp.read1(min(DOWNLOAD_CHUNK, self.size - self._have))
+                    if not data:
                         raise _Transient(f"connection closed at byte {self._have} of {self.size}")
-                    f.write(view[:n])
-                    self._digest.update(view[:n])
-                    self._have += n
+                    f.write(data)
+                    self._digest.update(data)
+                    self._have += len(data)
+                    window_bytes += len(data)
                     self._report_progress()
-                    if self.should_stop is not None and self.should_stop():
+                    if self._aborted or (self.should_stop is not None and self.should_stop()):
                         break
+                    if time.monotonic() - window_start >= self.read_timeout:
+                        if window_bytes < self.stall_bytes:
+                            raise _Transient(f"the download stalled: {window_bytes} bytes in "
+                                             f"{self.read_timeout:.0f} s", stalled=True)
+                        window_start, window_bytes = time.monotonic(), 0
             except (OSError, http.client.HTTPException) as err:
                 if isinstance(err, OSError) and err.errno == errno.ENOSPC:
                     raise OtaError(f"the disk filled up at byte {self._have} of {self.size}", "DISK_FULL") from None
@@ -1649,11 +1678,13 @@ class Download:
 
 
 class _Transient(Exception):
-    """A failure worth retrying. `restart`: the partial file is unusable; start from byte 0."""
+    """A failure worth retrying. `restart`: the partial file is unusable; start from byte 0.
+    `stalled`: data came, too slowly to count as progress."""
 
-    def __init__(self, message: str, restart: bool = False) -> None:
+    def __init__(self, message: str, restart: bool = False, stalled: bool = False) -> None:
         super().__init__(message)
         self.restart = restart
+        self.stalled = stalled
 
 
 def libc_function(name: str) -> Optional[Callable[..., int]]:
@@ -1688,6 +1719,7 @@ def fsync_dir(path: str) -> None:
 
 MAX_ARCHIVE_MEMBERS = 100_000
 MAX_ARCHIVE_BYTES = 4 * 1024 ** 3
+MAX_HEADER_BYTES = 64 * 1024  # a GNU long name or a PAX header larger than this is refused unread
 SAFE_MODE_MASK = 0o755  # keeps the owner's bits and read/execute for others
 
 
@@ -1758,9 +1790,13 @@ class _ArchiveChecker:
             target = info.linkname
             if not target or target.startswith("/"):
                 raise UnsafeArchive(f"symlink {rel} -> {target!r}: only relative symlinks are allowed")
+            # It must stay inside the subtree that is installed (greengrass/ggc/ becomes <root>/ggc):
+            # greengrass/ggc/escape -> ../../etc stays inside the archive, but not inside <root>/ggc.
+            parts = rel.split("/")
+            subtree = "/".join(parts[:2])
             resolved = os.path.normpath(os.path.join(os.path.dirname(rel), target))
-            if resolved == ".." or resolved.startswith("../") or resolved.startswith("/"):
-                raise UnsafeArchive(f"symlink {rel} -> {target} points outside the archive")
+            if len(parts) < 3 or not resolved.startswith(subtree + "/"):
+                raise UnsafeArchive(f"symlink {rel} -> {target} points outside {subtree}/")
             return "symlink"
         if info.islnk():
             raise UnsafeArchive(f"hard link {rel}: not allowed")
@@ -1876,13 +1912,31 @@ def unpack(path: str, staging: str, max_members: int = MAX_ARCHIVE_MEMBERS,
     return count
 
 
+def _bounded_tarinfo() -> type:
+    """tarfile.TarInfo that refuses a GNU long-name/long-link or PAX header larger than
+    MAX_HEADER_BYTES before reading it: tarfile reads such headers whole, before any check of
+    ours could see the member (a 400 MB name in a 389 KB archive)."""
+    import tarfile
+
+    class BoundedTarInfo(tarfile.TarInfo):
+        def _proc_member(self, tarfile_: Any) -> Any:
+            extension = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                         tarfile.SOLARIS_XHDTYPE)
+            if self.type in extension and self.size > MAX_HEADER_BYTES:
+                raise UnsafeArchive(f"an extended header of {self.size} bytes (at most {MAX_HEADER_BYTES})")
+            return super()._proc_member(tarfile_)
+
+    return BoundedTarInfo
+
+
 def _unpack_stream(stream: _GunzipStream, staging: str, checker: _ArchiveChecker) -> int:
     import tarfile
+    _BoundedTarInfo = _bounded_tarinfo()  # noqa: N806 (a class)
     count = 0
     made = {staging}  # directories known to exist: no stat or mkdir per member
     writer = _FileWriter()
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|", bufsize=UNPACK_CHUNK)
+        tar = tarfile.open(fileobj=stream, mode="r|", bufsize=UNPACK_CHUNK, tarinfo=_BoundedTarInfo)
         for info in tar:
             rel = checker.check(info)
             dest = os.path.join(staging, rel)
@@ -1906,6 +1960,9 @@ def _unpack_stream(stream: _GunzipStream, staging: str, checker: _ArchiveChecker
     except (tarfile.TarError, EOFError) as err:
         writer.finish(check=False)
         raise UnsafeArchive(f"not a readable gzip tar archive: {err}") from None
+    except (RecursionError, MemoryError) as err:  # chained extension headers, and the like
+        writer.finish(check=False)
+        raise UnsafeArchive(f"the archive's headers are too deep or too large ({type(err).__name__})") from None
     except BaseException:
         writer.finish(check=False)
         raise
@@ -2226,9 +2283,15 @@ HEALTH_SCRIPT = "ggc_health_check.sh"
 HEALTH_RETRY_SECONDS = 2.0
 
 
+HOOK_TAIL_LINES = 10     # a failing script's last lines go into the error (and statusDetails.message)
+HOOK_TOKEN_ENV = "GGC_OTA_HOOK_RUN"
+HOOK_LINE_CHARS = 300
+
+
 def run_hook(argv: List[str], env_extra: Dict[str, str], timeout: float, cwd: str) -> None:
     name = os.path.basename(argv[0]) + (" " + " ".join(argv[1:]) if argv[1:] else "")
-    env = {"PATH": HOOK_PATH, "HOME": "/", "LANG": "C", **env_extra}
+    token = os.urandom(8).hex()  # every process the script starts inherits it, setsid or not
+    env = {"PATH": HOOK_PATH, "HOME": "/", "LANG": "C", **env_extra, HOOK_TOKEN_ENV: token}
     log.info("hook: running %s", name)
     import subprocess
     try:
@@ -2236,41 +2299,121 @@ def run_hook(argv: List[str], env_extra: Dict[str, str], timeout: float, cwd: st
                                 start_new_session=True, env=env, cwd=cwd)
     except OSError as err:
         raise HookFailed(f"{name} could not be started: {err.strerror or err}") from None
-    output: List[str] = []
-    reader = threading.Thread(target=_pump_output, args=(proc, name, output), daemon=True)
-    reader.start()
-    try:
-        code = proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        reader.join(5)
-        raise HookFailed(f"{name} did not finish within {timeout:.0f} s and was stopped", "HOOK_TIMEOUT") from None
-    reader.join(5)
+    tail: collections.deque = collections.deque(maxlen=HOOK_TAIL_LINES)
+    code = _read_until_exit(proc, name, tail, time.monotonic() + timeout)
+    if code is None:
+        kill_processes(lambda: set(session_members(proc.pid)) | set(processes_with_env(HOOK_TOKEN_ENV, token)))
+        proc.wait()
+        raise HookFailed(f"{name} did not finish within {timeout:.0f} s and was stopped{_said(tail)}",
+                         "HOOK_TIMEOUT")
     if code != 0:
-        raise HookFailed(f"{name} exited with {code}")
+        raise HookFailed(f"{name} {describe_exit(code)}{_said(tail)}")
     log.info("hook: %s succeeded", name)
 
 
-def _pump_output(proc: subprocess.Popen, name: str, output: List[str]) -> None:
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        line = raw.decode("utf-8", "replace").rstrip()
-        output.append(line)
-        log.info("hook %s: %s", name, line)
+def _said(tail: collections.deque) -> str:
+    return "; its last output: " + " | ".join(tail) if tail else ""
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _read_until_exit(proc: subprocess.Popen, name: str, tail: collections.deque, deadline: float) -> Optional[int]:
+    """Log the script's output line by line, keeping only its last lines, until the script
+    exits (its exit code) or the deadline passes (None). A process the script left running may
+    hold the pipe open: after the script's exit a thread drains and discards what it writes
+    (closing the pipe would kill that process with SIGPIPE at its next write)."""
     import subprocess
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    pending = b""
+    while True:
+        code = proc.poll()
+        if code is not None:
+            break
+        if time.monotonic() > deadline:
+            return None
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            data = os.read(fd, 65536)
+            if not data:  # every writer closed the pipe: only the exit is left to wait for
+                try:
+                    code = proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    return None
+                break
+            pending = _log_lines(pending + data, name, tail)
+    ready, _, _ = select.select([fd], [], [], 0.2)  # what the script wrote just before it exited
+    if ready:
+        data = os.read(fd, 65536)
+        pending = _log_lines(pending + data + (b"" if data else b"\n"), name, tail)
+        if data:
+            threading.Thread(target=_discard, args=(proc,), name="hook-drain", daemon=True).start()
+            return code
+    if pending:
+        _log_lines(pending + b"\n", name, tail)
+    proc.stdout.close()
+    return code
+
+
+def _log_lines(data: bytes, name: str, tail: collections.deque) -> bytes:
+    """Log each complete line of `data` (bounded), keep it in `tail`; returns the incomplete rest,
+    itself bounded."""
+    *lines, rest = data.split(b"\n")
+    for raw in lines:
+        line = raw.decode("utf-8", "replace").rstrip()[:HOOK_LINE_CHARS]
+        if line:
+            tail.append(line)
+            log.info("hook %s: %s", name, line)
+    return rest[-HOOK_LINE_CHARS * 4:]
+
+
+def _discard(proc: subprocess.Popen) -> None:
+    assert proc.stdout is not None
+    while proc.stdout.read1(65536):  # type: ignore[attr-defined]
+        pass
+    proc.stdout.close()
+
+
+def kill_processes(members_now: Callable[[], set], grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds, to every process `members_now()` names (asked
+    again each time: a script stopped late may have started more)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        members = members_now()
+        for pid in members:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + grace
+        while members and time.monotonic() < deadline:
+            time.sleep(0.05)
+            members = members_now()
+        if not members:
             return
-        try:
-            proc.wait(grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+
+
+def processes_with_env(key: str, value: str) -> List[int]:
+    """Processes whose environment holds key=value: what a script started, even after setsid
+    and a double fork took it out of the script's session and parentage."""
+    wanted = f"{key}={value}".encode()
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if wanted in f.read().split(b"\0"):
+                        out.append(int(entry))
+            except OSError:
+                pass
+    return [pid for pid in out if proc_stat(pid) is not None]
+
+
+def session_members(sid: int) -> List[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = proc_stat(int(entry))
+            if fields is not None and fields[3] == str(sid):
+                out.append(int(entry))
+    return out
 
 
 # ---- other processes: the agent's own launchers, a new agent on trial, a daemon handed over to ----
@@ -2373,7 +2516,7 @@ def write_json_atomic(path: str, value: Any, durable: bool = True) -> None:
     one survives a power cut once this returns."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open_new(tmp) as f:
             json.dump(value, f, indent=1, sort_keys=True)
             if durable:
                 f.flush()
@@ -2385,6 +2528,15 @@ def write_json_atomic(path: str, value: Any, durable: bool = True) -> None:
         raise
     if durable:
         fsync_dir(os.path.dirname(path) or ".")
+
+
+def open_new(path: str, mode: int = 0o600) -> Any:
+    """A new file for writing text, never through a symlink: whatever lies at `path` (a temp file
+    a crash left, a planted link) is removed first, then the file is created exclusively."""
+    if os.path.lexists(path):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    return os.fdopen(fd, "w", encoding="utf-8")
 
 
 def read_json(path: str) -> Any:
@@ -2426,8 +2578,14 @@ class State:
         self._lock_fd: Optional[int] = None
 
     def ensure(self) -> None:
+        """Create the state directory; refuse one that is a symlink, or that anyone but this
+        agent's user may write: the agent runs as root and trusts what it finds there."""
         for d in (self.dir, self.outbox, self.downloads, self.staging):
             os.makedirs(d, mode=0o700, exist_ok=True)
+            st = os.lstat(d)
+            if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                raise OtaError(f"the state directory {d} is a symlink, not this user's, or writable by others: "
+                               "fix it (chmod 700, chown) or set otaAgent.stateDir", "STATE_DIR_UNSAFE")
 
     @staticmethod
     def job_path(directory: str, job_id: str, suffix: str = "") -> str:
@@ -2447,7 +2605,11 @@ class State:
         inherited = os.environ.pop(LOCK_FD_ENV, None)
         if inherited is not None and self._adopt(int(inherited)):
             return
-        fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise OtaError(f"cannot open the lock file {os.path.join(self.dir, 'lock')}: {err.strerror} "
+                           "(a symlink is refused)", "STATE_DIR_UNSAFE") from None
         deadline = time.monotonic() + wait
         said = False
         while True:
@@ -2961,7 +3123,7 @@ def start_daemon(command: List[str], pid_file: str, lock_fd: Optional[int] = Non
 def write_pid(path: str, pid: Optional[int] = None) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with open_new(tmp, 0o644) as f:
         f.write(f"{pid or os.getpid()}\n")
     os.replace(tmp, path)
 
@@ -2996,6 +3158,7 @@ class Agent:
         self.events: queue.Queue = queue.Queue()  # (kind, payload) pairs for the main loop
         self.stopping = threading.Event()
         self.notified = threading.Event()  # a notify arrived and the loop has not synced since
+        self.active_download: Optional[Download] = None
         self.mqtt: Optional[MqttClient] = None
         self.jobs: Optional[JobsClient] = None
         self.subscribed = False
@@ -3068,6 +3231,9 @@ class Agent:
         a script or a swap in progress finishes first (each is bounded)."""
         self.stopping.set()
         self.events.put(("stop", None))
+        download = self.active_download
+        if download is not None:
+            download.abort()
         if self.jobs is not None:
             self.jobs.interrupt()
         if self.mqtt is not None:
@@ -3304,10 +3470,16 @@ class Agent:
 
         log.info("job %s: downloading %s (%d bytes)", job_id, redact_url(doc.url), doc.size)
         ca_files = [self.cfg.ca_path] + ([self.ota["extraCaPath"]] if self.ota.get("extraCaPath") else [])
-        Download(url=doc.url, dest=dest, sha256=doc.sha256, size=doc.size, context=https_context(ca_files),
-                 fresh_url=lambda: self.fresh_url(job_id), progress=progress,
-                 progress_interval=self.ota["progressInterval"], read_timeout=self.ota["downloadReadTimeout"],
-                 retries=self.ota["downloadRetries"], should_stop=should_stop).run()
+        self.active_download = Download(
+            url=doc.url, dest=dest, sha256=doc.sha256, size=doc.size, context=https_context(ca_files),
+            fresh_url=lambda: self.fresh_url(job_id), progress=progress, progress_interval=self.ota["progressInterval"],
+            read_timeout=self.ota["downloadReadTimeout"], retries=self.ota["downloadRetries"], should_stop=should_stop)
+        try:
+            if self.stopping.is_set():
+                raise AgentStopping()
+            self.active_download.run()
+        finally:
+            self.active_download = None
         crash_point("after_download")
         return dest
 
@@ -3316,7 +3488,15 @@ class Agent:
         remove_tree(stage)
         os.makedirs(stage)
         self.report(job_id, "IN_PROGRESS", {"phase": "unpack", "version": doc.version})
-        unpack(artifact, os.path.join(stage, "unpacked"))
+        st = os.statvfs(stage)
+        room = st.f_bavail * st.f_frsize - self.ota["minFreeBytes"]
+        try:
+            unpack(artifact, os.path.join(stage, "unpacked"), max_bytes=max(0, min(MAX_ARCHIVE_BYTES, room)))
+        except UnsafeArchive as err:
+            if "unpacked size above" in str(err) and room < MAX_ARCHIVE_BYTES:
+                raise DiskFull(f"the artifact unpacks to more than the {max(0, room)} bytes free "
+                               f"(beyond minFreeBytes): {err}") from None
+            raise
         os.rename(check_layout(os.path.join(stage, "unpacked"), doc.software), os.path.join(stage, "new"))
         crash_point("after_unpack")
         return stage

@@ -88,6 +88,10 @@ HOSTILE = {
     "symlink-after-child": [member("greengrass/ggc/l/evil"), member("greengrass/ggc/l", tarfile.SYMTYPE,
                                                                      linkname=".")],
     "file-after-child": [member("greengrass/f/g"), member("greengrass/f")],
+    # inside the archive, but not inside the subtree that is installed (<root>/ggc)
+    "symlink-out-of-subtree": [member("greengrass/ggc/escape", tarfile.SYMTYPE, linkname="../../etc")],
+    "symlink-to-a-sibling-subtree": [member("greengrass/ggc/x", tarfile.SYMTYPE, linkname="../ota")],
+    "subtree-is-a-symlink": [member("greengrass/ggc", tarfile.SYMTYPE, linkname="ota")],
     # a refusal late in the archive, after good members were already written
     "late": [member(f"greengrass/ggc/ok{i}", data=b"y" * 5000) for i in range(50)] + [member("/etc/evil")],
 }
@@ -190,3 +194,52 @@ def test_full_disk_during_unpack(tmp_path, make_tmpfs, size):
     assert err.value.errno == 28  # ENOSPC
     assert not (tiny_disk / "st").exists()
     assert threading.active_count() == threads
+
+
+def gzip_bytes(tmp_path, name, raw: bytes):
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(raw, 1))
+    return str(path)
+
+
+def test_huge_extended_headers_are_refused_unread(tmp_path):
+    """tarfile reads a GNU long name or a PAX header whole before any member check: one larger
+    than 64 KiB is refused before it is read."""
+    for fmt, info in ((tarfile.GNU_FORMAT, tarfile.TarInfo("greengrass/" + "n" * 100_000)),
+                      (tarfile.PAX_FORMAT, tarfile.TarInfo("greengrass/a"))):
+        if fmt == tarfile.PAX_FORMAT:
+            info.pax_headers = {"comment": "c" * 100_000}
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            tar.addfile(info, io.BytesIO(b""))
+        with pytest.raises(g.UnsafeArchive, match="extended header"):
+            g.unpack(gzip_bytes(tmp_path, f"h{fmt}.tar.gz", buf.getvalue()), str(tmp_path / f"s{fmt}"))
+        assert not (tmp_path / f"s{fmt}").exists()
+
+
+def test_chained_long_name_headers_are_unsafe_not_a_crash(tmp_path):
+    blocks = []
+    for i in range(3000):
+        name = f"greengrass/n{i}".encode() + b"\0"
+        head = tarfile.TarInfo("././@LongLink")
+        head.type, head.size = tarfile.GNUTYPE_LONGNAME, len(name)
+        blocks.append(head.tobuf(tarfile.GNU_FORMAT) + name + b"\0" * (512 - len(name)))
+    final = tarfile.TarInfo("greengrass/x")
+    blocks.append(final.tobuf(tarfile.GNU_FORMAT) + b"\0" * 1024)
+    with pytest.raises(g.UnsafeArchive, match="too deep|extended"):
+        g.unpack(gzip_bytes(tmp_path, "chain.tar.gz", b"".join(blocks)), str(tmp_path / "s"))
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_gzip_bomb_stops_at_the_budget(tmp_path):
+    """50 MB of zeros in a 50 KB artifact: refused at the header, before a byte is written."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("greengrass/ggc/bomb")
+        info.size = 50 * 1024 * 1024
+        tar.addfile(info, io.BytesIO(b"\0" * info.size))
+    path = gzip_bytes(tmp_path, "bomb.tar.gz", buf.getvalue())
+    assert os.path.getsize(path) < 300_000
+    with pytest.raises(g.UnsafeArchive, match="unpacked size above"):
+        g.unpack(path, str(tmp_path / "s"), max_bytes=10 * 1024 * 1024)
+    assert not (tmp_path / "s").exists()

@@ -156,3 +156,35 @@ def test_http_and_unknown_ca_refused(cloud, tmp_path, artifact):
 
 def test_redact_url():
     assert g.redact_url("https://b.s3.amazonaws.com/k/a.tgz?X-Amz-Signature=abc#f") == "https://b.s3.amazonaws.com/k/a.tgz"
+
+
+def test_a_drip_is_a_stall_and_ends_the_download(cloud, tmp_path, artifact):
+    """A server that keeps sending a little (here 400 bytes/s) keeps every read alive: the
+    download counts what arrives per read timeout, and too little is a stall (retried, then
+    DOWNLOAD_FAILED), not a download that never ends."""
+    import time
+    key, data, stored = artifact
+    stored.faults.throttle_bps = 400
+    dl = make(cloud, tmp_path, key, data, read_timeout=5, retries=0, stall_bytes=8192)
+    started = time.monotonic()
+    with pytest.raises(g.DownloadError, match="stalled") as err:
+        dl.run()
+    assert err.value.reason == "DOWNLOAD_FAILED" and time.monotonic() - started < 30
+
+
+def test_abort_ends_a_blocked_read_at_once(cloud, tmp_path, artifact):
+    import threading
+    import time
+    key, data, stored = artifact
+    stored.faults.throttle_bps = 20_000
+    dl = make(cloud, tmp_path, key, data, read_timeout=60)
+    errors = []
+    worker = threading.Thread(target=lambda: errors.append(pytest.raises(g.DownloadError, dl.run)))
+    worker.start()
+    time.sleep(1.5)
+    started = time.monotonic()
+    dl.abort()
+    worker.join(10)
+    assert not worker.is_alive() and time.monotonic() - started < 3
+    assert errors and errors[0].value.reason == "CANCELED"
+    assert 0 < (tmp_path / "out.part").stat().st_size < SIZE  # kept for the resume

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 
 import pytest
@@ -34,7 +35,7 @@ def test_environment_stdin_and_output(tmp_path, caplog):
 def test_non_zero_exit(tmp_path):
     with pytest.raises(g.HookFailed) as err:
         g.run_hook([script(tmp_path, "exit 3\n")], {}, timeout=10, cwd=str(tmp_path))
-    assert err.value.reason == "HOOK_FAILED" and "exited with 3" in str(err.value)
+    assert err.value.reason == "HOOK_FAILED" and "exited with code 3" in str(err.value)
 
 
 def test_missing_script(tmp_path):
@@ -62,3 +63,45 @@ def test_timeout_kills_the_whole_group(tmp_path):
                 break
         assert time.monotonic() < deadline, "a grandchild survived the timeout"
         time.sleep(0.05)
+
+
+def test_a_failing_script_says_why_in_its_last_lines(tmp_path):
+    body = "".join(f"echo line {i}\n" for i in range(50)) + "echo 'greengrassd: port 8000 in use' >&2\nexit 4\n"
+    with pytest.raises(g.HookFailed) as err:
+        g.run_hook([script(tmp_path, body)], {}, timeout=10, cwd=str(tmp_path))
+    message = str(err.value)
+    assert "exited with code 4" in message and "port 8000 in use" in message
+    assert "line 49" in message and "line 0 " not in message  # only the last lines
+
+
+def test_a_daemon_that_keeps_the_pipe_neither_blocks_nor_grows_the_agent(tmp_path):
+    """The script starts a process that keeps its stdout and writes without end: the hook
+    returns when the script exits, and what the process writes afterwards is not kept."""
+    import resource
+    flood = tmp_path / "flood.pid"
+    line = "x" * 60
+    body = f"(while :; do echo {line}; done) &\necho $! > {flood}\nexit 0\n"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.monotonic()
+    try:
+        g.run_hook([script(tmp_path, body)], {}, timeout=10, cwd=str(tmp_path))
+        assert time.monotonic() - started < 5
+        time.sleep(3)  # it keeps writing meanwhile
+        grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        assert grown_kib < 20 * 1024, grown_kib
+    finally:
+        os.kill(int(flood.read_text()), signal.SIGKILL)
+
+
+def test_a_timeout_stops_the_scripts_whole_session(tmp_path):
+    """Children that left the script's process group (setsid) are stopped too."""
+    escaped = tmp_path / "escaped.pid"
+    body = f"setsid sh -c 'echo $$ > {escaped}; exec sleep 300' &\nsleep 300\n"
+    with pytest.raises(g.HookFailed) as err:
+        g.run_hook([script(tmp_path, body)], {}, timeout=2, cwd=str(tmp_path))
+    assert err.value.reason == "HOOK_TIMEOUT"
+    pid = int(escaped.read_text())
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+        assert time.monotonic() < deadline, "a child that called setsid outlived the timeout"
+        time.sleep(0.1)

@@ -2,6 +2,7 @@
 fallback, restore from every intermediate state, and recovery decisions by inode."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -140,3 +141,35 @@ def test_only_terminal_statuses_are_fsynced(tmp_path, monkeypatch):
     assert len(synced) == 2  # the file, then its directory
     assert [e["status"] for e in state.pending_statuses()] == ["FAILED"]
     assert not [p for p in os.listdir(tmp_path / "s/outbox") if ".tmp" in p]
+
+
+def test_a_state_directory_others_can_write_is_refused(tmp_path):
+    state = g.State(str(tmp_path / "s"))
+    state.ensure()
+    os.chmod(tmp_path / "s", 0o777)
+    with pytest.raises(g.OtaError) as err:
+        state.ensure()
+    assert err.value.reason == "STATE_DIR_UNSAFE"
+
+
+def test_planted_symlinks_are_never_followed(tmp_path):
+    """A link planted where the agent writes (the lock, a temp file's name, the PID file's temp
+    name) must not make root write through it."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    state = g.State(str(tmp_path / "s"))
+    state.ensure()
+    (tmp_path / "s/lock").symlink_to(victim)
+    with pytest.raises(g.OtaError) as err:
+        state.lock()
+    assert err.value.reason == "STATE_DIR_UNSAFE" and victim.read_text() == "precious"
+    (tmp_path / "s/lock").unlink()
+    journal = tmp_path / "s/journal.json"
+    os.symlink(victim, f"{journal}.tmp{os.getpid()}")
+    g.write_json_atomic(str(journal), {"a": 1})
+    pid_file = tmp_path / "run/ggc-ota.pid"
+    pid_file.parent.mkdir()
+    os.symlink(victim, f"{pid_file}.tmp{os.getpid()}")
+    g.write_pid(str(pid_file), 4242)
+    assert victim.read_text() == "precious" and not victim.is_symlink()
+    assert pid_file.read_text() == "4242\n" and json.loads(journal.read_text()) == {"a": 1}
