@@ -61,6 +61,49 @@ __version__ = "0.1.0"
 # ============================================================================================
 
 
+class Reason(collections.namedtuple("Reason", ["status", "rolled_back", "meaning"])):
+    """What a reason code in statusDetails.reason says: the status the job ends with, whether
+    the software was rolled back ("yes", "no": nothing was touched, "-": see the message), and
+    what happened."""
+
+    __slots__ = ()
+
+
+# Every reason code that can reach statusDetails.reason (or the history). README's table of
+# reasons is this one (tests/test_repo.py checks that they agree, and that the code names no
+# other). Transient trouble (the link down, a lost reply, throttling, the agent stopping) has no
+# code here: it never ends a job, which stays IN_PROGRESS and is taken up again.
+REASONS = {
+    "INVALID_DOCUMENT": Reason("REJECTED", "no", "the job document is malformed (the message names the field)"),
+    "PLATFORM_MISMATCH": Reason("REJECTED", "no", "the update is for another architecture or operating system"),
+    "SCRIPT_INVALID": Reason("FAILED", "no", "a managed-respawn script is missing or unsafe (the message names it)"),
+    "DISK_FULL": Reason("FAILED", "-", "not enough room (the check before the update), or the disk filled up"),
+    "STATE_DIR_ELSEWHERE": Reason("FAILED", "no", "the state directory is not on the root's filesystem"),
+    "DOWNLOAD_FAILED": Reason("FAILED", "no", "the artifact could not be fetched (the message says why)"),
+    "URL_EXPIRED": Reason("FAILED", "no", "the presigned URL kept being refused, even fresh ones"),
+    "SIZE_MISMATCH": Reason("FAILED", "no", "the server's artifact has another size than the document says"),
+    "HASH_MISMATCH": Reason("FAILED", "no", "the artifact's sha256 is not the document's"),
+    "UNSAFE_ARCHIVE": Reason("FAILED", "no", "the artifact is not a safe gzip tar archive (see Archive)"),
+    "BAD_ARTIFACT_LAYOUT": Reason("FAILED", "no", "the archive does not hold greengrass/ggc or greengrass/ota"),
+    "NEW_AGENT_BROKEN": Reason("FAILED", "-", "the new agent failed its self-test from staging, or could not be "
+                                              "started after the swap (then rolled back)"),
+    "JOBS_REJECTED": Reason("FAILED", "no", "the cloud refused a request for good (the message has its code)"),
+    "HOOK_FAILED": Reason("FAILED", "yes", "a script exited non-zero (its last lines are in the message)"),
+    "HOOK_TIMEOUT": Reason("FAILED", "yes", "a script ran past scriptTimeout and was stopped"),
+    "HEALTH_CHECK_FAILED": Reason("FAILED", "yes", "the new core did not pass the health check"),
+    "NEW_AGENT_CRASHED": Reason("FAILED", "yes", "the new agent on trial exited or was killed"),
+    "NEW_AGENT_NO_CONNECTION": Reason("FAILED", "yes", "the new agent on trial did not connect in time"),
+    "NEW_AGENT_TIMEOUT": Reason("FAILED", "yes", "the new agent on trial connected, then did not finish its trial"),
+    "NEW_AGENT_NO_REPORT": Reason("FAILED", "yes", "the new agent on trial could not report to the cloud"),
+    "INTERRUPTED": Reason("FAILED", "yes", "the agent stopped during the update (found at the next start)"),
+    "JOURNAL_CORRUPT": Reason("FAILED", "no", "the update journal was unreadable: nothing was deleted, the "
+                                              "staged trees were kept (the message says where)"),
+    "ROLLBACK_FAILED": Reason("FAILED", "no", "the rollback itself failed: the device needs attention"),
+    "INTERNAL_ERROR": Reason("FAILED", "-", "anything unexpected (the message says what)"),
+    "CANCELED": Reason("CANCELED", "-", "the job was canceled in the cloud (history only; nothing is reported)"),
+}
+
+
 class OtaError(Exception):
     """Base of every error the agent raises on purpose."""
 
@@ -124,6 +167,7 @@ class ConfigError(OtaError):
 
 DEFAULT_ROOT = "/greengrass"
 DEFAULT_LOG_FILE = "/var/log/greengrass/ota/ggc_ota.txt"
+OPENWRT_RELEASE = "/etc/openwrt_release"
 KEEPALIVE_MIN, KEEPALIVE_MAX, KEEPALIVE_DEFAULT = 30, 1200, 600  # AWS IoT Core's rules
 THING_ARN = re.compile(r"^arn:aws[a-z-]*:iot:[a-z0-9-]+:\d{12}:thing/([a-zA-Z0-9:_-]{1,128})$")
 
@@ -144,6 +188,7 @@ OTA_AGENT_KEYS: Dict[str, Tuple[tuple, Any]] = {
     "newAgentTimeout": ((int, float), 120),      # the new agent must reach CONNACK within this
     "progressInterval": ((int, float), 10),      # seconds between progress reports
     "corePidFile": ((str,), "/var/run/greengrassd.pid"),  # greengrassd's; the health check watches it
+    "syslog": ((str,), "/dev/log"),              # the syslog socket; "" for none
     "healthCheckTimeout": ((int, float), 60),    # ggc_health_check.sh must pass within this
     "healthCheckSeconds": ((int, float), 10),    # without it, the core daemon must live this long
     "reconnectMaxSeconds": ((int, float), 120),  # cap of the MQTT reconnect backoff
@@ -198,6 +243,8 @@ def _load_ota_block(block: Any, root: str) -> Tuple[Dict[str, Any], List[str]]:
         raise ConfigError("otaAgent must be an object")
     ota = {key: default for key, (_, default) in OTA_AGENT_KEYS.items()}
     ota["stateDir"] = os.path.join(root, "ota-state")
+    if os.path.exists(OPENWRT_RELEASE):  # /var is RAM there, and logd keeps the log: no file by default
+        ota["logFile"] = ""
     unknown = sorted(set(block) - set(OTA_AGENT_KEYS))
     for key, value in block.items():
         if key not in OTA_AGENT_KEYS:
@@ -331,11 +378,21 @@ def reopen_log_files() -> None:
 
 
 def setup_logging(log_file: Optional[str], level: str, to_stderr: bool, max_bytes: int = 5 * 1024 * 1024,
-                  backups: int = 3) -> None:
+                  backups: int = 3, syslog_socket: Optional[str] = None) -> None:
+    """The agent's log: the file (when set), syslog (when `syslog_socket` exists: /dev/log,
+    which systemd's journal and OpenWrt's logd both read, with real priorities and no second
+    timestamp), and stderr (`to_stderr`; left out when syslog has the lines and stderr is not a
+    terminal: procd would file each line again, as daemon.err)."""
     log.handlers.clear()
     log.propagate = False
     fmt = logging.Formatter("%(asctime)s %(levelname)s [%(threadName)s] %(message)s")
     handlers: List[logging.Handler] = []
+    if syslog_socket and os.path.exists(syslog_socket):
+        syslog = Syslog(syslog_socket)
+        syslog.setFormatter(logging.Formatter("%(message)s"))
+        syslog.addFilter(RedactingFilter())
+        log.addHandler(syslog)
+        to_stderr = to_stderr and sys.stderr is not None and sys.stderr.isatty()
     if log_file:
         try:
             os.makedirs(os.path.dirname(log_file) or ".", exist_ok=True)
@@ -386,6 +443,59 @@ class RotatingFile(logging.FileHandler):
 
 def set_log_level(level: str) -> None:
     log.setLevel(LOG_LEVELS.get(level.upper(), logging.INFO))
+
+
+def set_job_log_level(job_level: str, base_level: str) -> None:
+    """A job's updateAgentLogLevel may make the log more detailed while it runs, never quieter
+    than the agent's own --log-level."""
+    job, base = LOG_LEVELS.get(job_level.upper(), logging.INFO), LOG_LEVELS.get(base_level.upper(), logging.INFO)
+    log.setLevel(min(job, base))
+
+
+def log_event(message: str, *args: Any) -> None:
+    """A job's life (its start, each phase, its result): logged at INFO whatever the level, so a
+    device log always says what the agent did."""
+    if log.handlers:
+        log.handle(log.makeRecord(log.name, logging.INFO, "(event)", 0, message, args, None))
+
+
+SYSLOG_FACILITY_DAEMON = 3
+SYSLOG_SEVERITY = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+class Syslog(logging.Handler):
+    """Records to the local syslog socket as `<priority>ggc-ota[pid]: message` (RFC 3164 without
+    the timestamp, which the daemon adds), in a few lines of socket code rather than
+    logging.handlers (0.6 MiB of imports). Never blocks: a daemon that is away or behind loses
+    the record, not the agent."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.sock: Optional[socket.socket] = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        severity = next((sev for level, sev in SYSLOG_SEVERITY if record.levelno >= level), 7)
+        data = f"<{SYSLOG_FACILITY_DAEMON * 8 + severity}>ggc-ota[{os.getpid()}]: {self.format(record)}"
+        try:
+            if self.sock is None:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self.sock.setblocking(False)  # a stuck journald or logd must never stop the agent
+                self.sock.connect(self.path)
+            self.sock.send(data.encode("utf-8", "replace")[:8192])
+        except BlockingIOError:
+            pass  # the daemon's queue is full: this record is lost, the agent goes on
+        except OSError:
+            self.close_socket()  # tried again with the next record (a restarted journald or logd)
+
+    def close_socket(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def close(self) -> None:
+        self.close_socket()
+        super().close()
 
 
 # ============================================================================================
@@ -2571,6 +2681,7 @@ class State:
     def __init__(self, directory: str) -> None:
         self.dir = directory
         self.journal_path = os.path.join(directory, "journal.json")
+        self.current_path = os.path.join(directory, "current.json")
         self.history_path = os.path.join(directory, "history.jsonl")
         self.outbox = os.path.join(directory, "outbox")
         self.downloads = os.path.join(directory, "downloads")
@@ -3035,7 +3146,7 @@ def installed_core_version(root: str) -> Optional[str]:
 
 
 def failure_reason(err: BaseException) -> str:
-    if isinstance(err, OtaError):
+    if isinstance(err, OtaError) and err.reason in REASONS:
         return err.reason
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
         return "DISK_FULL"
@@ -3159,6 +3270,7 @@ class Agent:
         self.stopping = threading.Event()
         self.notified = threading.Event()  # a notify arrived and the loop has not synced since
         self.active_download: Optional[Download] = None
+        self.current_since: Tuple[Optional[str], int] = (None, 0)  # the job in flight, since when
         self.mqtt: Optional[MqttClient] = None
         self.jobs: Optional[JobsClient] = None
         self.subscribed = False
@@ -3283,6 +3395,8 @@ class Agent:
         """Queue the status on disk and try to send it; an update never waits on the cloud. When
         the disk cannot take it (full), the status is kept in memory and sent all the same."""
         entry = {"jobId": job_id, "status": status, "statusDetails": clean_details(details), "at": time.time()}
+        if status == "IN_PROGRESS":
+            self.note_in_flight(job_id, entry["statusDetails"])
         try:
             self.state.queue_status(entry)
             self.unsaved.pop(job_id, None)
@@ -3293,6 +3407,17 @@ class Agent:
             self.flush_outbox()
         except MqttError:
             pass  # kept; the main loop retries
+
+    def note_in_flight(self, job_id: str, details: Dict[str, str]) -> None:
+        """<stateDir>/current.json: the job in flight and its latest phase, for --status (not
+        fsynced: it is for a person's eyes, and a power cut that loses it loses nothing)."""
+        if self.current_since[0] != job_id:
+            self.current_since = (job_id, int(time.time()))
+        try:
+            write_json_atomic(self.state.current_path, {"jobId": job_id, "since": self.current_since[1], **details},
+                              durable=False)
+        except OSError:
+            pass
 
     def flush_outbox(self) -> None:
         if self.jobs is None or self.mqtt is None or not self.mqtt.connected or not self.subscribed:
@@ -3371,11 +3496,11 @@ class Agent:
         record: Dict[str, Any] = {"jobId": job_id, "executionNumber": number, "startedAt": int(time.time())}
         self.current = job_id
         self.current_canceled.clear()
-        log.info("job %s: starting", job_id)
+        log_event("job %s: starting", job_id)
         try:
             doc = parse_document(execution.get("jobDocument"))
             record.update(component=doc.software, toVersion=doc.version, fromVersion=self.installed(doc.software))
-            set_log_level(doc.log_level)
+            set_job_log_level(doc.log_level, self.base_level)
             warning = check_platform(doc, *detect_platform(self.ota))
             if warning:
                 log.warning("job %s: %s", job_id, warning)
@@ -3418,6 +3543,8 @@ class Agent:
         finally:
             self.current = None
             set_log_level(self.base_level)
+            if os.path.lexists(self.state.current_path):
+                os.unlink(self.state.current_path)
         if not self.state.has_journal():
             self.cleanup(job_id)
 
@@ -3433,8 +3560,12 @@ class Agent:
         if message:
             record["message"] = redact(message)[:1024]
         self.state.add_history(record)
-        log.log(logging.INFO if result == "SUCCEEDED" else logging.ERROR, "job %s: %s%s", record["jobId"], result,
-                f" ({reason}: {message})" if reason else "")
+        if result == "SUCCEEDED":
+            log_event("job %s: %s", record["jobId"], result)
+        else:
+            log.error("job %s: %s (%s: %s)", record["jobId"], result, reason, message)
+            if log.getEffectiveLevel() > logging.ERROR:
+                log_event("job %s: %s (%s: %s)", record["jobId"], result, reason, message)
 
     def check_device(self, doc: UpdateDocument) -> None:
         if self.cfg.managed_respawn:  # all four, whichever software: a rollback may need any of them
@@ -3716,8 +3847,8 @@ class Agent:
             self.hook("ota_agent", "post", journal)
             self.jobs.update(journal["jobId"], "IN_PROGRESS",
                              clean_details({"phase": "new_agent_verified", "version": journal["toVersion"]}))
-        except JobsRejected as err:
-            return self.trial_failed(journal, "NEW_AGENT_NO_REPORT", f"the new agent's report was refused: {err}")
+        except (JobsRejected, MqttError) as err:
+            return self.trial_failed(journal, "NEW_AGENT_NO_REPORT", f"the new agent could not report: {err}")
         except OtaError as err:
             return self.trial_failed(journal, err.reason, str(err))
         journal["step"] = "proven"
@@ -4024,12 +4155,13 @@ def preflight(root: str, config_path: Optional[str]) -> List[Check]:
         checks.append(Check("disk", False, str(err)))
     state_parent = cfg.ota["stateDir"] if os.path.exists(cfg.ota["stateDir"]) else os.path.dirname(cfg.ota["stateDir"])
     for path in (os.path.join(cfg.root, "ggc"), os.path.join(cfg.root, "ota"), state_parent):
-        checks.append(Check(f"writable {path}", os.access(path, os.W_OK), "R11"))
+        checks.append(Check(f"writable {path}", os.access(path, os.W_OK), "the agent must be able to write here"))
     arch, os_name = detect_platform(cfg.ota)
     supported = any(arch == a and (os_name is None or os_name == o) for o, a in SUPPORTED_PLATFORMS)
     checks.append(Check("platform", supported, f"{os_name or 'unknown OS'}/{arch}"))
     holder = State(cfg.ota["stateDir"]).lock_holder()
-    checks.append(Check("lock", holder is None, "no other agent" if holder is None else f"held by pid {holder}"))
+    checks.append(Check("agent", True, "none runs on this root" if holder is None else
+                        f"one runs on this root (pid {holder}): it takes the jobs; this check changes nothing"))
     return checks
 
 
@@ -4080,10 +4212,13 @@ def status_report(root: str, config_path: Optional[str]) -> dict:
         journal = state.journal()
     except JournalCorrupt as err:
         journal = {"step": f"unknown: {err}"}
+    current = read_json(state.current_path) if os.path.exists(state.current_path) else None
+    flight = journal and {k: journal.get(k) for k in ("jobId", "software", "fromVersion", "toVersion", "step")}
+    if isinstance(current, dict):
+        flight = {**current, **(flight or {})}
     return {"root": cfg.root, "thing": cfg.thing_name, "coreVersion": installed_core_version(cfg.root),
             "agentVersion": __version__, "agentRunning": state.lock_holder(),
-            "updateInFlight": journal and {k: journal.get(k) for k in ("jobId", "software", "fromVersion",
-                                                                       "toVersion", "step")},
+            "updateInFlight": flight or None,
             "pendingStatuses": len(state.pending_statuses()) if os.path.isdir(state.outbox) else 0,
             "history": state.history()}
 
@@ -4148,8 +4283,17 @@ def parse_args(argv: List[str]) -> Any:
             if value is None or value in takes_value:
                 raise UsageError(f"{name} expects a value")
         setattr(args, name[2:].replace("-", "_"), value)
+    args.log_level = str(args.log_level).upper()
+    if args.log_level == "WARNING":
+        args.log_level = "WARN"
     if args.log_level not in LOG_LEVELS:
-        raise UsageError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {args.log_level!r}")
+        raise UsageError(f"--log-level must be one of {', '.join(LOG_LEVELS)} (any case), not {args.log_level!r}")
+    modes = [name for name in ("--dry-run", "--status", "--version", "--check-config")
+             if getattr(args, name[2:].replace("-", "_"))]
+    if len(modes) > 1:
+        raise UsageError(f"{' and '.join(modes)} cannot be used together")
+    if args.json and not (args.dry_run or args.status):
+        raise UsageError("--json goes with --dry-run or --status")
     return args
 
 
@@ -4180,13 +4324,26 @@ def print_status(report: dict, as_json: bool) -> None:
     print(f"core: {report['coreVersion'] or 'not installed'}; agent: {report['agentVersion']}"
           f" ({'running, pid ' + report['agentRunning'] if report['agentRunning'] else 'not running'})")
     flight = report["updateInFlight"]
-    print("update in flight: " + (f"{flight['software']} {flight['fromVersion']} -> {flight['toVersion']} "
-                                  f"(job {flight['jobId']}, step {flight['step']})" if flight else "none"))
+    print("update in flight: " + (describe_flight(flight) if flight else "none"))
     print(f"history ({len(report['history'])}):")
     for h in report["history"][-20:]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(h.get("finishedAt", 0)))
         print(f"  {when}Z {h.get('jobId')} {h.get('component')} {h.get('fromVersion')} -> {h.get('toVersion')}: "
               f"{h.get('result')}" + (f" ({h.get('reason')})" if h.get("reason") else ""))
+
+
+def describe_flight(flight: dict) -> str:
+    """`job J: download 43% (12345/28000 bytes), since 12:01:02Z` and, once journaled, its step."""
+    parts = [f"job {flight.get('jobId')}"]
+    if flight.get("software"):
+        parts.append(f"{flight['software']} {flight.get('fromVersion')} -> {flight.get('toVersion')}, "
+                     f"step {flight.get('step')}")
+    elif flight.get("phase"):
+        parts.append(f"{flight['phase']}" + (f" {flight['progress']} ({flight['bytes']} bytes)"
+                                             if flight.get("progress") else ""))
+    if flight.get("since"):
+        parts.append("since " + time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(flight["since"])))
+    return ": ".join(parts[:2]) + (", " + parts[2] if len(parts) > 2 else "")
 
 
 def daemonize(argv: List[str], pid_file: str) -> int:
@@ -4212,7 +4369,7 @@ def run_agent(args: Any, argv: List[str]) -> int:
         return daemonize(argv, pid_file)
     restart_without_syntax_tree(argv)
     setup_logging(args.log_file or cfg.ota["logFile"], args.log_level, to_stderr=not args.daemon_child,
-                  max_bytes=cfg.ota["logMaxBytes"], backups=cfg.ota["logBackups"])
+                  max_bytes=cfg.ota["logMaxBytes"], backups=cfg.ota["logBackups"], syslog_socket=cfg.ota["syslog"])
     if getattr(sys, "frozen", False):
         die_with_launcher()
         for path in clean_stale_extractions():
@@ -4399,9 +4556,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run_agent(args, argv)
     except AnotherAgent as err:
         print(f"ggc-ota: {err}", file=sys.stderr)
+        if log.handlers:
+            log.critical("not starting: %s", err)
         return EXIT_RUNNING
-    except OtaError as err:
-        print(f"ggc-ota: {err}", file=sys.stderr)
+    except (OtaError, OSError) as err:  # one line, never a traceback; a daemon's reaches its log
+        text = f"{err.strerror}: {err.filename}" if isinstance(err, OSError) and err.filename else str(err)
+        if isinstance(err, PermissionError) and os.geteuid() != 0:
+            text += " (run as root)"
+        print(f"ggc-ota: {text}", file=sys.stderr)
+        if log.handlers:
+            log.critical("stopping on a fatal error: %s", text)
         return EXIT_FAILED
 
 

@@ -47,3 +47,24 @@ def test_help_lists_the_public_options_only(capsys):
     out = capsys.readouterr().out
     for name, _, text in g.OPTIONS:
         assert (name in out) == (text is not None), name
+
+
+@pytest.mark.parametrize("argv", [["--dry-run", "--status"], ["--status", "--version"], ["--json"],
+                                  ["--check-config", "--dry-run"], ["--log-level", "LOUD"]])
+def test_modes_are_exclusive_and_json_needs_one(argv):
+    with pytest.raises(g.UsageError):
+        g.parse_args(argv)
+
+
+@pytest.mark.parametrize("given,level", [("debug", "DEBUG"), ("Info", "INFO"), ("warning", "WARN"),
+                                         ("none", "NONE"), ("TRACE", "TRACE")])
+def test_log_levels_in_any_case(given, level):
+    assert g.parse_args(["--log-level", given]).log_level == level
+
+
+def test_a_job_level_never_quiets_the_agent():
+    g.set_job_log_level("ERROR", "INFO")
+    assert g.log.level == g.logging.INFO
+    g.set_job_log_level("TRACE", "INFO")
+    assert g.log.level == g.TRACE
+    g.set_log_level("INFO")

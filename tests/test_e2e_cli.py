@@ -87,7 +87,7 @@ def test_dry_run_good_root(device):
     assert "OK   credentials" in out.stdout and "OK   script ggc_pre_update.sh" in out.stdout
     as_json = json.loads(device.run("--root", str(device.root), "--dry-run", "--json").stdout)
     assert as_json["ok"] is True and {c["name"] for c in as_json["checks"]} >= {"config", "credentials", "disk",
-                                                                                "platform", "lock"}
+                                                                                "platform", "agent"}
 
 
 @pytest.mark.frozen
@@ -109,7 +109,7 @@ def test_dry_run_sees_a_running_agent_and_unknown_keys(device):
     device.start()
     device.wait_log("connected to", timeout=20)
     out = device.run("--root", str(device.root), "--dry-run")
-    assert out.returncode == 1 and "FAIL lock" in out.stdout
+    assert out.returncode == 0 and "OK   agent: one runs on this root" in out.stdout  # information
     cfg = json.loads(device.dev.config_path.read_text())
     cfg["otaAgent"]["colour"] = "blue"
     device.dev.config_path.write_text(json.dumps(cfg))
@@ -118,7 +118,8 @@ def test_dry_run_sees_a_running_agent_and_unknown_keys(device):
 
 @pytest.mark.frozen
 def test_only_the_daemon_needs_root(cloud):
-    """--dry-run and --status run as an ordinary user; the agent itself refuses to (R12)."""
+    """--dry-run and --status run as an ordinary user; the agent itself refuses to. Where the
+    state directory is root's alone, --status says so in one line."""
     import shutil
     import tempfile
     from pathlib import Path
@@ -127,6 +128,7 @@ def test_only_the_daemon_needs_root(cloud):
     if not frozen and not os.path.exists(python):
         pytest.skip("no system python3 for an unprivileged run")
     public = Path(tempfile.mkdtemp(prefix="ggc-ota-public-"))
+    dev = None
     try:
         os.chmod(public, 0o755)
         dev = Device(cloud, public)
@@ -148,7 +150,14 @@ def test_only_the_daemon_needs_root(cloud):
         assert "FAIL credentials" in dry.stdout  # the key is root's alone, as it should be
         daemon = as_nobody("--foreground")
         assert daemon.returncode == 1 and "must run as root" in daemon.stderr
+        dev.start()  # as root: its state directory is root's alone
+        dev.wait_log("connected to", timeout=30)
+        status = as_nobody("--status")
+        assert status.returncode == 1 and "Traceback" not in status.stderr, status.stderr
+        assert len(status.stderr.strip().splitlines()) == 1 and "(run as root)" in status.stderr
     finally:
+        if dev is not None:
+            dev.stop()
         shutil.rmtree(public, ignore_errors=True)
 
 
@@ -216,3 +225,86 @@ def test_daemon_reports_why_it_could_not_start(device):
     device.wait_log("connected to", timeout=20)
     out = device.run("--root", str(device.root), "--pid-file", str(device.tmp / "second.pid"), timeout=60)
     assert out.returncode == 3 and "another agent" in out.stderr
+
+
+def test_logs_reach_syslog_with_real_priorities(cloud, tmp_path):
+    """A real datagram socket stands in for /dev/log (journald and OpenWrt's logd both read it)."""
+    import socket
+    path = str(tmp_path / "log.sock")
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(path)
+    sink.settimeout(0.2)
+    device = Device(cloud, tmp_path, ota={"syslog": path})
+    try:
+        device.release_core("1.11.6")
+        device.dev.fail_script("ggc_post_update.sh", 3, once=True)
+        device.start()
+        device.wait_status(device.update_job())
+        got = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(m.startswith("<27>") for m in got):
+            try:
+                got.append(sink.recv(65536).decode())
+            except socket.timeout:
+                pass
+        info = [m for m in got if m.startswith("<30>ggc-ota[")]    # daemon.info
+        errors = [m for m in got if m.startswith("<27>ggc-ota[")]  # daemon.err
+        assert any("connected to" in m for m in info), got[:5]
+        assert any("rolling back" in m for m in errors), got
+        assert not any(m.split("]: ", 1)[1][:4].isdigit() for m in got)  # no second timestamp inside
+    finally:
+        device.stop()
+        sink.close()
+
+
+def test_a_job_at_its_default_level_error_still_logs_its_life(cloud, tmp_path):
+    device = Device(cloud, tmp_path)
+    try:
+        device.release_core("1.11.6")
+        device.start()
+        job = device.cloud.create_software_update_job(
+            s3_url_signer_role="arn:aws:iam::123456789012:role/R", software_to_update="core",
+            update_targets=[cloud.thing_arn(device.thing)], update_targets_architecture="x86_64",
+            update_targets_operating_system="ubuntu")["IotJobId"]  # no updateAgentLogLevel: ERROR
+        assert device.wait_status(job)["status"] == "SUCCEEDED"
+        text = device.log()
+        assert f"job {job}: starting" in text and "downloaded" in text and f"job {job}: SUCCEEDED" in text
+    finally:
+        device.stop()
+
+
+def test_status_shows_the_job_in_flight_from_the_download_on(cloud, device):
+    art = device.release_core("1.11.6", payload_bytes=1_500_000)
+    key = next(r.key for r in cloud.greengrass.releases if r.sha256 == art.sha256)
+    cloud.store.objects[f"greengrass-updates/{key}"].faults.throttle_bps = 300_000
+    device.start()
+    job = device.update_job()
+    device.wait_log("downloaded", timeout=30)
+    flight = device.status()["updateInFlight"]
+    assert flight["jobId"] == job and flight["phase"] == "download" and flight["progress"].endswith("%")
+    out = device.run("--root", str(device.root), "--status")
+    assert f"job {job}: download" in out.stdout and "since" in out.stdout
+    assert device.wait_status(job)["status"] == "SUCCEEDED"
+    assert device.status()["updateInFlight"] is None
+
+
+def test_dry_run_on_a_live_device_passes(device):
+    device.start()
+    device.wait_log("connected to", timeout=30)
+    out = device.run("--root", str(device.root), "--dry-run")
+    assert out.returncode == 0, out.stdout
+    assert "OK   agent: one runs on this root" in out.stdout and " R1" not in out.stdout
+
+
+@pytest.mark.parametrize("argv", [["--dry-run", "--status"], ["--json"]])
+def test_mixed_modes_are_a_usage_error(device, argv):
+    out = device.run("--root", str(device.root), *argv)
+    assert out.returncode == 2 and "usage" in out.stderr
+
+
+def test_a_daemons_fatal_error_reaches_its_log(device):
+    key = next(device.root.glob("certs/*.private.key"))
+    key.unlink()
+    out = device.run("--root", str(device.root), "--pid-file", str(device.tmp / "x.pid"), timeout=60)
+    device.wait_log("stopping on a fatal error", timeout=30)
+    assert "private.key" in device.log().split("stopping on a fatal error")[1].splitlines()[0], out.stderr

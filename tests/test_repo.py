@@ -76,3 +76,61 @@ def test_agent_never_imports_inspect():
     names = {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
     names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert "inspect" not in names and "dataclasses" not in names
+
+
+def readme_reason_rows() -> dict:
+    """The README's table of reasons: {code: (status, rolled back, meaning)}."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("| `statusDetails.reason` |")
+    rows = {}
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("| `"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = tuple(cells[1:4])
+    return rows
+
+
+def test_the_readme_table_of_reasons_is_the_registry():
+    import ggc_ota as g
+    rows = readme_reason_rows()
+    assert rows == {code: tuple(r) for code, r in g.REASONS.items()}
+
+
+def test_every_reason_the_code_names_is_registered():
+    """Reason codes are written as string constants in a few forms: a class's `reason = "X"`, the
+    second argument of an error's constructor, the third of finish(), the second of roll_back()
+    and trial_failed(), and journal["reason"] = "X". Each must be a registered code (or one of
+    the start-up errors that never reach a job)."""
+    import re
+
+    import ggc_ota as g
+    startup_only = {"CONFIG_INVALID", "NOT_ROOT", "ALREADY_RUNNING", "STATE_DIR_UNSAFE", "INVALID_JOB_ID",
+                    "MQTT_ERROR", "MQTT_PROTOCOL_ERROR", "MQTT_CONNECT_REFUSED", "MQTT_TLS_AUTH", "MQTT_TIMEOUT",
+                    "MQTT_SUBSCRIBE_REFUSED", "MQTT_NOT_CONNECTED"}
+    code = re.compile(r"^[A-Z][A-Z0-9_]{3,}$")
+    named = set()
+    tree = ast.parse(AGENT.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            for stmt in node.body:
+                if (isinstance(stmt, ast.Assign) and any(getattr(t, "id", "") == "reason" for t in stmt.targets)
+                        and isinstance(stmt.value, ast.Constant)):
+                    named.add(stmt.value.value)
+        elif isinstance(node, ast.Call):
+            callee = getattr(node.func, "id", None) or getattr(node.func, "attr", "")
+            position = {"finish": 2, "roll_back": 1, "trial_failed": 1}.get(callee, 1 if callee.endswith(
+                ("Error", "Failed", "Full", "Archive", "Corrupt", "Invalid", "Document", "Mismatch")) else None)
+            if position is not None and len(node.args) > position and isinstance(node.args[position], ast.Constant):
+                value = node.args[position].value
+                if isinstance(value, str) and code.match(value):
+                    named.add(value)
+            for kw in node.keywords:
+                if kw.arg == "reason" and isinstance(kw.value, ast.Constant):
+                    named.add(kw.value.value)
+        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+            for target in node.targets:
+                if isinstance(target, ast.Subscript) and getattr(target.slice, "value", None) == "reason":
+                    named.add(node.value.value)
+    assert len(named) > 15, named  # the scan sees the codes
+    assert named <= set(g.REASONS) | startup_only, named - set(g.REASONS) - startup_only
