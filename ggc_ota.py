@@ -169,7 +169,7 @@ DEFAULT_ROOT = "/greengrass"
 DEFAULT_LOG_FILE = "/var/log/greengrass/ota/ggc_ota.txt"
 OPENWRT_RELEASE = "/etc/openwrt_release"
 KEEPALIVE_MIN, KEEPALIVE_MAX, KEEPALIVE_DEFAULT = 30, 1200, 600  # AWS IoT Core's rules
-THING_ARN = re.compile(r"^arn:aws[a-z-]*:iot:[a-z0-9-]+:\d{12}:thing/([a-zA-Z0-9:_-]{1,128})$")
+THING_ARN = re.compile(r"arn:aws[a-z-]*:iot:[a-z0-9-]+:\d{12}:thing/([a-zA-Z0-9:_-]{1,128})")  # fullmatch
 
 # key: (accepted types, default). Defaults that depend on the root are filled in by load_config.
 OTA_AGENT_KEYS: Dict[str, Tuple[tuple, Any]] = {
@@ -279,7 +279,7 @@ def load_config(root: str, path: Optional[str] = None) -> Config:
     core = _require(doc, "coreThing", "config")
     warnings: List[str] = []
     arn = _require(core, "thingArn", "coreThing")
-    match = THING_ARN.match(arn) if isinstance(arn, str) else None
+    match = THING_ARN.fullmatch(arn) if isinstance(arn, str) else None
     if not match:
         raise ConfigError(f"coreThing.thingArn {arn!r} is not a thing ARN")
     host = _require(core, "iotHost", "coreThing")
@@ -946,6 +946,8 @@ class _Subscription:
         self.acked_generation = -1
         self.sent_generation = -1
         self.error: Optional[BaseException] = None
+        self.refusals = 0            # SUBACK 0x80 in a row, after the first subscribe() succeeded
+        self.retry_at: Optional[float] = None
 
 
 class MqttClient:
@@ -998,6 +1000,10 @@ class MqttClient:
                 item.error = MqttNotConnected("client stopped")
                 item.done.set()
             self._inflight.clear()
+            for sub in self._subs.values():  # a subscribe() waiting for its SUBACK fails at once
+                if sub.acked_generation != self._generation or not self._connected.is_set():
+                    sub.error = MqttNotConnected("client stopped")
+            self._changed.notify_all()
         fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
         for fd in fds:  # a late _wake() must not write into a descriptor reused by someone else
             if fd >= 0:
@@ -1061,7 +1067,9 @@ class MqttClient:
         if not item.done.wait(timeout):
             with self._lock:
                 self._inflight.pop(item.packet_id, None)
-            raise MqttTimeout(f"no PUBACK for a message to {topic} within {timeout} s")
+                acked = item.done.is_set()  # the PUBACK came after the wait, before the lock
+            if not acked:
+                raise MqttTimeout(f"no PUBACK for a message to {topic} within {timeout} s")
         if item.error is not None:
             raise item.error
 
@@ -1074,7 +1082,8 @@ class MqttClient:
         self._sock = open_tls(self.settings, self._ctx)
         try:
             self._send(encode_connect(self.settings.client_id, self.settings.keepalive, clean_session=True))
-            connack = self._read_until_connack(PacketReader(self.settings.max_packet), self.settings.connack_timeout)
+            connack, _ = self._read_until_connack(PacketReader(self.settings.max_packet),
+                                                  self.settings.connack_timeout)
             if connack.return_code != 0:
                 raise MqttConnectRefused(connack.return_code)
             self._send(encode_disconnect())
@@ -1163,7 +1172,7 @@ class MqttClient:
         self._sock = sock
         reader = PacketReader(s.max_packet)
         self._send(encode_connect(s.client_id, s.keepalive, clean_session=True))
-        connack = self._read_until_connack(reader, s.connack_timeout)
+        connack, early = self._read_until_connack(reader, s.connack_timeout)
         if connack.return_code != 0:
             raise MqttConnectRefused(connack.return_code)
         with self._lock:
@@ -1174,18 +1183,23 @@ class MqttClient:
         log.info("MQTT: connected to %s:%d as %s", s.host, s.port, s.client_id)
         if self.on_connect is not None:
             self.on_connect()
+        for packet in early:  # what the broker sent right behind CONNACK, in the same read
+            if packet.type != PINGRESP:
+                self._handle(packet)
         self._loop(sock, reader)
 
-    def _read_until_connack(self, reader: PacketReader, timeout: float) -> Packet:
+    def _read_until_connack(self, reader: PacketReader, timeout: float) -> Tuple[Packet, List[Packet]]:
+        """CONNACK, and the packets that came behind it in the same read (not to be lost)."""
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise MqttTimeout(f"no CONNACK within {timeout} s")
-            for packet in self._read(reader, left):
-                if packet.type != CONNACK:
-                    raise MqttProtocolError(f"{packet.name} before CONNACK")
-                return packet
+            packets = self._read(reader, left)
+            if packets:
+                if packets[0].type != CONNACK:
+                    raise MqttProtocolError(f"{packets[0].name} before CONNACK")
+                return packets[0], packets[1:]
 
     def _read(self, reader: PacketReader, timeout: float) -> List[Packet]:
         """Wait up to `timeout` for data; read it all, including what the TLS layer already
@@ -1253,31 +1267,49 @@ class MqttClient:
         self._last_send = time.monotonic()
 
     def _loop(self, sock: ssl.SSLSocket, reader: PacketReader) -> None:
+        """Keepalive: a PINGREQ when nothing was sent, or nothing received, for `keepalive`
+        seconds; no PINGRESP within the deadline means a dead link. Counting what is received
+        matters: a client that publishes every few seconds never goes quiet, and a dead link
+        would otherwise be left to TCP's retransmissions (about 15 minutes)."""
         s = self.settings
-        self._last_send = time.monotonic()
+        self._last_send = last_receive = time.monotonic()
         ping_sent_at: Optional[float] = None
         while not self._stopping.is_set():
             self._flush_pending()
             now = time.monotonic()
             if ping_sent_at is not None and now - ping_sent_at > s.ping_deadline():
                 raise MqttTimeout(f"no PINGRESP within {s.ping_deadline():.0f} s: the link is half-open")
-            if ping_sent_at is None and s.keepalive and now - self._last_send >= s.keepalive:
+            quiet_since = min(self._last_send, last_receive)
+            if ping_sent_at is None and s.keepalive and now - quiet_since >= s.keepalive:
                 self._send(encode_pingreq())
                 ping_sent_at = time.monotonic()
-            wait = s.keepalive - (time.monotonic() - self._last_send) if s.keepalive else 60.0
+            wait = s.keepalive - (time.monotonic() - min(self._last_send, last_receive)) if s.keepalive else 60.0
             if ping_sent_at is not None:
                 wait = min(wait, ping_sent_at + s.ping_deadline() - time.monotonic())
-            for packet in self._read(reader, max(0.0, wait)):  # new work wakes the select
+            wait = min(wait, self._next_subscription_retry() - time.monotonic())
+            packets = self._read(reader, max(0.0, wait))  # new work wakes the select
+            if packets:
+                last_receive = time.monotonic()
+            for packet in packets:
                 if packet.type == PINGRESP:
                     ping_sent_at = None
                 else:
                     self._handle(packet)
+
+    def _next_subscription_retry(self) -> float:
+        with self._lock:
+            times = [sub.retry_at for sub in self._subs.values() if sub.retry_at is not None]
+        return min(times) if times else float("inf")
 
     def _flush_pending(self) -> None:
         """Send what callers queued: raw packets, new subscriptions, unsent QoS 1 publishes."""
         with self._lock:
             outbox, self._outbox = self._outbox, []
             gen = self._generation
+            now = time.monotonic()
+            for sub in self._subs.values():  # a refused re-subscription, due for another try
+                if sub.retry_at is not None and now >= sub.retry_at:
+                    sub.retry_at, sub.error, sub.sent_generation = None, None, -1
             subs = [sub for sub in self._subs.values() if sub.sent_generation != gen and sub.error is None]
             sub_id = self._allocate_id() if subs else 0
             if subs:
@@ -1329,8 +1361,16 @@ class MqttClient:
                     continue
                 if code == 0x80:
                     sub.error = MqttSubscribeRefused(f"the broker refused the subscription to {topic}")
+                    if sub.acked_generation >= 0:  # it was granted before: no caller waits, so retry
+                        sub.refusals += 1
+                        delay = backoff_delay(sub.refusals - 1, self.settings.backoff_base,
+                                              self.settings.backoff_cap, self._rng) + 1.0
+                        sub.retry_at = time.monotonic() + delay
+                        log.error("MQTT: the broker refused the subscription to %s after a reconnect (check "
+                                  "iot:Subscribe and iot:Receive in the certificate's IoT policy); trying again "
+                                  "in %.0f s", topic, delay)
                 else:
-                    sub.granted = code
+                    sub.granted, sub.refusals = code, 0
                     sub.acked_generation = self._generation
             self._changed.notify_all()
 
@@ -1923,7 +1963,9 @@ class _GunzipStream:
     it (zlib releases the GIL), so decompressing overlaps writing files, as `tar xzf` overlaps
     its gzip process. Memory stays bounded: a few chunks in flight, whatever the size."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, sha256: Optional[str] = None) -> None:
+        self._sha256 = sha256
+        self._digest = hashlib.sha256()
         self._chunks: queue.Queue = queue.Queue(UNPACK_AHEAD)
         self._closing = threading.Event()
         self._current = b""
@@ -1969,10 +2011,18 @@ class _GunzipStream:
             except queue.Full:
                 continue
 
+    def drain(self) -> None:
+        """Read to the end (past the tar's end marker), so that the whole file is hashed."""
+        while self.read(UNPACK_CHUNK):
+            pass
+
     def _inflate_all(self, path: str) -> None:
-        try:
-            with open(path, "rb") as f:
+        try:  # one descriptor, never through a symlink: what is hashed is what is unpacked
+            with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
                 self._inflate(f)
+            if self._sha256 is not None and not self._closing.is_set() and self._digest.hexdigest() != self._sha256:
+                self._put(HashMismatch(f"the artifact changed on disk: its sha256 is now {self._digest.hexdigest()}"))
+                return
             self._put(None)
         except (OSError, EOFError, zlib.error) as err:
             if isinstance(err, OSError) and err.errno == errno.ENOSPC:
@@ -1990,6 +2040,7 @@ class _GunzipStream:
                 data = f.read(UNPACK_CHUNK)
                 if not data:
                     break
+                self._digest.update(data)
             if inflater.eof:  # another gzip member may follow, after NUL padding
                 data = data.lstrip(b"\0")
                 if not data:
@@ -2004,15 +2055,17 @@ class _GunzipStream:
 
 
 def unpack(path: str, staging: str, max_members: int = MAX_ARCHIVE_MEMBERS,
-           max_bytes: int = MAX_ARCHIVE_BYTES) -> int:
+           max_bytes: int = MAX_ARCHIVE_BYTES, sha256: Optional[str] = None) -> int:
     """Check and write the archive under `staging` (which must not exist), in one streaming
     pass: each member is checked before it is written, and any refusal removes `staging`
     whole, so a hostile archive leaves nothing behind. Returns the number of members written.
     Everything is made durable (syncfs) before it returns."""
     os.makedirs(staging, mode=0o755)
-    stream = _GunzipStream(path)
+    stream = _GunzipStream(path, sha256)
     try:
         count = _unpack_stream(stream, staging, _ArchiveChecker(max_members, max_bytes))
+        if sha256 is not None:
+            stream.drain()
     except BaseException:
         stream.close()
         remove_tree(staging)
@@ -2216,8 +2269,8 @@ SUPPORTED_PLATFORMS = {("ubuntu", "x86_64"), ("ubuntu", "aarch64"), ("amazon_lin
 OS_RELEASE_IDS = {"ubuntu": "ubuntu", "amzn": "amazon_linux", "raspbian": "raspbian", "openwrt": "openwrt"}
 SCRIPT_NAMES = {"core": ("ggc_pre_update.sh", "ggc_post_update.sh"),
                 "ota_agent": ("ota_pre_update.sh", "ota_post_update.sh")}
-VERSION_TEXT = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$")
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+VERSION_TEXT = re.compile(r"[0-9A-Za-z][0-9A-Za-z._+-]{0,63}")  # used with fullmatch: "$" allows a "\n"
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class InvalidDocument(OtaError):
@@ -2327,13 +2380,23 @@ def check_platform(doc: UpdateDocument, arch: str, os_name: Optional[str]) -> Op
 
 
 def check_script(path: str) -> None:
-    """R16: present, a regular file owned by root, executable by root only (no group/other
-    write or execute), in a directory that is root's and not group/other writable."""
+    """Present, a regular file owned by root, executable by root only (no group/other write or
+    execute), in directories that only root can write, all the way up. It is opened without
+    following a symlink and checked through that descriptor, and the path must still name that
+    very file: so no one but root can swap it before it runs."""
     name = os.path.basename(path)
     try:
-        st = os.lstat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ScriptInvalid(f"{name} is missing ({path})") from None
+    except OSError as err:
+        raise ScriptInvalid(f"{name} is not a regular file ({err.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not os.path.samestat(st, os.lstat(path)):
+            raise ScriptInvalid(f"{name} changed while it was checked")
+    finally:
+        os.close(fd)
     if not stat.S_ISREG(st.st_mode):
         raise ScriptInvalid(f"{name} is not a regular file")
     if st.st_uid != 0:
@@ -3089,7 +3152,7 @@ def restore_old(journal: dict) -> None:
 # ============================================================================================
 
 CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-DETAILS_KEY = re.compile(r"^[a-zA-Z0-9:_-]+$")
+DETAILS_KEY = re.compile(r"[a-zA-Z0-9:_-]+")  # used with fullmatch
 UNDELIVERABLE = ("InvalidStateTransition", "TerminalStateReached", "ResourceNotFound", "InvalidRequest")
 RESYNC_SECONDS = 300.0      # list the jobs again this often even without a notification
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_RUNNING = 0, 1, 2, 3
@@ -3125,7 +3188,7 @@ def clean_details(details: Dict[str, Any]) -> Dict[str, str]:
     """statusDetails AWS accepts: keys [a-zA-Z0-9:_-]+, values 1..1024 chars, no control chars."""
     out = {}
     for key, value in details.items():
-        if value is None or not DETAILS_KEY.match(key):
+        if value is None or not DETAILS_KEY.fullmatch(key):
             continue
         text = redact(CONTROL_CHAR.sub(" ", str(value))).strip()[:1024]
         if text:
@@ -3139,7 +3202,7 @@ def version_key(version: str) -> tuple:
 
 def installed_core_version(root: str) -> Optional[str]:
     try:
-        names = [n for n in os.listdir(os.path.join(root, "ggc", "packages")) if VERSION_TEXT.match(n)]
+        names = [n for n in os.listdir(os.path.join(root, "ggc", "packages")) if VERSION_TEXT.fullmatch(n)]
     except OSError:
         return None
     return max(names, key=version_key) if names else None
@@ -3622,7 +3685,8 @@ class Agent:
         st = os.statvfs(stage)
         room = st.f_bavail * st.f_frsize - self.ota["minFreeBytes"]
         try:
-            unpack(artifact, os.path.join(stage, "unpacked"), max_bytes=max(0, min(MAX_ARCHIVE_BYTES, room)))
+            unpack(artifact, os.path.join(stage, "unpacked"), max_bytes=max(0, min(MAX_ARCHIVE_BYTES, room)),
+                   sha256=doc.sha256)
         except UnsafeArchive as err:
             if "unpacked size above" in str(err) and room < MAX_ARCHIVE_BYTES:
                 raise DiskFull(f"the artifact unpacks to more than the {max(0, room)} bytes free "

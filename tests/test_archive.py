@@ -243,3 +243,13 @@ def test_a_gzip_bomb_stops_at_the_budget(tmp_path):
     with pytest.raises(g.UnsafeArchive, match="unpacked size above"):
         g.unpack(path, str(tmp_path / "s"), max_bytes=10 * 1024 * 1024)
     assert not (tmp_path / "s").exists()
+
+
+def test_what_is_unpacked_is_what_was_hashed(tmp_path):
+    """The artifact is hashed again through the descriptor it is unpacked from: a file changed
+    on disk after the download's check is refused, and nothing of it stays."""
+    art = build_core_artifact(tmp_path / "core.tar.gz", "1.11.6")
+    assert g.unpack(str(art.path), str(tmp_path / "ok"), sha256=art.sha256) > 5
+    with pytest.raises(g.HashMismatch, match="changed on disk"):
+        g.unpack(str(art.path), str(tmp_path / "s"), sha256="0" * 64)
+    assert not (tmp_path / "s").exists()

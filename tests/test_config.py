@@ -104,3 +104,13 @@ def test_missing_and_broken_files(tmp_path):
                                       ("/usr/local/bin/ggc-ota", "/greengrass")])
 def test_default_root(exe, root):
     assert g.default_root(exe) == root
+
+
+def test_a_thing_arn_with_a_trailing_newline_is_refused(tmp_path):
+    import json
+    cfg = {"coreThing": {"thingArn": "arn:aws:iot:us-east-1:123456789012:thing/core\n", "iotHost": "h",
+                         "caPath": "ca", "certPath": "c", "keyPath": "k"}}
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config/config.json").write_text(json.dumps(cfg))
+    with pytest.raises(g.ConfigError, match="not a thing ARN"):
+        g.load_config(str(tmp_path))

@@ -1,6 +1,7 @@
 """ggc_ota's Jobs client over its own MQTT client, against the look-alike's Jobs service."""
 from __future__ import annotations
 
+import json
 import queue
 import time
 import uuid
@@ -101,3 +102,31 @@ def test_describe_refuses_a_bad_id_without_asking(cloud, thing, jobs):
     with pytest.raises(g.MqttProtocolError):
         jobs.describe("../x")
     assert len(cloud.jobs.requests) == sent
+
+
+class LoopbackMqtt:
+    """The in-process seam: publish() hands each request to `answer`, whose reply goes straight
+    back into the client, as the network thread would deliver it."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.client = None
+
+    def publish(self, topic, payload, qos=1, timeout=30.0):
+        reply_topic, reply = self.answer(topic, json.loads(payload))
+        if reply_topic is not None:
+            self.client.handle(reply_topic, reply)
+
+
+def test_an_unreadable_reply_fails_its_request_at_once():
+    """Another application's job whose document cannot be parsed (JSON nested 3000 deep): its
+    describe fails at once with UnreadableReply, so the agent leaves that job and goes on,
+    instead of waiting for a reply that will never be read and retrying it for ever."""
+    deep = b'{"execution": {"jobId": "other", "jobDocument": ' + b"[" * 3000 + b"]" * 3000 + b"}}"
+    mqtt = LoopbackMqtt(lambda topic, request: (topic + "/accepted", deep))
+    client = g.JobsClient(mqtt, "t", timeout=30)
+    mqtt.client = client
+    started = time.monotonic()
+    with pytest.raises(g.JobsRejected) as err:
+        client.describe("other")
+    assert err.value.code == g.UNREADABLE_REPLY and time.monotonic() - started < 1

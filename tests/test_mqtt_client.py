@@ -528,3 +528,94 @@ def test_interop_with_amqtt(cloud, thing, client_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+# ---- what an independent conformance check found ---------------------------------------------------
+def test_a_refused_resubscription_is_logged_and_retried(cloud, thing, scripted, client_factory, caplog):
+    """Granted on the first connection, refused twice after a reconnect: an ERROR line, then
+    tries again with backoff until it is granted (the agent would otherwise sit without notify)."""
+    state = {"refusals": 0}
+
+    def script(p):
+        if p.type == g.CONNECT:
+            return g.encode_connack(0)
+        if p.type == g.SUBSCRIBE:
+            if broker.connections >= 2 and state["refusals"] < 2:
+                state["refusals"] += 1
+                return g.encode_suback(p.packet_id, [0x80])
+            return g.encode_suback(p.packet_id, [1])
+        if p.type == g.PUBLISH and broker.connections == 1:
+            return b"\x36\x05\x00\x01t\x00\x01"  # garbage: the client reconnects
+        return b""
+    caplog.set_level("ERROR", logger="ggc-ota")
+    g.log.propagate = True
+    broker = scripted(script)
+    c = client_factory(settings_for(cloud, thing, port=broker.port))
+    assert c.subscribe("t", 1, timeout=10) == 1
+    c.publish("kick", b"", 0)
+    wait_until(lambda: state["refusals"] == 2 and c._subs["t"].acked_generation == c._generation and c.connected,
+               20, "the refused subscription to be granted again")
+    assert "refused the subscription to t after a reconnect" in caplog.text
+
+
+def test_stop_fails_a_waiting_subscribe_at_once(cloud, thing, scripted, client_factory):
+    broker = scripted(lambda p: g.encode_connack(0) if p.type == g.CONNECT else b"")  # never a SUBACK
+    c = client_factory(settings_for(cloud, thing, port=broker.port))
+    assert c.wait_connected(10)
+    errors = []
+
+    def subscribe():
+        try:
+            c.subscribe("never-acked", 1, timeout=30)
+        except g.MqttError as err:
+            errors.append(err)
+    waiter = threading.Thread(target=subscribe)
+    waiter.start()
+    time.sleep(0.5)
+    stopped = time.monotonic()
+    c.stop()
+    waiter.join(10)
+    assert isinstance(errors[0], g.MqttNotConnected) and time.monotonic() - stopped < 7
+
+
+def test_a_dead_link_is_found_while_the_client_keeps_publishing(cloud, thing, own_broker, client_factory):
+    keepalive = 2
+    c = client_factory(settings_for(cloud, thing, port=own_broker.port, keepalive=keepalive))
+    assert c.wait_connected(10)
+    own_broker.freeze()
+    frozen_at = time.monotonic()
+    try:
+        while c.connected and time.monotonic() - frozen_at < 6 * keepalive:
+            c.publish("busy", b"progress", 0)  # progress reports: the client is never quiet
+            time.sleep(0.2)
+        noticed = time.monotonic() - frozen_at
+    finally:
+        own_broker.thaw()
+    assert not c.connected or c.last_error is not None
+    assert noticed <= 2 * keepalive + 1.5, f"noticed after {noticed:.1f} s"
+
+
+def test_a_puback_that_comes_as_publish_times_out_is_not_a_timeout(cloud, thing, monkeypatch):
+    """The PUBACK lands after publish()'s wait gave up and before it took the lock: acknowledged."""
+    class LateEvent(threading.Event):
+        def wait(self, timeout=None):
+            self.set()  # what the network thread does on PUBACK, just after the wait returned
+            return False
+
+    class LateInflight(g._Inflight):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.done = LateEvent()
+    monkeypatch.setattr(g, "_Inflight", LateInflight)
+    c = g.MqttClient(settings_for(cloud, thing), lambda t, p: None)
+    try:
+        c.publish("t", b"x", 1, timeout=0.01)  # no MqttTimeout
+    finally:
+        c.stop()
+
+
+def test_packets_in_the_same_read_as_connack_are_not_lost(cloud, thing, scripted, client_factory):
+    broker = scripted(lambda p: g.encode_connack(0) + g.encode_publish("early", b"hello", 0)
+                      if p.type == g.CONNECT else b"")
+    c = client_factory(settings_for(cloud, thing, port=broker.port))
+    assert c.inbox.get(10) == ("early", b"hello")
