@@ -195,6 +195,22 @@ OTA_AGENT_KEYS: Dict[str, Tuple[tuple, Any]] = {
 }
 
 
+class Software(collections.namedtuple("Software", ["tree", "pre_script", "post_script", "daemon", "entry"])):
+    """One kind of software an update installs: its tree under the root (and greengrass/<tree>
+    in the artifact), its two managed-respawn scripts, how it is stopped and started without
+    them (`daemon stop|start`, relative to the root; None: nothing to do), and the file the
+    tree must hold (relative to the tree; None: any directory)."""
+
+    __slots__ = ()
+
+
+SOFTWARE = {
+    "core": Software("ggc", "ggc_pre_update.sh", "ggc_post_update.sh", "ggc/core/greengrassd", None),
+    "ota_agent": Software("ota", "ota_pre_update.sh", "ota_post_update.sh", None, "ota_agent/ggc-ota"),
+}
+ALL_SCRIPTS = tuple(name for kind in SOFTWARE.values() for name in (kind.pre_script, kind.post_script))
+
+
 class Config(collections.namedtuple("Config", [
         "root", "path", "thing_name", "thing_arn", "iot_host", "port", "keepalive", "ca_path", "cert_path",
         "key_path", "managed_respawn", "ota", "warnings", "unknown_keys"])):
@@ -2237,22 +2253,20 @@ def sync_tree(path: str) -> None:
 
 
 def check_layout(staging: str, software: str) -> str:
-    """The tree an update installs: greengrass/ggc for `core`, greengrass/ota for `ota_agent`
-    (with an executable ota/ota_agent/ggc-ota). Returns its path inside staging."""
-    top = os.path.join(staging, "greengrass")
-    if software == "core":
-        tree = os.path.join(top, "ggc")
-        if not os.path.isdir(tree) or os.path.islink(tree):
-            raise BadLayout("a core artifact must hold the directory greengrass/ggc/")
-        return tree
-    if software == "ota_agent":
-        tree = os.path.join(top, "ota")
-        agent = os.path.join(tree, "ota_agent", "ggc-ota")
-        st = os.lstat(agent) if os.path.lexists(agent) else None
+    """The tree an update installs, as SOFTWARE says: greengrass/ggc for `core`, greengrass/ota
+    for `ota_agent` (with an executable ota/ota_agent/ggc-ota). Returns its path in staging."""
+    kind = SOFTWARE.get(software)
+    if kind is None:
+        raise BadLayout(f"unknown software {software!r}")
+    tree = os.path.join(staging, "greengrass", kind.tree)
+    if not os.path.isdir(tree) or os.path.islink(tree):
+        raise BadLayout(f"a {software} artifact must hold the directory greengrass/{kind.tree}/")
+    if kind.entry is not None:
+        entry = os.path.join(tree, kind.entry)
+        st = os.lstat(entry) if os.path.lexists(entry) else None
         if st is None or not stat.S_ISREG(st.st_mode) or not st.st_mode & stat.S_IXUSR:
-            raise BadLayout("an ota_agent artifact must hold an executable greengrass/ota/ota_agent/ggc-ota")
-        return tree
-    raise BadLayout(f"unknown software {software!r}")
+            raise BadLayout(f"an {software} artifact must hold an executable greengrass/{kind.tree}/{kind.entry}")
+    return tree
 
 
 # ============================================================================================
@@ -2261,14 +2275,12 @@ def check_layout(staging: str, software: str) -> str:
 # or unsafe script, too little disk) is FAILED.
 # ============================================================================================
 
-SOFTWARE_KINDS = ("core", "ota_agent")
+SOFTWARE_KINDS = tuple(SOFTWARE)
 ARCHITECTURES = ("armv6l", "armv7l", "x86_64", "aarch64")
 OPERATING_SYSTEMS = ("ubuntu", "raspbian", "amazon_linux", "openwrt")
 SUPPORTED_PLATFORMS = {("ubuntu", "x86_64"), ("ubuntu", "aarch64"), ("amazon_linux", "x86_64"),
                        ("raspbian", "armv7l"), ("raspbian", "armv6l"), ("openwrt", "aarch64"), ("openwrt", "armv7l")}
 OS_RELEASE_IDS = {"ubuntu": "ubuntu", "amzn": "amazon_linux", "raspbian": "raspbian", "openwrt": "openwrt"}
-SCRIPT_NAMES = {"core": ("ggc_pre_update.sh", "ggc_post_update.sh"),
-                "ota_agent": ("ota_pre_update.sh", "ota_post_update.sh")}
 VERSION_TEXT = re.compile(r"[0-9A-Za-z][0-9A-Za-z._+-]{0,63}")  # used with fullmatch: "$" allows a "\n"
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -2456,6 +2468,7 @@ HEALTH_SCRIPT = "ggc_health_check.sh"
 HEALTH_RETRY_SECONDS = 2.0
 
 
+SYSTEMD_RUNTIME = "/run/systemd/system"  # exists when systemd runs the system
 HOOK_TAIL_LINES = 10     # a failing script's last lines go into the error (and statusDetails.message)
 HOOK_TOKEN_ENV = "GGC_OTA_HOOK_RUN"
 HOOK_LINE_CHARS = 300
@@ -2482,6 +2495,19 @@ def run_hook(argv: List[str], env_extra: Dict[str, str], timeout: float, cwd: st
     if code != 0:
         raise HookFailed(f"{name} {describe_exit(code)}{_said(tail)}")
     log.info("hook: %s succeeded", name)
+
+
+def in_own_scope(argv: List[str]) -> List[str]:
+    """Where systemd runs the system, a daemon the agent starts itself (greengrassd, with
+    managedRespawn false) goes into a scope of its own, out of the agent's cgroup: stopping or
+    restarting the agent's service then never stops the core. Elsewhere `argv` as it is."""
+    if not os.path.isdir(SYSTEMD_RUNTIME):
+        return argv
+    tool = next((os.path.join(d, "systemd-run") for d in HOOK_PATH.split(":")
+                 if os.access(os.path.join(d, "systemd-run"), os.X_OK)), None)
+    if tool is None:
+        return argv
+    return [tool, "--scope", "--quiet", "--collect", f"--unit=greengrass-core-{int(time.time())}", "--"] + argv
 
 
 def _said(tail: collections.deque) -> str:
@@ -3239,6 +3265,16 @@ def child_environment(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
+def artifact_download(cfg: Config, doc: UpdateDocument, dest: str, **hooks: Any) -> Download:
+    """The download of a job's artifact, as the update and the dry-run's rehearsal both make it:
+    the CAs (the system's, caPath, extraCaPath), otaAgent's read timeout, retries and progress
+    interval. `hooks`: fresh_url, progress, should_stop."""
+    ca_files = [cfg.ca_path] + ([cfg.ota["extraCaPath"]] if cfg.ota.get("extraCaPath") else [])
+    return Download(url=doc.url, dest=dest, sha256=doc.sha256, size=doc.size, context=https_context(ca_files),
+                    read_timeout=cfg.ota["downloadReadTimeout"], retries=cfg.ota["downloadRetries"],
+                    progress_interval=cfg.ota["progressInterval"], **hooks)
+
+
 def without_options(argv: List[str], names: Dict[str, bool]) -> List[str]:
     """`argv` without the options in `names` (name -> takes a value), in either form."""
     out: List[str] = []
@@ -3354,6 +3390,8 @@ class Agent:
         log.info("ggc-ota %s starting for %s (root %s)", __version__, self.cfg.thing_name, self.root)
         if self.pid_file:
             write_pid(self.pid_file)  # systemd's Type=forking waits for this
+        if os.path.lexists(self.state.current_path) and not os.environ.get(TRIAL_ENV):  # a crash left it
+            os.unlink(self.state.current_path)
         self.recover()
 
     def run(self) -> int:
@@ -3632,10 +3670,12 @@ class Agent:
 
     def check_device(self, doc: UpdateDocument) -> None:
         if self.cfg.managed_respawn:  # all four, whichever software: a rollback may need any of them
-            for name in SCRIPT_NAMES["core"] + SCRIPT_NAMES["ota_agent"]:
+            for name in ALL_SCRIPTS:
                 check_script(os.path.join(self.root, "usr", "scripts", name))
-        elif doc.software == "core" and not os.access(os.path.join(self.root, "ggc/core/greengrassd"), os.X_OK):
-            raise ScriptInvalid("ggc/core/greengrassd is missing or not executable (managedRespawn is false)")
+        elif SOFTWARE[doc.software].daemon:
+            daemon = SOFTWARE[doc.software].daemon
+            if not os.access(os.path.join(self.root, daemon), os.X_OK):
+                raise ScriptInvalid(f"{daemon} is missing or not executable (managedRespawn is false)")
         if os.stat(self.state.staging).st_dev != os.stat(self.root).st_dev:
             raise DiskFull("the state directory is not on the root's filesystem: staging cannot be renamed into place",
                            "STATE_DIR_ELSEWHERE")
@@ -3663,11 +3703,8 @@ class Agent:
             return False
 
         log.info("job %s: downloading %s (%d bytes)", job_id, redact_url(doc.url), doc.size)
-        ca_files = [self.cfg.ca_path] + ([self.ota["extraCaPath"]] if self.ota.get("extraCaPath") else [])
-        self.active_download = Download(
-            url=doc.url, dest=dest, sha256=doc.sha256, size=doc.size, context=https_context(ca_files),
-            fresh_url=lambda: self.fresh_url(job_id), progress=progress, progress_interval=self.ota["progressInterval"],
-            read_timeout=self.ota["downloadReadTimeout"], retries=self.ota["downloadRetries"], should_stop=should_stop)
+        self.active_download = artifact_download(self.cfg, doc, dest, fresh_url=lambda: self.fresh_url(job_id),
+                                                 progress=progress, should_stop=should_stop)
         try:
             if self.stopping.is_set():
                 raise AgentStopping()
@@ -3705,7 +3742,7 @@ class Agent:
 
     # ---- applying: journaled from the first script on ------------------------------------------
     def new_journal(self, job_id: str, number: int, doc: UpdateDocument, stage: str, record: dict) -> dict:
-        live = os.path.join(self.root, "ggc" if doc.software == "core" else "ota")
+        live = os.path.join(self.root, SOFTWARE[doc.software].tree)
         journal = {"jobId": job_id, "executionNumber": number, "software": doc.software,
                    "fromVersion": record.get("fromVersion"), "toVersion": doc.version, "startedAt": record["startedAt"],
                    "live": live, "new": os.path.join(stage, "new"), "old": os.path.join(stage, "old"),
@@ -3718,12 +3755,14 @@ class Agent:
     def hook(self, software: str, which: str, journal: dict) -> None:
         env = {"GGC_OTA_JOB_ID": journal["jobId"], "GGC_OTA_COMPONENT": software, "GGC_ROOT": self.root,
                "GGC_OTA_OLD_VERSION": journal.get("fromVersion") or "", "GGC_OTA_NEW_VERSION": journal["toVersion"]}
-        prefix = "ggc" if software == "core" else "ota"
+        kind = SOFTWARE[software]
         if self.cfg.managed_respawn:
-            argv = [os.path.join(self.root, "usr", "scripts", f"{prefix}_{which}_update.sh")]
+            argv = [os.path.join(self.root, "usr", "scripts", kind.pre_script if which == "pre" else kind.post_script)]
             check_script(argv[0])  # again, right before it runs: recovery and rollback included
-        elif software == "core":
-            argv = [os.path.join(self.root, "ggc", "core", "greengrassd"), "stop" if which == "pre" else "start"]
+        elif kind.daemon is not None:
+            argv = [os.path.join(self.root, kind.daemon), "stop" if which == "pre" else "start"]
+            if which == "post":
+                argv = in_own_scope(argv)
         else:
             return
         run_hook(argv, env, float(self.ota["scriptTimeout"]), self.root)
@@ -3807,7 +3846,7 @@ class Agent:
         under this agent, with the real config; it must connect, run ota_post_update.sh and
         report. Until the swap the live tree is the old one, so a crash or a power cut at any
         moment of the trial leaves the old agent to start, roll back and report."""
-        new_agent = os.path.join(stage, "new", "ota_agent", "ggc-ota")
+        new_agent = os.path.join(stage, "new", SOFTWARE["ota_agent"].entry)
         self.self_test(new_agent)
         journal = self.new_journal(job_id, number, doc, stage, record)
         self.report(job_id, "IN_PROGRESS", {"phase": "pre_update", "version": doc.version})
@@ -3932,7 +3971,7 @@ class Agent:
     def hand_over(self, journal: dict) -> None:
         """The proven new agent is live: make it the running agent (it commits when it starts)."""
         crash_point("before_handover")
-        self.restart_as(os.path.join(journal["live"], "ota_agent", "ggc-ota"))
+        self.restart_as(os.path.join(journal["live"], SOFTWARE["ota_agent"].entry))
 
     def restart_as(self, path: str) -> None:
         """Replace this agent with the one at `path` without nesting one process stack in
@@ -4020,7 +4059,7 @@ class Agent:
             rolled_back = "false"
         journal.update(step="rolled_back", rolledBack=rolled_back)
         self.write_journal_if_possible(journal)
-        installed = os.path.join(journal["live"], "ota_agent", "ggc-ota")
+        installed = os.path.join(journal["live"], SOFTWARE["ota_agent"].entry)
         if journal["software"] == "ota_agent" and rolled_back == "true" and path_id(installed) != self.exe_id:
             try:  # this process runs the new agent: the restored old one reports
                 self.restart_as(installed)
@@ -4203,7 +4242,7 @@ def preflight(root: str, config_path: Optional[str]) -> List[Check]:
     except MqttAuthError as err:
         checks.append(Check("credentials", False, str(err)))
     if cfg.managed_respawn:
-        for name in SCRIPT_NAMES["core"] + SCRIPT_NAMES["ota_agent"]:
+        for name in ALL_SCRIPTS:
             try:
                 check_script(os.path.join(cfg.root, "usr", "scripts", name))
                 checks.append(Check(f"script {name}", True, "present, root's, executable by root only"))
@@ -4248,17 +4287,16 @@ def rehearse(root: str, config_path: Optional[str], document_path: str, artifact
     try:
         local = artifact or os.path.join(scratch, "artifact.tar.gz")
         if artifact is None:
-            Download(url=doc.url, dest=local, sha256=doc.sha256, size=doc.size,
-                     context=https_context([cfg.ca_path]), retries=2).run()
+            artifact_download(cfg, doc, local).run()
         digest, size = sha256_of_file(local)
         ok = size == doc.size and digest.hexdigest() == doc.sha256
         checks.append(Check("artifact", ok, f"{size} bytes, sha256 {digest.hexdigest()}"))
         if not ok:
             return checks
-        unpack(local, os.path.join(scratch, "unpacked"))
+        unpack(local, os.path.join(scratch, "unpacked"), sha256=doc.sha256)  # as the update unpacks it
         tree = check_layout(os.path.join(scratch, "unpacked"), doc.software)
         files = sum(len(f) for _, _, f in os.walk(tree))
-        live = os.path.join(cfg.root, "ggc" if doc.software == "core" else "ota")
+        live = os.path.join(cfg.root, SOFTWARE[doc.software].tree)
         checks.append(Check("unpack", True, f"{files} files; would replace {live}"))
         kept = [k for k in cfg.ota["keep"] if doc.software == "core" and os.path.exists(os.path.join(cfg.root, k))]
         checks.append(Check("keep", True, "would keep " + (", ".join(kept) or "nothing")))

@@ -186,6 +186,27 @@ def test_rehearsal(device, tmp_path):
     assert out.returncode == 1 and "aarch64" in out.stdout
 
 
+def test_rehearsal_downloads_as_the_update_does(cloud, device, tmp_path):
+    """The rehearsal's download is the update's: here the download host's CA is trusted only
+    through otaAgent.extraCaPath (caPath names an unrelated CA), as it is for the update."""
+    import trustme
+    art = build_core_artifact(tmp_path / "core.tar.gz", "1.11.6")
+    cloud.store.put("bucket", "rehearse/core.tar.gz", art.path)
+    doc = {"softwareToUpdate": "core", "version": "1.11.6", "updateTargetsArchitecture": "x86_64",
+           "updateTargetsOperatingSystem": "ubuntu",
+           "artifact": {"url": cloud.store.presign("bucket", "rehearse/core.tar.gz", 300), "sha256": art.sha256,
+                        "size": art.size}}
+    (tmp_path / "doc.json").write_text(json.dumps(doc))
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    cfg = json.loads(device.dev.config_path.read_text())
+    cfg["crypto"]["caPath"] = f"file://{other}"
+    cfg["otaAgent"]["extraCaPath"] = str(cloud.pki.ca_path)
+    device.dev.config_path.write_text(json.dumps(cfg))
+    out = device.run("--root", str(device.root), "--dry-run", "--job-document", str(tmp_path / "doc.json"))
+    assert out.returncode == 0 and "OK   unpack" in out.stdout, out.stdout + out.stderr
+
+
 def test_status_human(device):
     out = device.run("--root", str(device.root), "--status")
     assert out.returncode == 0 and "core: 1.11.5" in out.stdout and "update in flight: none" in out.stdout

@@ -105,3 +105,16 @@ def test_a_timeout_stops_the_scripts_whole_session(tmp_path):
     while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
         assert time.monotonic() < deadline, "a child that called setsid outlived the timeout"
         time.sleep(0.1)
+
+
+def test_greengrassd_goes_into_its_own_scope_where_systemd_runs(tmp_path, monkeypatch):
+    """Stopping the agent's service must not stop a core it started: under systemd the start goes
+    through systemd-run --scope (out of the agent's cgroup); elsewhere it runs as it is."""
+    argv = ["/greengrass/ggc/core/greengrassd", "start"]
+    monkeypatch.setattr(g, "SYSTEMD_RUNTIME", str(tmp_path / "absent"))
+    assert g.in_own_scope(argv) == argv
+    monkeypatch.setattr(g, "SYSTEMD_RUNTIME", str(tmp_path))
+    if not any(os.access(os.path.join(d, "systemd-run"), os.X_OK) for d in g.HOOK_PATH.split(":")):
+        pytest.skip("systemd-run is not installed")
+    wrapped = g.in_own_scope(argv)
+    assert wrapped[0].endswith("/systemd-run") and "--scope" in wrapped and wrapped[-2:] == argv

@@ -16,8 +16,10 @@ PROCD = REPO / "openwrt/ggc-ota"
 def test_unit_has_r18_settings():
     text = UNIT.read_text()
     for line in ("Type=forking", "Restart=on-failure", "ExecStart=/greengrass/ota/ota_agent/ggc-ota",
-                 "PIDFile=/greengrass/ota-state/ggc-ota.pid", "KillMode=mixed"):
+                 "PIDFile=/greengrass/ota-state/ggc-ota.pid", "KillMode=process", "RuntimeDirectory=ggc-ota",
+                 "Environment=TMPDIR=/run/ggc-ota", "StartLimitBurst=5"):
         assert line in text.splitlines()
+    assert any(line.startswith("Documentation=https://") for line in text.splitlines())
 
 
 def test_unit_passes_systemd_analyze_verify(tmp_path):
@@ -91,3 +93,25 @@ def test_procd_start_service_uci_settings(tmp_path):
     params = {line.split()[1]: " ".join(line.split()[2:]) for line in lines if line.startswith("param ")}
     assert params["command"] == "/mnt/gg/ota/ota_agent/ggc-ota --root /mnt/gg --foreground --log-level DEBUG"
     assert params["env"] == "TMPDIR=/mnt/tmp"
+
+
+def test_procd_service_triggers_and_config_file(tmp_path):
+    lines = run_start_service(tmp_path)
+    params = {line.split()[1]: " ".join(line.split()[2:]) for line in lines if line.startswith("param ")}
+    assert params["file"] == "/greengrass/config/config.json"
+    out = tmp_path / "triggers"
+    script = f"procd_add_reload_trigger() {{ echo \"reload $*\" >> {out}; }}\n. {PROCD}\nservice_triggers\n"
+    done = subprocess.run([busybox(), "ash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and out.read_text().split() == ["reload", "ggc-ota"], done.stderr
+
+
+def test_procd_disabled_in_uci_starts_nothing(tmp_path):
+    lines = run_start_service(tmp_path, enabled="0")
+    assert lines == ["config_load ggc-ota"]
+
+
+def test_the_uci_file_parses_and_names_what_the_script_reads():
+    text = (REPO / "openwrt/ggc-ota.config").read_text()
+    assert "config ggc-ota 'main'" in text
+    for option in ("enabled", "root", "tmpdir", "log_level"):
+        assert f"option {option} " in text
