@@ -79,15 +79,28 @@ cmd_test() {
 }
 
 cmd_lint() {
+  ensure_debs shellcheck
   ensure_venv
   "$VENV/bin/ruff" check .
   "$VENV/bin/vermin" -t=3.8- --no-tips --violations --eval-annotations ggc_ota.py
+  shellcheck build.sh .ci/run
+  shellcheck -s sh openwrt/ggc-ota
 }
 
 cmd_cloud() {
+  # ./build.sh cloud DIR: serve the look-alike with its files in DIR (until Ctrl-C); any other
+  # form goes to its own command line (serve --workdir DIR ..., --workdir DIR <operation> ...).
+  local args=("$@")
+  if [ $# -eq 1 ] && [ "${1#-}" = "$1" ] && [ "$1" != serve ]; then
+    mkdir -p "$1"
+    args=(serve --workdir "$1")
+  elif [ $# -eq 0 ]; then
+    echo "usage: ./build.sh cloud DIR   (or: serve --workdir DIR | --workdir DIR <operation>; see tests/cloud/README.md)" >&2
+    exit 2
+  fi
   ensure_debs "${DEBS[@]}"
   ensure_venv
-  exec "$VENV/bin/python" -m tests.cloud "$@"
+  exec "$VENV/bin/python" -m tests.cloud "${args[@]}"
 }
 
 cmd_demo() {
@@ -158,9 +171,9 @@ cmd_binary() {
 cross_binary() {
   local arch=$1 debarch qemu qemu_cpu=""
   case "$arch" in
-    aarch64) debarch=arm64; qemu=qemu-aarch64-static ;;
-    armv7l) debarch=armhf; qemu=qemu-arm-static ;;
-    armv6l) debarch=armel; qemu=qemu-arm-static; qemu_cpu=arm1176 ;;
+    aarch64) debarch=arm64; qemu="qemu-aarch64-static" ;;
+    armv7l) debarch=armhf; qemu="qemu-arm-static" ;;
+    armv6l) debarch=armel; qemu="qemu-arm-static"; qemu_cpu=arm1176 ;;
     *) echo "build.sh: --arch takes aarch64, armv7l or armv6l" >&2; exit 2 ;;
   esac
   ensure_debs debootstrap qemu-user-static binfmt-support
@@ -192,8 +205,8 @@ cross_binary() {
   mkdir -p "$rootfs/etc/ssl/certs"
   cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/host-ca-certificates.crt"
   [ -f /etc/pip.conf ] && cp /etc/pip.conf "$rootfs/etc/pip.conf"
-  local excl=""
-  for m in "${EXCLUDES[@]}"; do excl="$excl --exclude-module $m"; done
+  local chroot_excludes=""
+  for m in "${EXCLUDES[@]}"; do chroot_excludes="$chroot_excludes --exclude-module $m"; done
   log "building ggc-ota for $arch inside the rootfs (under qemu)"
   chroot "$rootfs" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root BOOTLOADER_CC=musl-gcc \
     PIP_CERT=/etc/ssl/certs/host-ca-certificates.crt SSL_CERT_FILE=/etc/ssl/certs/host-ca-certificates.crt \
@@ -201,7 +214,7 @@ cross_binary() {
     ${qemu_cpu:+QEMU_CPU=$qemu_cpu} /bin/sh -ec "
       cd /build
       [ -x /venv/bin/pyinstaller ] || { python3 -m venv /venv && /venv/bin/pip install -q -r requirements-build.txt; }
-      /venv/bin/pyinstaller --onefile --strip --optimize 2 --noconfirm --log-level WARN --name ggc-ota-dynamic $excl ggc_ota.py
+      /venv/bin/pyinstaller --onefile --strip --optimize 2 --noconfirm --log-level WARN --name ggc-ota-dynamic $chroot_excludes ggc_ota.py
       /venv/bin/staticx --strip dist/ggc-ota-dynamic dist/ggc-ota"
   mkdir -p dist
   cp "$rootfs/build/dist/ggc-ota" "dist/ggc-ota-$arch"

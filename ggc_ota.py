@@ -11,7 +11,7 @@ One module, standard library only, CPython 3.8+. It reads top to bottom in secti
     Jobs client   the AWS IoT Jobs MQTT API: requests matched to replies by clientToken
     download      HTTPS download with sha256 on the fly, Range resume, fresh URLs after 403
     archive       safe unpacking of the gzip tar artifact into staging, and its layout check
-    checks        the job document, the platform (R7), the scripts (R16), free disk (R8)
+    checks        the job document, the platform, the scripts, free disk
     hooks         the four managed-respawn scripts, with a timeout, in their own process group
     state         lock, journal, outbox of status updates, history (the state directory)
     swap          journaled swap of the installed tree, and recovery after a crash
@@ -19,7 +19,7 @@ One module, standard library only, CPython 3.8+. It reads top to bottom in secti
     dry-run       the offline preflight and rehearsal, and --status
     CLI           the command line
 
-See README.md for the contract it keeps (SPEC.md in the shared folder).
+README.md is the user's manual; docs/contract.md what the agent promises; docs/internals.md how it is built.
 """
 from __future__ import annotations
 
@@ -125,6 +125,11 @@ class MqttProtocolError(MqttError):
     reason = "MQTT_PROTOCOL_ERROR"
 
 
+CONNACK_CODES = {0: "connection accepted", 1: "unacceptable protocol version", 2: "client identifier rejected",
+                 3: "server unavailable", 4: "bad user name or password",
+                 5: "not authorized (check the certificate's IoT policy)"}
+
+
 class MqttConnectRefused(MqttError):
     """CONNACK with a non-zero return code."""
 
@@ -159,6 +164,50 @@ class ConfigError(OtaError):
 
 
 # ============================================================================================
+# filesystem: the primitives every later section uses. C library calls Python's os module lacks,
+# durable directories and trees (fsync), and removing a tree.
+# ============================================================================================
+
+def libc_function(name: str) -> Optional[Callable[..., int]]:
+    """A C library function Python's os module lacks (syncfs, renameat2, prctl, malloc_trim),
+    through ctypes; None where the C library has none."""
+    try:
+        import ctypes
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_tree(path: str) -> None:
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        import shutil
+        shutil.rmtree(path)
+
+
+def fsync_tree(path: str) -> None:
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full):
+                fd = os.open(full, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(dirpath)
+
+
+# ============================================================================================
 # config: Greengrass v1's config.json in either form. Legacy: coreThing.caPath/certPath/keyPath
 # relative to <root>/certs. Current (1.6+): crypto.caPath and
 # crypto.principals.IoTCertificate.certificatePath/privateKeyPath as file:// URIs. Settings of
@@ -178,7 +227,7 @@ OTA_AGENT_KEYS: Dict[str, Tuple[tuple, Any]] = {
     "logMaxBytes": ((int,), 5 * 1024 * 1024),
     "logBackups": ((int,), 3),
     "keep": ((list,), ["ggc/deployment", "ggc/var"]),
-    "minFreeBytes": ((int,), 400 * 1024 * 1024),  # R8
+    "minFreeBytes": ((int,), 400 * 1024 * 1024),  # what Greengrass v1 asks of a core
     "scriptTimeout": ((int, float), 300),
     "architecture": ((str,), None),              # override uname -m
     "operatingSystem": ((str,), None),           # override /etc/os-release
@@ -219,11 +268,6 @@ class Config(collections.namedtuple("Config", [
     was odd about the file (`warnings`, `unknown_keys`: lists of str)."""
 
     __slots__ = ()
-
-    def mqtt_settings(self) -> MqttSettings:
-        return MqttSettings(host=self.iot_host, port=self.port, client_id=self.thing_name, ca_path=self.ca_path,
-                            cert_path=self.cert_path, key_path=self.key_path, keepalive=self.keepalive,
-                            backoff_cap=float(self.ota["reconnectMaxSeconds"]))
 
 
 def default_root(executable: str) -> str:
@@ -339,8 +383,8 @@ def load_config(root: str, path: Optional[str] = None) -> Config:
 
 
 # ============================================================================================
-# logging: a size-rotated file (R1: /var/log/greengrass/ota/ggc_ota.txt by default) and, in
-# the foreground, stderr. The job document's updateAgentLogLevel (R6: NONE, TRACE, DEBUG,
+# logging: syslog, a size-rotated file (/var/log/greengrass/ota/ggc_ota.txt by default) and, in
+# the foreground, stderr. The job document's updateAgentLogLevel (NONE, TRACE, DEBUG,
 # VERBOSE, INFO, WARN, ERROR, FATAL) applies while that job runs. A filter redacts the query
 # string of every URL, so a presigned URL's signature never reaches a log line.
 # ============================================================================================
@@ -515,9 +559,10 @@ class Syslog(logging.Handler):
 
 
 # ============================================================================================
-# MQTT codec: MQTT 3.1.1 (OASIS standard) packets. Decoding validates everything the spec
-# fixes (reserved flags, QoS, lengths, packet ids, return codes) and raises MqttProtocolError
-# for anything else; a declared length above the cap is refused before any byte is buffered.
+# MQTT codec: the device's half of MQTT 3.1.1 (OASIS standard): what a client sends, and what it
+# reads. Decoding validates everything the spec fixes (reserved flags, QoS, lengths, packet ids,
+# return codes) and raises MqttProtocolError for anything else; a declared length above the cap
+# is refused before any byte is buffered. (The broker's half is tests/cloud/mqtt_codec.py.)
 # ============================================================================================
 
 CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
@@ -529,9 +574,6 @@ PACKET_NAMES = {CONNECT: "CONNECT", CONNACK: "CONNACK", PUBLISH: "PUBLISH", PUBA
 # Fixed-header flags that the spec requires for every type but PUBLISH.
 REQUIRED_FLAGS = {CONNECT: 0, CONNACK: 0, PUBACK: 0, PUBREC: 0, PUBREL: 2, PUBCOMP: 0, SUBSCRIBE: 2,
                   SUBACK: 0, UNSUBSCRIBE: 2, UNSUBACK: 0, PINGREQ: 0, PINGRESP: 0, DISCONNECT: 0}
-CONNACK_CODES = {0: "connection accepted", 1: "unacceptable protocol version", 2: "client identifier rejected",
-                 3: "server unavailable", 4: "bad user name or password",
-                 5: "not authorized (check the certificate's IoT policy)"}
 MAX_REMAINING_LENGTH = 268_435_455
 DEFAULT_MAX_PACKET = 256 * 1024  # AWS IoT's payload limit is 128 KB; a topic and header fit beside it
 
@@ -604,10 +646,6 @@ def encode_connect(client_id: str, keepalive: int, clean_session: bool = True) -
     return _fixed(CONNECT, 0, body)
 
 
-def encode_connack(return_code: int, session_present: bool = False) -> bytes:
-    return _fixed(CONNACK, 0, bytes([1 if session_present else 0, return_code]))
-
-
 def encode_publish(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0,
                    retain: bool = False, dup: bool = False) -> bytes:
     if qos not in (0, 1, 2):
@@ -631,10 +669,6 @@ def encode_puback(packet_id: int) -> bytes:
     return _encode_id_only(PUBACK, packet_id)
 
 
-def encode_unsuback(packet_id: int) -> bytes:
-    return _encode_id_only(UNSUBACK, packet_id)
-
-
 def encode_subscribe(packet_id: int, topics: List[Tuple[str, int]]) -> bytes:
     _check_packet_id(packet_id)
     if not topics:
@@ -647,11 +681,6 @@ def encode_subscribe(packet_id: int, topics: List[Tuple[str, int]]) -> bytes:
     return _fixed(SUBSCRIBE, 2, body)
 
 
-def encode_suback(packet_id: int, codes: List[int]) -> bytes:
-    _check_packet_id(packet_id)
-    return _fixed(SUBACK, 0, struct.pack("!H", packet_id) + bytes(codes))
-
-
 def encode_unsubscribe(packet_id: int, topics: List[str]) -> bytes:
     _check_packet_id(packet_id)
     if not topics:
@@ -661,10 +690,6 @@ def encode_unsubscribe(packet_id: int, topics: List[str]) -> bytes:
 
 def encode_pingreq() -> bytes:
     return bytes([PINGREQ << 4, 0])
-
-
-def encode_pingresp() -> bytes:
-    return bytes([PINGRESP << 4, 0])
 
 
 def encode_disconnect() -> bytes:
@@ -760,56 +785,22 @@ def decode_packet(packet_type: int, flags: int, body: bytes) -> Packet:
         if any(c not in (0, 1, 2, 0x80) for c in codes):
             raise MqttProtocolError(f"SUBACK with invalid return codes {codes}")
         return Packet(SUBACK, flags, packet_id, codes=codes)
-    if packet_type in (PINGREQ, PINGRESP, DISCONNECT):
+    if packet_type == PINGRESP:
         b.finish()
         return Packet(packet_type, flags)
-    if packet_type == SUBSCRIBE:
-        packet_id = b.u16()
-        _check_packet_id(packet_id)
-        topics = []
-        while not b.done():
-            topic, qos = b.string(), b.u8()
-            if qos > 2:
-                raise MqttProtocolError("SUBSCRIBE with requested QoS above 2")
-            topics.append((topic, qos))
-        if not topics:
-            raise MqttProtocolError("SUBSCRIBE without topic filters")
-        return Packet(SUBSCRIBE, flags, packet_id, topics=tuple(topics))
-    if packet_type == UNSUBSCRIBE:
-        packet_id = b.u16()
-        _check_packet_id(packet_id)
-        names = []
-        while not b.done():
-            names.append((b.string(), 0))
-        if not names:
-            raise MqttProtocolError("UNSUBSCRIBE without topic filters")
-        return Packet(UNSUBSCRIBE, flags, packet_id, topics=tuple(names))
-    # CONNECT
-    if b.string() != "MQTT" or b.u8() != 4:
-        raise MqttProtocolError("CONNECT is not MQTT 3.1.1")
-    connect_flags = b.u8()
-    if connect_flags & 0x01:
-        raise MqttProtocolError("CONNECT with the reserved flag set")
-    keepalive = b.u16()
-    client_id = b.string()
-    if connect_flags & 0x04:  # will topic and message
-        b.string()
-        b.take(b.u16())
-    if connect_flags & 0x80:
-        b.string()
-    if connect_flags & 0x40:
-        b.take(b.u16())
-    b.finish()
-    return Packet(CONNECT, flags, client_id=client_id, keepalive=keepalive,
-                  clean_session=bool(connect_flags & 0x02))
+    # CONNECT, SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT: only a client sends them (the broker's
+    # half of the codec lives with the tests' brokers, in tests/cloud/mqtt_codec.py)
+    raise MqttProtocolError(f"{name} from the broker: only a client sends it")
 
 
 class PacketReader:
     """Splits a byte stream into packets. Memory is bounded by `max_packet`: a larger declared
     length is refused as soon as its length bytes arrive."""
 
-    def __init__(self, max_packet: int = DEFAULT_MAX_PACKET) -> None:
+    def __init__(self, max_packet: int = DEFAULT_MAX_PACKET,
+                 decode: Callable[[int, int, bytes], Packet] = decode_packet) -> None:
         self.max_packet = max_packet
+        self.decode = decode
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> List[Packet]:
@@ -836,7 +827,7 @@ class PacketReader:
         header = self._buf[0]
         body = bytes(self._buf[1 + used:end])
         del self._buf[:end]
-        return decode_packet(header >> 4, header & 0x0F, body)
+        return self.decode(header >> 4, header & 0x0F, body)
 
     @property
     def buffered(self) -> int:
@@ -876,6 +867,13 @@ class MqttSettings(collections.namedtuple("MqttSettings", [
 
     def ping_deadline(self) -> float:
         return self.ping_timeout if self.ping_timeout is not None else min(30.0, max(1.0, self.keepalive / 2))
+
+
+def mqtt_settings(cfg: Config) -> MqttSettings:
+    """The MQTT settings of a core's config.json."""
+    return MqttSettings(host=cfg.iot_host, port=cfg.port, client_id=cfg.thing_name, ca_path=cfg.ca_path,
+                        cert_path=cfg.cert_path, key_path=cfg.key_path, keepalive=cfg.keepalive,
+                        backoff_cap=float(cfg.ota["reconnectMaxSeconds"]))
 
 
 def tls_context(settings: MqttSettings) -> ssl.SSLContext:
@@ -1853,24 +1851,6 @@ class _Transient(Exception):
         self.stalled = stalled
 
 
-def libc_function(name: str) -> Optional[Callable[..., int]]:
-    """A C library function Python's os module lacks (syncfs, renameat2, prctl, malloc_trim),
-    through ctypes; None where the C library has none."""
-    try:
-        import ctypes
-        return getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (ImportError, OSError, AttributeError):
-        return None
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ============================================================================================
 # archive: the artifact is hostile until proven otherwise. One streaming pass: each member is
 # checked before it is written, and a refusal removes the staging directory whole, so nothing
@@ -2270,7 +2250,7 @@ def check_layout(staging: str, software: str) -> str:
 
 
 # ============================================================================================
-# checks: everything verified before anything is touched (SPEC §8). A document that is
+# checks: everything verified before anything is touched. A document that is
 # invalid or meant for another platform is REJECTED; what is wrong with the device (a missing
 # or unsafe script, too little disk) is FAILED.
 # ============================================================================================
@@ -2312,7 +2292,7 @@ class UpdateDocument(collections.namedtuple("UpdateDocument", [
 
 
 def parse_document(doc: Any) -> UpdateDocument:
-    """Check a Greengrass software-update job document (SPEC §6); unknown fields are ignored."""
+    """Check a Greengrass software-update job document; unknown fields are ignored."""
     if not isinstance(doc, dict):
         raise InvalidDocument("the job document is not a JSON object")
     software = _one_of(doc, "softwareToUpdate", SOFTWARE_KINDS)
@@ -2379,7 +2359,7 @@ def detect_platform(ota: Dict[str, Any], etc: str = "/etc") -> Tuple[str, Option
 
 def check_platform(doc: UpdateDocument, arch: str, os_name: Optional[str]) -> Optional[str]:
     """PlatformMismatch when the document targets another platform; a warning text when this
-    device's OS is not one of R7's (the document's OS is then accepted)."""
+    device's OS is not one Greengrass supports (the document's OS is then accepted)."""
     if (doc.operating_system, doc.architecture) not in SUPPORTED_PLATFORMS:
         raise InvalidDocument(f"{doc.operating_system}/{doc.architecture} is not a supported platform")
     if doc.architecture != arch:
@@ -2430,7 +2410,7 @@ def check_script(path: str) -> None:
 
 def check_free_space(needs: List[Tuple[str, int]], floor: int) -> None:
     """`needs`: (path, bytes to be written there). Every filesystem must keep `floor` free
-    after its writes (R8); paths on one filesystem add up."""
+    after its writes; paths on one filesystem add up."""
     by_fs: Dict[int, Tuple[str, int]] = {}
     for path, nbytes in needs:
         probe = path
@@ -2448,8 +2428,8 @@ def check_free_space(needs: List[Tuple[str, int]], floor: int) -> None:
 
 
 # ============================================================================================
-# hooks: the four managed-respawn scripts (R15, R16), or greengrassd stop|start when
-# managedRespawn is false (R17). Fixed PATH, stdin from /dev/null, their own process group,
+# hooks: the four managed-respawn scripts, or greengrassd stop|start when
+# managedRespawn is false. Fixed PATH, stdin from /dev/null, their own process group,
 # output into the log, a timeout after which the group gets SIGTERM and then SIGKILL.
 # ============================================================================================
 
@@ -2762,6 +2742,7 @@ JOURNAL_KEYS = ("jobId", "executionNumber", "software", "live", "new", "old", "s
 JOURNAL_MAX_BYTES = 64 * 1024
 
 
+LOCK_FD_ENV = "GGC_OTA_LOCK_FD"  # an agent handed over to finds the lock's descriptor here
 LOCK_WAIT_SECONDS = 15.0    # how long a starting agent waits for the previous one to stop
 LOCK_POLL_SECONDS = 0.2
 
@@ -3068,27 +3049,6 @@ def rename_exchange(a: str, b: str) -> bool:
     raise OSError(err, os.strerror(err), a)
 
 
-def remove_tree(path: str) -> None:
-    if os.path.islink(path) or os.path.isfile(path):
-        os.unlink(path)
-    elif os.path.isdir(path):
-        import shutil
-        shutil.rmtree(path)
-
-
-def fsync_tree(path: str) -> None:
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(dirpath, name)
-            if not os.path.islink(full):
-                fd = os.open(full, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        fsync_dir(dirpath)
-
-
 def copy_tree(src: str, dst: str) -> None:
     """Copy a directory tree, symlinks as symlinks; the first error is raised as it is (an
     OSError with its errno: ENOSPC is DISK_FULL), where shutil.copytree would collect them all."""
@@ -3186,7 +3146,6 @@ EXIT_RESTART = 75           # a frozen agent in the foreground after a self-upda
 TRIAL_ENV = "GGC_OTA_TRIAL"  # set for a new agent on trial: <jobId>:<pid of the old agent>:<its start time>
 TRIAL_STDERR = "new-agent.stderr"
 TRIAL_GRACE_SECONDS = 5.0   # beyond newAgentTimeout, for the agent on trial to say why it gave up
-LOCK_FD_ENV = "GGC_OTA_LOCK_FD"
 DAEMON_CHILD_FLAG = "--daemon-child"
 FRESH_ENV = "GGC_OTA_FRESH_INTERPRETER"
 RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 2.0, 60.0
@@ -3453,7 +3412,7 @@ class Agent:
             self.mqtt.interrupt()
 
     def connect(self) -> None:
-        self.mqtt = MqttClient(self.cfg.mqtt_settings(), self.on_message, self.on_connect)
+        self.mqtt = MqttClient(mqtt_settings(self.cfg), self.on_message, self.on_connect)
         self.jobs = JobsClient(self.mqtt, self.cfg.thing_name, on_notify=self.on_notify)
         self.subscribed = False
         self.mqtt.start()
@@ -4237,7 +4196,7 @@ def preflight(root: str, config_path: Optional[str]) -> List[Check]:
                         f"keepalive {cfg.keepalive} s"
                         + (f"; unknown otaAgent keys: {', '.join(cfg.unknown_keys)}" if cfg.unknown_keys else "")))
     try:
-        tls_context(cfg.mqtt_settings())
+        tls_context(mqtt_settings(cfg))
         checks.append(Check("credentials", True, "root CA, certificate and key load and match"))
     except MqttAuthError as err:
         checks.append(Check("credentials", False, str(err)))

@@ -28,7 +28,7 @@ def test_both_forms_load_and_connect(root):
     assert cfg.cert_path.endswith(f"certs/{root.thing}.cert.pem") and cfg.ca_path.endswith("certs/root.ca.pem")
     assert cfg.keepalive == 600 and cfg.managed_respawn is True
     assert cfg.ota["stateDir"] == str(root.root / "ota-state") and cfg.ota["minFreeBytes"] == 400 * 1024 * 1024
-    g.MqttClient(cfg.mqtt_settings(), lambda t, p: None).check_connection()  # the paths are the right ones
+    g.MqttClient(g.mqtt_settings(cfg), lambda t, p: None).check_connection()  # the paths are the right ones
 
 
 @pytest.mark.parametrize("value,expected,warned", [(600, 600, False), (30, 30, False), (1200, 1200, False),
@@ -44,12 +44,12 @@ def test_defaults_port_and_keepalive(root):
     rewrite(root, lambda d: (d["coreThing"].pop("iotMqttPort"), d["coreThing"].pop("keepAlive")))
     cfg = g.load_config(str(root.root))
     assert (cfg.port, cfg.keepalive) == (8883, 600)
-    assert not cfg.mqtt_settings().wants_alpn()
+    assert not g.mqtt_settings(cfg).wants_alpn()
 
 
 def test_port_443_means_alpn(root):
     rewrite(root, lambda d: d["coreThing"].update(iotMqttPort=443))
-    assert g.load_config(str(root.root)).mqtt_settings().wants_alpn()
+    assert g.mqtt_settings(g.load_config(str(root.root))).wants_alpn()
 
 
 def test_ota_agent_block(root):

@@ -115,3 +115,17 @@ def test_the_uci_file_parses_and_names_what_the_script_reads():
     assert "config ggc-ota 'main'" in text
     for option in ("enabled", "root", "tmpdir", "log_level"):
         assert f"option {option} " in text
+
+
+def test_build_sh_and_ci_pass_shellcheck():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed")
+    out = subprocess.run([shellcheck, str(REPO / "build.sh"), str(REPO / ".ci/run")], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_build_sh_cloud_without_a_directory_is_a_usage_error():
+    out = subprocess.run([str(REPO / "build.sh"), "cloud"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "usage: ./build.sh cloud DIR" in out.stderr and "Traceback" not in out.stderr

@@ -16,6 +16,7 @@ import pytest
 
 import ggc_ota as g
 from tests.cloud import Pki
+from tests.cloud import mqtt_codec as bc
 from tests.cloud.broker import Mosquitto, free_port, wait_for_port
 from tests.conftest import REPO, PahoDevice
 
@@ -230,7 +231,7 @@ class ScriptedBroker:
             try:
                 with self.ctx.wrap_socket(conn, server_side=True) as tls:
                     tls.settimeout(5)
-                    reader = g.PacketReader()
+                    reader = bc.broker_reader()
                     while not self._stop:
                         data = tls.recv(4096)
                         if not data:
@@ -270,7 +271,7 @@ def test_malformed_connack_is_a_protocol_error(cloud, thing, scripted):
 
 def test_connack_not_authorized_backs_off_long(cloud, thing, scripted, client_factory, caplog):
     caplog.set_level("INFO", logger="ggc-ota")
-    broker = scripted(lambda p: g.encode_connack(5) if p.type == g.CONNECT else b"")
+    broker = scripted(lambda p: bc.encode_connack(5) if p.type == g.CONNECT else b"")
     with pytest.raises(g.MqttConnectRefused) as err:
         g.MqttClient(settings_for(cloud, thing, port=broker.port), lambda t, p: None).check_connection()
     assert err.value.code == 5 and "not authorized" in str(err.value)
@@ -290,9 +291,9 @@ def test_no_connack_times_out(cloud, thing, scripted):
 def test_suback_0x80_is_surfaced(cloud, thing, scripted, client_factory):
     def script(p):
         if p.type == g.CONNECT:
-            return g.encode_connack(0)
+            return bc.encode_connack(0)
         if p.type == g.SUBSCRIBE:
-            return g.encode_suback(p.packet_id, [0x80 if t == "denied" else 1 for t, _ in p.topics])
+            return bc.encode_suback(p.packet_id, [0x80 if t == "denied" else 1 for t, _ in p.topics])
         return b""
     broker = scripted(script)
     c = client_factory(settings_for(cloud, thing, port=broker.port))
@@ -303,7 +304,7 @@ def test_suback_0x80_is_surfaced(cloud, thing, scripted, client_factory):
 
 
 def test_missing_suback_times_out(cloud, thing, scripted, client_factory):
-    broker = scripted(lambda p: g.encode_connack(0) if p.type == g.CONNECT else b"")
+    broker = scripted(lambda p: bc.encode_connack(0) if p.type == g.CONNECT else b"")
     c = client_factory(settings_for(cloud, thing, port=broker.port))
     assert c.wait_connected(10)
     with pytest.raises(g.MqttTimeout, match="SUBACK"):
@@ -313,7 +314,7 @@ def test_missing_suback_times_out(cloud, thing, scripted, client_factory):
 def test_garbage_from_the_broker_closes_and_reconnects(cloud, thing, scripted, client_factory):
     def script(p):
         if p.type == g.CONNECT:
-            return g.encode_connack(0) + b"\x36\x05\x00\x01t\x00\x01"  # then a PUBLISH with QoS 3
+            return bc.encode_connack(0) + b"\x36\x05\x00\x01t\x00\x01"  # then a PUBLISH with QoS 3
         return b""
     broker = scripted(script)
     c = client_factory(settings_for(cloud, thing, port=broker.port))
@@ -327,9 +328,9 @@ def test_buffered_tls_records_are_not_left_waiting(cloud, thing, scripted, clien
     (the SSLSocket.pending() bug of paho #131)."""
     def script(p):
         if p.type == g.CONNECT:
-            return g.encode_connack(0)
+            return bc.encode_connack(0)
         if p.type == g.SUBSCRIBE:
-            return (g.encode_suback(p.packet_id, [1]) + g.encode_publish("t", b"1", 0) +
+            return (bc.encode_suback(p.packet_id, [1]) + g.encode_publish("t", b"1", 0) +
                     g.encode_publish("t", b"2", 0) + g.encode_publish("t", b"3" * 70000, 0))
         return b""
     broker = scripted(script)
@@ -538,12 +539,12 @@ def test_a_refused_resubscription_is_logged_and_retried(cloud, thing, scripted, 
 
     def script(p):
         if p.type == g.CONNECT:
-            return g.encode_connack(0)
+            return bc.encode_connack(0)
         if p.type == g.SUBSCRIBE:
             if broker.connections >= 2 and state["refusals"] < 2:
                 state["refusals"] += 1
-                return g.encode_suback(p.packet_id, [0x80])
-            return g.encode_suback(p.packet_id, [1])
+                return bc.encode_suback(p.packet_id, [0x80])
+            return bc.encode_suback(p.packet_id, [1])
         if p.type == g.PUBLISH and broker.connections == 1:
             return b"\x36\x05\x00\x01t\x00\x01"  # garbage: the client reconnects
         return b""
@@ -559,7 +560,7 @@ def test_a_refused_resubscription_is_logged_and_retried(cloud, thing, scripted, 
 
 
 def test_stop_fails_a_waiting_subscribe_at_once(cloud, thing, scripted, client_factory):
-    broker = scripted(lambda p: g.encode_connack(0) if p.type == g.CONNECT else b"")  # never a SUBACK
+    broker = scripted(lambda p: bc.encode_connack(0) if p.type == g.CONNECT else b"")  # never a SUBACK
     c = client_factory(settings_for(cloud, thing, port=broker.port))
     assert c.wait_connected(10)
     errors = []
@@ -615,7 +616,7 @@ def test_a_puback_that_comes_as_publish_times_out_is_not_a_timeout(cloud, thing,
 
 
 def test_packets_in_the_same_read_as_connack_are_not_lost(cloud, thing, scripted, client_factory):
-    broker = scripted(lambda p: g.encode_connack(0) + g.encode_publish("early", b"hello", 0)
+    broker = scripted(lambda p: bc.encode_connack(0) + g.encode_publish("early", b"hello", 0)
                       if p.type == g.CONNECT else b"")
     c = client_factory(settings_for(cloud, thing, port=broker.port))
     assert c.inbox.get(10) == ("early", b"hello")

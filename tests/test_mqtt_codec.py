@@ -8,13 +8,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ggc_ota as g
+from tests.cloud import mqtt_codec as bc
 
 NORMAL_EXAMPLES = 10_000
 SLOW_EXAMPLES = 200_000
 
 
 def split(data: bytes) -> g.Packet:
-    packets = g.PacketReader().feed(data)
+    packets = bc.any_reader().feed(data)
     assert len(packets) == 1
     return packets[0]
 
@@ -39,7 +40,7 @@ def test_remaining_length_fifth_byte_and_limits():
 def test_round_trips():
     p = split(g.encode_connect("thing-1", 60))
     assert (p.type, p.client_id, p.keepalive, p.clean_session) == (g.CONNECT, "thing-1", 60, True)
-    p = split(g.encode_connack(5))
+    p = split(bc.encode_connack(5))
     assert (p.type, p.return_code) == (g.CONNACK, 5)
     p = split(g.encode_publish("a/b", b"\x00hello", 1, 65535, retain=True, dup=True))
     assert (p.topic, p.payload, p.qos, p.packet_id, p.retain, p.dup) == ("a/b", b"\x00hello", 1, 65535, True, True)
@@ -48,12 +49,12 @@ def test_round_trips():
     assert split(g.encode_puback(7)).packet_id == 7
     p = split(g.encode_subscribe(9, [("$aws/things/t/jobs/#", 1), ("x", 0)]))
     assert p.topics == (("$aws/things/t/jobs/#", 1), ("x", 0))
-    p = split(g.encode_suback(9, [1, 0x80]))
+    p = split(bc.encode_suback(9, [1, 0x80]))
     assert p.codes == (1, 0x80)
     p = split(g.encode_unsubscribe(3, ["x", "y"]))
     assert [t for t, _ in p.topics] == ["x", "y"]
-    assert split(g.encode_unsuback(3)).packet_id == 3
-    for enc, t in ((g.encode_pingreq, g.PINGREQ), (g.encode_pingresp, g.PINGRESP),
+    assert split(bc.encode_unsuback(3)).packet_id == 3
+    for enc, t in ((g.encode_pingreq, g.PINGREQ), (bc.encode_pingresp, g.PINGRESP),
                    (g.encode_disconnect, g.DISCONNECT)):
         assert split(enc()).type == t
 
@@ -65,13 +66,13 @@ def test_large_publish_round_trip():
 
 
 def test_reader_handles_byte_by_byte_and_coalesced_input():
-    stream = g.encode_connack(0) + g.encode_publish("t", b"x" * 300, 1, 2) + g.encode_pingresp()
-    reader = g.PacketReader()
+    stream = bc.encode_connack(0) + g.encode_publish("t", b"x" * 300, 1, 2) + bc.encode_pingresp()
+    reader = bc.any_reader()
     out = []
     for i in range(len(stream)):
         out += reader.feed(stream[i:i + 1])
     assert [p.type for p in out] == [g.CONNACK, g.PUBLISH, g.PINGRESP]
-    assert [p.type for p in g.PacketReader().feed(stream)] == [g.CONNACK, g.PUBLISH, g.PINGRESP]
+    assert [p.type for p in bc.any_reader().feed(stream)] == [g.CONNACK, g.PUBLISH, g.PINGRESP]
 
 
 @pytest.mark.parametrize("data,words", [
@@ -100,15 +101,15 @@ def test_reader_handles_byte_by_byte_and_coalesced_input():
 ])
 def test_malformed_packets_raise_protocol_error(data, words):
     with pytest.raises(g.MqttProtocolError) as err:
-        g.PacketReader().feed(data)
+        bc.any_reader().feed(data)
     assert words in str(err.value)
 
 
 def test_oversized_declared_length_refused_before_buffering():
-    reader = g.PacketReader(max_packet=1024)
+    reader = bc.any_reader(max_packet=1024)
     with pytest.raises(g.MqttProtocolError, match="cap"):
         reader.feed(b"\x30\xff\xff\xff\x7f")
-    reader = g.PacketReader(max_packet=1024)
+    reader = bc.any_reader(max_packet=1024)
     with pytest.raises(g.MqttProtocolError):
         reader.feed(b"\x30" + g.encode_remaining_length(1024))
 
@@ -129,15 +130,15 @@ def test_encoders_refuse_bad_input():
 
 
 VALID = [
-    g.encode_connack(0), g.encode_connack(5, True), g.encode_publish("$aws/things/t/jobs/notify", b'{"a":1}', 1, 10),
-    g.encode_publish("t", b"", 0), g.encode_puback(1), g.encode_suback(2, [0, 1, 0x80]),
-    g.encode_unsuback(3), g.encode_pingresp(), g.encode_connect("c", 30), g.encode_subscribe(4, [("a/#", 1)]),
+    bc.encode_connack(0), bc.encode_connack(5, True), g.encode_publish("$aws/things/t/jobs/notify", b'{"a":1}', 1, 10),
+    g.encode_publish("t", b"", 0), g.encode_puback(1), bc.encode_suback(2, [0, 1, 0x80]),
+    bc.encode_unsuback(3), bc.encode_pingresp(), g.encode_connect("c", 30), g.encode_subscribe(4, [("a/#", 1)]),
     g.encode_unsubscribe(5, ["a"]), g.encode_pingreq(), g.encode_disconnect(),
 ]
 
 
 def feed_all(data: bytes, cap: int = 4096) -> None:
-    reader = g.PacketReader(max_packet=cap)
+    reader = bc.any_reader(max_packet=cap)
     try:
         reader.feed(data)
     except g.MqttProtocolError:
@@ -199,4 +200,14 @@ def test_fuzz_found_nothing_escapes_struct_errors():
     """A regression guard for the classic bug: struct.error leaking out of a short body."""
     for data in (b"\x90\x01\x00", b"\x40\x01\x00", b"\x10\x01\x00", b"\x82\x01\x00"):
         with pytest.raises(g.MqttProtocolError):
+            bc.any_reader().feed(data)
+
+
+def test_the_device_never_decodes_what_only_a_client_sends():
+    """The broker's half of the codec is the tests' (tests/cloud/mqtt_codec.py): a CONNECT,
+    SUBSCRIBE, UNSUBSCRIBE, PINGREQ or DISCONNECT from the broker is a protocol error."""
+    for data in (g.encode_connect("c", 30), g.encode_subscribe(4, [("a/#", 1)]), g.encode_unsubscribe(5, ["a"]),
+                 g.encode_pingreq(), g.encode_disconnect()):
+        with pytest.raises(g.MqttProtocolError, match="only a client sends it"):
             g.PacketReader().feed(data)
+    assert not hasattr(g, "encode_connack") and not hasattr(g, "encode_suback")

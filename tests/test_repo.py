@@ -134,3 +134,32 @@ def test_every_reason_the_code_names_is_registered():
                     named.add(node.value.value)
     assert len(named) > 15, named  # the scan sees the codes
     assert named <= set(g.REASONS) | startup_only, named - set(g.REASONS) - startup_only
+
+
+def test_sections_use_nothing_defined_in_a_later_section():
+    """ggc_ota.py reads top to bottom: a top-level function, class or constant uses only what its
+    own section or an earlier one defines (sections begin with a `# ====` rule and a `# name:` line)."""
+    lines = AGENT.read_text().splitlines()
+    starts = [i + 1 for i, line in enumerate(lines) if line.startswith("# ====") and i + 1 < len(lines)
+              and lines[i + 1].startswith("# ") and not lines[i + 1].startswith("# ====")]
+    assert len(starts) >= 10, starts
+
+    def section(lineno: int) -> int:
+        return sum(1 for start in starts if start <= lineno)
+    tree = ast.parse(AGENT.read_text())
+    defined = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.setdefault(node.name, section(node.lineno))
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    defined.setdefault(target.id, section(node.lineno))
+    late = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Assign)):
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load) and \
+                        defined.get(sub.id, 0) > section(node.lineno):
+                    late.add((getattr(node, "name", "?"), sub.id))
+    assert not late, sorted(late)
