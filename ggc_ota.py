@@ -159,6 +159,12 @@ class MqttNotConnected(MqttError):
     reason = "MQTT_NOT_CONNECTED"
 
 
+class ProxyFailed(MqttError):
+    """The HTTP proxy refused the tunnel (its status line is in the message) or closed it."""
+
+    reason = "PROXY_FAILED"
+
+
 class ConfigError(OtaError):
     reason = "CONFIG_INVALID"
 
@@ -218,6 +224,7 @@ DEFAULT_ROOT = "/greengrass"
 DEFAULT_LOG_FILE = "/var/log/greengrass/ota/ggc_ota.txt"
 OPENWRT_RELEASE = "/etc/openwrt_release"
 KEEPALIVE_MIN, KEEPALIVE_MAX, KEEPALIVE_DEFAULT = 30, 1200, 600  # AWS IoT Core's rules
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 THING_ARN = re.compile(r"arn:aws[a-z-]*:iot:[a-z0-9-]+:\d{12}:thing/([a-zA-Z0-9:_-]{1,128})")  # fullmatch
 
 # key: (accepted types, default). Defaults that depend on the root are filled in by load_config.
@@ -241,6 +248,7 @@ OTA_AGENT_KEYS: Dict[str, Tuple[tuple, Any]] = {
     "healthCheckTimeout": ((int, float), 60),    # ggc_health_check.sh must pass within this
     "healthCheckSeconds": ((int, float), 10),    # without it, the core daemon must live this long
     "reconnectMaxSeconds": ((int, float), 120),  # cap of the MQTT reconnect backoff
+    "clientId": ((str,), None),                  # the MQTT client id; default <thing name>-ota
 }
 
 
@@ -260,9 +268,73 @@ SOFTWARE = {
 ALL_SCRIPTS = tuple(name for kind in SOFTWARE.values() for name in (kind.pre_script, kind.post_script))
 
 
+class Proxy(collections.namedtuple("Proxy", ["scheme", "host", "port", "username", "password", "no_proxy",
+                                             "source"])):
+    """An HTTP proxy that both channels go through (HTTP CONNECT; TLS stays end to end):
+    `scheme` http or https (TLS to the proxy itself), `no_proxy` the hosts reached directly,
+    `source` where it came from (coreThing.networkProxy, HTTPS_PROXY)."""
+
+    __slots__ = ()
+
+    def shown(self) -> str:
+        """The proxy as logs and the dry-run show it: the password never."""
+        who = f"{self.username}:***@" if self.username else ""
+        return f"{self.scheme}://{who}{self.host}:{self.port}"
+
+    def used_for(self, host: str) -> bool:
+        """False for a host of the no-proxy list: an exact name or address, a domain (with or
+        without its leading dot) and its subdomains, or "*" for every host."""
+        host = host.lower().rstrip(".")
+        for entry in self.no_proxy:
+            if entry == "*" or host == entry or host.endswith("." + entry.lstrip(".")):
+                return False
+        return True
+
+
+def parse_proxy(url: Any, username: Any, password: Any, no_proxy: Any, source: str) -> Proxy:
+    """A proxy from a URL (`http://host:port`, `https://user:pass@host:port`) and a no-proxy list
+    (a comma-separated string, entries may carry a scheme and a port, as Greengrass writes them)."""
+    import urllib.parse
+    if not isinstance(url, str) or not url:
+        raise ConfigError(f"{source}: the proxy URL must be a string such as http://host:3128")
+    try:
+        parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+        port = parts.port
+    except ValueError as err:
+        raise ConfigError(f"{source}: the proxy URL is not valid ({err})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{source}: the proxy URL must be http:// or https:// with a host")
+    user = username if isinstance(username, str) and username else urllib.parse.unquote(parts.username or "")
+    secret = password if isinstance(password, str) and password else urllib.parse.unquote(parts.password or "")
+    entries = []
+    for item in (no_proxy or "").split(",") if isinstance(no_proxy, str) else []:
+        item = item.strip().lower()
+        item = item.split("://", 1)[-1].split("/", 1)[0]
+        item = item.rsplit(":", 1)[0] if item.count(":") == 1 else item
+        if item:
+            entries.append(item)
+    return Proxy(parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80), user or None,
+                 secret or None, tuple(entries), source)
+
+
+def load_proxy(core: dict, environ: Any) -> Optional[Proxy]:
+    """Greengrass v1's own proxy block, coreThing.networkProxy, else HTTPS_PROXY and NO_PROXY."""
+    block = core.get("networkProxy")
+    if block is not None:
+        if not isinstance(block, dict) or not isinstance(block.get("proxy"), dict):
+            raise ConfigError("coreThing.networkProxy must hold a proxy object with a url")
+        proxy = block["proxy"]
+        return parse_proxy(proxy.get("url"), proxy.get("username"), proxy.get("password"),
+                           block.get("noProxyAddresses"), "coreThing.networkProxy")
+    url = environ.get("HTTPS_PROXY") or environ.get("https_proxy")
+    if url:
+        return parse_proxy(url, None, None, environ.get("NO_PROXY") or environ.get("no_proxy"), "HTTPS_PROXY")
+    return None
+
+
 class Config(collections.namedtuple("Config", [
         "root", "path", "thing_name", "thing_arn", "iot_host", "port", "keepalive", "ca_path", "cert_path",
-        "key_path", "managed_respawn", "ota", "warnings", "unknown_keys"])):
+        "key_path", "managed_respawn", "ota", "warnings", "unknown_keys", "proxy", "client_id"])):
     """config.json, checked: the paths and names (str), `port` and `keepalive` (int),
     `managed_respawn` (bool), `ota` (the otaAgent block with every default filled in), and what
     was odd about the file (`warnings`, `unknown_keys`: lists of str)."""
@@ -377,9 +449,13 @@ def load_config(root: str, path: Optional[str] = None) -> Config:
     ota, unknown = _load_ota_block(doc.get("otaAgent"), root)
     if unknown:
         warnings.append("otaAgent has unknown keys: " + ", ".join(unknown))
+    client_id = ota["clientId"] or f"{match.group(1)}-ota"
+    if not 1 <= len(client_id) <= 128 or CONTROL_CHARS.search(client_id):
+        raise ConfigError("otaAgent.clientId must be 1 to 128 characters, without control characters")
     return Config(root=root, path=path, thing_name=match.group(1), thing_arn=arn, iot_host=host, port=port,
                   keepalive=keepalive, ca_path=ca, cert_path=cert, key_path=key, managed_respawn=managed,
-                  ota=ota, warnings=warnings, unknown_keys=unknown)
+                  ota=ota, warnings=warnings, unknown_keys=unknown, proxy=load_proxy(core, os.environ),
+                  client_id=client_id)
 
 
 # ============================================================================================
@@ -849,8 +925,9 @@ ALPN_AWS_IOT = "x-amzn-mqtt-ca"
 class MqttSettings(collections.namedtuple("MqttSettings", [
         "host", "port", "client_id", "ca_path", "cert_path", "key_path",
         "keepalive", "connect_timeout", "connack_timeout", "ping_timeout", "io_timeout", "backoff_base",
-        "backoff_cap", "not_authorized_backoff", "stable_after", "max_packet", "server_hostname", "alpn"],
-        defaults=[60, 10.0, 10.0, None, 30.0, 1.0, 120.0, 300.0, 60.0, DEFAULT_MAX_PACKET, None, None])):
+        "backoff_cap", "not_authorized_backoff", "stable_after", "max_packet", "server_hostname", "alpn",
+        "proxy"],
+        defaults=[60, 10.0, 10.0, None, 30.0, 1.0, 120.0, 300.0, 60.0, DEFAULT_MAX_PACKET, None, None, None])):
     """Where and how to connect. Seconds unless said: `keepalive` (60); `connect_timeout` (10)
     for the TCP connect and the TLS handshake, each; `connack_timeout` (10); `ping_timeout`
     (None: half the keepalive, at most 30); `io_timeout` (30) for one blocking read or write of
@@ -858,7 +935,7 @@ class MqttSettings(collections.namedtuple("MqttSettings", [
     `not_authorized_backoff` (300) after CONNACK 5, a policy problem not worth hammering;
     `stable_after` (60): a connection this old resets the backoff; `max_packet` in bytes;
     `server_hostname` (None: `host`) for SNI and the certificate name; `alpn` (None: only on
-    port 443) offers x-amzn-mqtt-ca."""
+    port 443) offers x-amzn-mqtt-ca; `proxy` (None) an HTTP proxy to tunnel through."""
 
     __slots__ = ()
 
@@ -871,9 +948,48 @@ class MqttSettings(collections.namedtuple("MqttSettings", [
 
 def mqtt_settings(cfg: Config) -> MqttSettings:
     """The MQTT settings of a core's config.json."""
-    return MqttSettings(host=cfg.iot_host, port=cfg.port, client_id=cfg.thing_name, ca_path=cfg.ca_path,
+    proxy = cfg.proxy if cfg.proxy is not None and cfg.proxy.used_for(cfg.iot_host) else None
+    return MqttSettings(host=cfg.iot_host, port=cfg.port, client_id=cfg.client_id, ca_path=cfg.ca_path,
                         cert_path=cfg.cert_path, key_path=cfg.key_path, keepalive=cfg.keepalive,
-                        backoff_cap=float(cfg.ota["reconnectMaxSeconds"]))
+                        backoff_cap=float(cfg.ota["reconnectMaxSeconds"]), proxy=proxy)
+
+
+def open_tunnel(proxy: Proxy, host: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection to host:port through the proxy's HTTP CONNECT (with TLS to the proxy for
+    an https proxy, and Basic authentication when it has a user). The caller's TLS runs inside,
+    end to end. ProxyFailed with the proxy's status line when it refuses."""
+    import base64
+    try:
+        sock = socket.create_connection((proxy.host, proxy.port), timeout=timeout)
+    except OSError as err:
+        raise ProxyFailed(f"cannot reach the proxy {proxy.shown()}: {err.strerror or err}") from None
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if proxy.scheme == "https":
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=proxy.host)
+        request = f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        if proxy.username:
+            token = base64.b64encode(f"{proxy.username}:{proxy.password or ''}".encode()).decode()
+            request += f"Proxy-Authorization: Basic {token}\r\n"
+        sock.sendall((request + "\r\n").encode())
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            data = sock.recv(1)  # byte by byte: nothing of the tunnel's own bytes may be consumed
+            if not data:
+                raise ProxyFailed(f"the proxy {proxy.shown()} closed the connection after CONNECT {host}:{port}")
+            reply += data
+            if len(reply) > 16384:
+                raise ProxyFailed(f"the proxy {proxy.shown()} sent an endless reply to CONNECT")
+        status = reply.split(b"\r\n", 1)[0].decode("latin-1")
+        fields = status.split()
+        if len(fields) < 2 or not fields[0].startswith("HTTP/") or not fields[1].startswith("2"):
+            raise ProxyFailed(f"the proxy {proxy.shown()} refused CONNECT {host}:{port}: {status[:200]}")
+        return sock
+    except (ProxyFailed, OSError) as err:
+        sock.close()
+        if isinstance(err, ProxyFailed):
+            raise
+        raise ProxyFailed(f"the proxy {proxy.shown()} failed: {err}") from None
 
 
 def tls_context(settings: MqttSettings) -> ssl.SSLContext:
@@ -900,7 +1016,10 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext:
 def open_tls(settings: MqttSettings, ctx: ssl.SSLContext) -> ssl.SSLSocket:
     hostname = settings.server_hostname or settings.host
     try:
-        raw = socket.create_connection((settings.host, settings.port), timeout=settings.connect_timeout)
+        if settings.proxy is not None:
+            raw = open_tunnel(settings.proxy, settings.host, settings.port, settings.connect_timeout)
+        else:
+            raw = socket.create_connection((settings.host, settings.port), timeout=settings.connect_timeout)
     except socket.timeout:
         raise MqttTimeout(f"TCP connect to {settings.host}:{settings.port} timed out") from None
     except OSError as err:
@@ -1140,6 +1259,8 @@ class MqttClient:
                 self.last_error = err
                 log.error("MQTT: %s", err)
                 if err.code == 5:
+                    log.error("MQTT: the IoT policy must allow iot:Connect for the client id %s "
+                              "(otaAgent.clientId; default <thing name>-ota)", self.settings.client_id)
                     delay_floor = self.settings.not_authorized_backoff
             except MqttError as err:
                 self.last_error = err
@@ -1634,8 +1755,9 @@ class Download:
                  progress: Optional[Callable[[int, int], None]] = None, progress_interval: float = 10.0,
                  read_timeout: float = 60.0, retries: int = 8, retry_base: float = 1.0, retry_cap: float = 60.0,
                  should_stop: Optional[Callable[[], bool]] = None, rng: Optional[random.Random] = None,
-                 stall_bytes: int = STALL_BYTES) -> None:
+                 stall_bytes: int = STALL_BYTES, proxy: Optional[Proxy] = None) -> None:
         self.url = url
+        self.proxy = proxy
         self.stall_bytes = stall_bytes
         self.dest = dest
         self.sha256 = sha256
@@ -1728,8 +1850,13 @@ class Download:
         import urllib.parse
         parts = urllib.parse.urlsplit(self.url)
         target = parts.path + ("?" + parts.query if parts.query else "")
-        conn = http.client.HTTPSConnection(parts.hostname or "", parts.port or 443, context=self.context,
-                                           timeout=self.read_timeout)
+        proxy = self.proxy if self.proxy is not None and self.proxy.used_for(parts.hostname or "") else None
+        if proxy is not None:
+            conn: Any = _TunneledHTTPS(proxy, parts.hostname or "", parts.port or 443, context=self.context,
+                                       timeout=self.read_timeout)
+        else:
+            conn = http.client.HTTPSConnection(parts.hostname or "", parts.port or 443, context=self.context,
+                                               timeout=self.read_timeout)
         self._conn = conn
         headers = {"User-Agent": f"ggc-ota/{__version__}"}
         if self._have:
@@ -1741,6 +1868,8 @@ class Download:
             except ssl.SSLCertVerificationError as err:
                 raise DownloadError(f"{redact_url(self.url)}: server certificate refused: "
                                     f"{err.verify_message or err}") from None
+            except ProxyFailed as err:
+                raise _Transient(str(err)) from None
             except (OSError, http.client.HTTPException) as err:
                 raise _Transient(f"cannot reach {parts.hostname}: {err}") from None
             self._check_response(resp)
@@ -1839,6 +1968,27 @@ class Download:
         self.url = self.fresh_url()
         if not self.url.lower().startswith("https://"):
             raise DownloadError(f"the artifact URL must be https, not {redact_url(self.url)}")
+
+
+def _tunneled_https() -> type:
+    import http.client
+
+    class TunneledHTTPS(http.client.HTTPSConnection):
+        """HTTPS to the download host through the proxy's CONNECT; TLS end to end."""
+
+        def __init__(self, proxy: Proxy, host: str, port: int, **kw: Any) -> None:
+            super().__init__(host, port, **kw)
+            self.proxy = proxy
+
+        def connect(self) -> None:
+            sock = open_tunnel(self.proxy, self.host, self.port, self.timeout or 60.0)
+            self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
+
+    return TunneledHTTPS
+
+
+def _TunneledHTTPS(proxy: Proxy, host: str, port: int, **kw: Any) -> Any:  # noqa: N802 (a class, made late)
+    return _tunneled_https()(proxy, host, port, **kw)
 
 
 class _Transient(Exception):
@@ -3231,7 +3381,7 @@ def artifact_download(cfg: Config, doc: UpdateDocument, dest: str, **hooks: Any)
     ca_files = [cfg.ca_path] + ([cfg.ota["extraCaPath"]] if cfg.ota.get("extraCaPath") else [])
     return Download(url=doc.url, dest=dest, sha256=doc.sha256, size=doc.size, context=https_context(ca_files),
                     read_timeout=cfg.ota["downloadReadTimeout"], retries=cfg.ota["downloadRetries"],
-                    progress_interval=cfg.ota["progressInterval"], **hooks)
+                    progress_interval=cfg.ota["progressInterval"], proxy=cfg.proxy, **hooks)
 
 
 def without_options(argv: List[str], names: Dict[str, bool]) -> List[str]:
@@ -3346,7 +3496,8 @@ class Agent:
         self.state.lock(wait=LOCK_WAIT_SECONDS)
         for warning in self.cfg.warnings:
             log.warning("config: %s", warning)
-        log.info("ggc-ota %s starting for %s (root %s)", __version__, self.cfg.thing_name, self.root)
+        log.info("ggc-ota %s starting for %s (root %s, client id %s%s)", __version__, self.cfg.thing_name, self.root,
+                 self.cfg.client_id, f", through the proxy {self.cfg.proxy.shown()}" if self.cfg.proxy else "")
         if self.pid_file:
             write_pid(self.pid_file)  # systemd's Type=forking waits for this
         if os.path.lexists(self.state.current_path) and not os.environ.get(TRIAL_ENV):  # a crash left it
@@ -4195,6 +4346,8 @@ def preflight(root: str, config_path: Optional[str]) -> List[Check]:
                         f"{cfg.path}: thing {cfg.thing_name}, {cfg.iot_host}:{cfg.port}{alpn}, "
                         f"keepalive {cfg.keepalive} s"
                         + (f"; unknown otaAgent keys: {', '.join(cfg.unknown_keys)}" if cfg.unknown_keys else "")))
+    if cfg.proxy is not None:
+        checks.append(check_proxy(cfg))
     try:
         tls_context(mqtt_settings(cfg))
         checks.append(Check("credentials", True, "root CA, certificate and key load and match"))
@@ -4225,6 +4378,21 @@ def preflight(root: str, config_path: Optional[str]) -> List[Check]:
     checks.append(Check("agent", True, "none runs on this root" if holder is None else
                         f"one runs on this root (pid {holder}): it takes the jobs; this check changes nothing"))
     return checks
+
+
+def check_proxy(cfg: Config) -> Check:
+    """The proxy in use (the password masked), and whether it answers a CONNECT to the IoT
+    endpoint (the one network step of the dry-run, taken only when a proxy is configured)."""
+    proxy = cfg.proxy
+    assert proxy is not None
+    what = f"{proxy.shown()} (from {proxy.source})"
+    if not proxy.used_for(cfg.iot_host):
+        return Check("proxy", True, f"{what}; {cfg.iot_host} is on the no-proxy list: MQTT goes direct")
+    try:
+        open_tunnel(proxy, cfg.iot_host, cfg.port, 10.0).close()
+    except ProxyFailed as err:
+        return Check("proxy", False, f"{what}: {err}")
+    return Check("proxy", True, f"{what} answers CONNECT {cfg.iot_host}:{cfg.port}")
 
 
 def rehearse(root: str, config_path: Optional[str], document_path: str, artifact: Optional[str]) -> List[Check]:

@@ -114,3 +114,38 @@ def test_a_thing_arn_with_a_trailing_newline_is_refused(tmp_path):
     (tmp_path / "config/config.json").write_text(json.dumps(cfg))
     with pytest.raises(g.ConfigError, match="not a thing ARN"):
         g.load_config(str(tmp_path))
+
+
+def test_proxy_from_the_greengrass_block_and_the_environment():
+    core = {"networkProxy": {"noProxyAddresses": "http://128.12.34.56,www.example.com, .corp:8080",
+                             "proxy": {"url": "https://proxy.site:1100", "username": "u", "password": "p@ss"}}}
+    proxy = g.load_proxy(core, {})
+    assert (proxy.scheme, proxy.host, proxy.port, proxy.username, proxy.password) == \
+        ("https", "proxy.site", 1100, "u", "p@ss")
+    assert proxy.shown() == "https://u:***@proxy.site:1100" and "p@ss" not in repr(proxy.shown())
+    assert not proxy.used_for("128.12.34.56") and not proxy.used_for("WWW.example.com")
+    assert not proxy.used_for("a.corp") and proxy.used_for("iot.amazonaws.com")
+    env = g.load_proxy({}, {"https_proxy": "http://user:pw@10.0.0.1:3128", "NO_PROXY": "*"})
+    assert (env.username, env.password, env.port, env.source) == ("user", "pw", 3128, "HTTPS_PROXY")
+    assert not env.used_for("anything")
+    assert g.load_proxy({}, {}) is None
+    for bad in ({"networkProxy": {"proxy": {"url": "ftp://x"}}}, {"networkProxy": {"proxy": {"url": "http://h:99999"}}},
+                {"networkProxy": "http://x"}):
+        with pytest.raises(g.ConfigError):
+            g.load_proxy(bad, {})
+
+
+def test_the_client_id_is_the_thing_name_with_ota_unless_set(tmp_path):
+    import json
+    cfg = {"coreThing": {"thingArn": "arn:aws:iot:us-east-1:123456789012:thing/core", "iotHost": "h",
+                         "caPath": "ca", "certPath": "c", "keyPath": "k"}}
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config/config.json").write_text(json.dumps(cfg))
+    assert g.mqtt_settings(g.load_config(str(tmp_path))).client_id == "core-ota"
+    cfg["otaAgent"] = {"clientId": "core"}
+    (tmp_path / "config/config.json").write_text(json.dumps(cfg))
+    assert g.mqtt_settings(g.load_config(str(tmp_path))).client_id == "core"
+    cfg["otaAgent"] = {"clientId": "bad\nid"}
+    (tmp_path / "config/config.json").write_text(json.dumps(cfg))
+    with pytest.raises(g.ConfigError, match="clientId"):
+        g.load_config(str(tmp_path))
