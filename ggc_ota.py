@@ -1809,7 +1809,8 @@ class Download:
                 self._one_request()
                 failures = 0
             except _Transient as err:
-                if self._aborted or (self.should_stop is not None and self.should_stop()):
+                # should_stop first: in the agent it raises AgentStopping, which keeps the job
+                if (self.should_stop is not None and self.should_stop()) or self._aborted:
                     raise DownloadError("download stopped", "CANCELED") from None
                 # Progress made ends a failure streak, but a stall is a failure however little it brought.
                 failures = 0 if self._have > before and not err.stalled else failures + 1
@@ -3733,11 +3734,16 @@ class Agent:
             self.state.add_history(record)
         except (MqttError, JobsRejected) as err:
             if isinstance(err, JobsRejected) and err.code not in RETRYABLE_JOBS_CODES:
-                raise OtaError(f"the cloud refused a request: {err}", "JOBS_REJECTED") from None
-            # The link, a lost reply, throttling: nothing is changed yet and nothing is reported;
-            # the job stays IN_PROGRESS, and the next sync takes it up again (the download resumes).
-            log.warning("job %s: %s; the job is taken up again when the cloud answers", job_id, err)
-            raise MqttError(str(err)) from None
+                log.error("job %s: the cloud refused a request for good: %s", job_id, err)
+                if not self.state.has_journal():
+                    self.cleanup(job_id)
+                self.finish(record, "FAILED", "JOBS_REJECTED", f"the cloud refused a request: {err}",
+                            rolled_back="false")
+            else:
+                # The link, a lost reply, throttling: nothing is changed yet and nothing is reported;
+                # the job stays IN_PROGRESS, and the next sync takes it up again (the download resumes).
+                log.warning("job %s: %s; the job is taken up again when the cloud answers", job_id, err)
+                raise MqttError(str(err)) from None
         except (OtaError, OSError) as err:
             log.error("job %s failed before anything was changed: %s", job_id, err)
             if not self.state.has_journal():

@@ -247,11 +247,13 @@ class Bench:
         tarball = self.work / "tree.tar.gz"
         fast_tarball(tree, tarball)
         shutil.rmtree(tree)
-        code = "import sys, ggc_ota as g\ng.unpack(sys.argv[1], sys.argv[2])\n"
+        # as the agent unpacks: hashing the artifact again through the descriptor it reads
+        code = "import sys, ggc_ota as g\ng.unpack(sys.argv[1], sys.argv[2], sha256=sys.argv[3])\n"
+        digest = hashlib.sha256(tarball.read_bytes()).hexdigest()
         agent_times, tar_times = [], []
         for i in range(self.args.runs):
             dest = self.work / f"un-{i}"
-            agent_times.append(timed([self.python, "-c", code, str(tarball), str(dest)], cwd=REPO))
+            agent_times.append(timed([self.python, "-c", code, str(tarball), str(dest), digest], cwd=REPO))
             shutil.rmtree(dest)
             dest.mkdir()
             tar_times.append(timed(["bash", "-c", f"tar xzf {tarball} -C {dest} && sync -f {dest}"]))
@@ -385,7 +387,7 @@ class Bench:
                 "t = time.perf_counter()\n"
                 "g.Download(url=sys.argv[1], dest=sys.argv[2] + '/a.tgz', sha256=sys.argv[3], size=int(sys.argv[4]),"
                 " context=g.https_context([sys.argv[5]])).run()\n"
-                "g.unpack(sys.argv[2] + '/a.tgz', sys.argv[2] + '/st')\n"
+                "g.unpack(sys.argv[2] + '/a.tgz', sys.argv[2] + '/st', sha256=sys.argv[3])\n"
                 "live = sys.argv[2] + '/live'\n"
                 "shutil.copytree(sys.argv[6] + '/ggc', live, symlinks=True)\n"
                 "new = g.check_layout(sys.argv[2] + '/st', 'core')\n"

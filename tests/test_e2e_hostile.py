@@ -116,3 +116,33 @@ def test_a_umask_of_000_leaves_no_file_writable_by_others(cloud, tmp_path):
             assert not mode & stat.S_IWOTH and not (mode & stat.S_IWGRP), (path, oct(mode))
     finally:
         device.stop()
+
+
+def test_sigterm_is_honoured_at_once_during_a_drip_download(device, cloud):
+    """A server sending a little every few seconds: each read returns, and SIGTERM aborts the one
+    under way, so the agent stops within seconds, keeping its partial file for the resume."""
+    art = device.release_core("1.11.6", payload_bytes=600_000)
+    key = next(r.key for r in cloud.greengrass.releases if r.sha256 == art.sha256)
+    cloud.store.objects[f"greengrass-updates/{key}"].faults.throttle_bps = 500
+    proc = device.start()
+    device.update_job()
+    device.wait_log("downloading", timeout=30)
+    time.sleep(3)
+    stopped = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(15) == 0 and time.monotonic() - stopped < 5
+    assert list((device.root / "ota-state/downloads").glob("*.part"))
+
+
+@pytest.mark.parametrize("problem", ["others-may-write", "a-symlink"])
+def test_an_unsafe_state_directory_is_refused_at_start(cloud, tmp_path, problem):
+    device = Device(cloud, tmp_path)
+    state = device.root / "ota-state"
+    if problem == "others-may-write":
+        state.mkdir(mode=0o777)
+        os.chmod(state, 0o777)
+    else:
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        state.symlink_to(tmp_path / "elsewhere")
+    out = device.run("--root", str(device.root), "--foreground", timeout=60)
+    assert out.returncode == 1 and "state directory" in out.stderr and "Traceback" not in out.stderr
