@@ -3375,6 +3375,27 @@ def child_environment(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
+def check_device(cfg: Config, doc: UpdateDocument, state: State) -> None:
+    """The device can take this update (the update's step, and the dry-run's rehearsal's): the
+    scripts (all four, whichever software: a rollback may need any of them), the state directory
+    on the root's filesystem, and free space for the download, the unpacked tree and the kept
+    state, beyond minFreeBytes."""
+    if cfg.managed_respawn:
+        for name in ALL_SCRIPTS:
+            check_script(os.path.join(cfg.root, "usr", "scripts", name))
+    elif SOFTWARE[doc.software].daemon:
+        daemon = SOFTWARE[doc.software].daemon
+        if not os.access(os.path.join(cfg.root, daemon), os.X_OK):
+            raise ScriptInvalid(f"{daemon} is missing or not executable (managedRespawn is false)")
+    staging = state.staging if os.path.isdir(state.staging) else os.path.dirname(state.dir.rstrip("/"))
+    if os.stat(staging).st_dev != os.stat(cfg.root).st_dev:
+        raise DiskFull("the state directory is not on the root's filesystem: staging cannot be renamed into place",
+                       "STATE_DIR_ELSEWHERE")
+    kept = sum(tree_size(os.path.join(cfg.root, rel)) for rel in cfg.ota["keep"])
+    downloads = state.downloads if os.path.isdir(state.downloads) else staging
+    check_free_space([(downloads, doc.size), (staging, 3 * doc.size + kept)], cfg.ota["minFreeBytes"])
+
+
 def artifact_download(cfg: Config, doc: UpdateDocument, dest: str, **hooks: Any) -> Download:
     """The download of a job's artifact, as the update and the dry-run's rehearsal both make it:
     the CAs (the system's, caPath, extraCaPath), otaAgent's read timeout, retries and progress
@@ -3785,19 +3806,7 @@ class Agent:
                 log_event("job %s: %s (%s: %s)", record["jobId"], result, reason, message)
 
     def check_device(self, doc: UpdateDocument) -> None:
-        if self.cfg.managed_respawn:  # all four, whichever software: a rollback may need any of them
-            for name in ALL_SCRIPTS:
-                check_script(os.path.join(self.root, "usr", "scripts", name))
-        elif SOFTWARE[doc.software].daemon:
-            daemon = SOFTWARE[doc.software].daemon
-            if not os.access(os.path.join(self.root, daemon), os.X_OK):
-                raise ScriptInvalid(f"{daemon} is missing or not executable (managedRespawn is false)")
-        if os.stat(self.state.staging).st_dev != os.stat(self.root).st_dev:
-            raise DiskFull("the state directory is not on the root's filesystem: staging cannot be renamed into place",
-                           "STATE_DIR_ELSEWHERE")
-        kept = sum(tree_size(os.path.join(self.root, rel)) for rel in self.ota["keep"])
-        check_free_space([(self.state.downloads, doc.size), (self.state.staging, 3 * doc.size + kept)],
-                         self.ota["minFreeBytes"])
+        check_device(self.cfg, doc, self.state)
 
     def download(self, job_id: str, doc: UpdateDocument) -> str:
         dest = State.job_path(self.state.downloads, job_id, ".tar.gz")
@@ -4415,6 +4424,11 @@ def rehearse(root: str, config_path: Optional[str], document_path: str, artifact
         checks.append(Check("platform", True, "the document targets this device"))
     except (OSError, ValueError, OtaError) as err:
         return checks + [Check("document", False, str(err))]
+    try:  # the update's own steps from here: the device check, the download, the unpack, the layout
+        check_device(cfg, doc, State(cfg.ota["stateDir"]))
+        checks.append(Check("device", True, "scripts, state directory and free space as the update needs them"))
+    except (OSError, OtaError) as err:
+        checks.append(Check("device", False, str(err)))
     import tempfile
     scratch = tempfile.mkdtemp(prefix="ggc-ota-rehearsal-")
     try:

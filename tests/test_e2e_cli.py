@@ -329,3 +329,15 @@ def test_a_daemons_fatal_error_reaches_its_log(device):
     out = device.run("--root", str(device.root), "--pid-file", str(device.tmp / "x.pid"), timeout=60)
     device.wait_log("stopping on a fatal error", timeout=30)
     assert "private.key" in device.log().split("stopping on a fatal error")[1].splitlines()[0], out.stderr
+
+
+def test_rehearsal_checks_the_device_as_the_update_does(device, tmp_path):
+    art = build_core_artifact(tmp_path / "core.tar.gz", "1.11.6")
+    doc = {"softwareToUpdate": "core", "version": "1.11.6", "updateTargetsArchitecture": "x86_64",
+           "updateTargetsOperatingSystem": "ubuntu",
+           "artifact": {"url": "https://example.invalid/x.tar.gz", "sha256": art.sha256, "size": art.size}}
+    (tmp_path / "doc.json").write_text(json.dumps(doc))
+    (device.root / "usr/scripts/ota_post_update.sh").unlink()  # a core update needs it too, for a rollback
+    out = device.run("--root", str(device.root), "--dry-run", "--job-document", str(tmp_path / "doc.json"),
+                     "--artifact", str(art.path))
+    assert out.returncode == 1 and "FAIL device: ota_post_update.sh is missing" in out.stdout, out.stdout
