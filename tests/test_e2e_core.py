@@ -240,6 +240,17 @@ def test_invalid_document_is_rejected(cloud, device):
     assert ex["status"] == "REJECTED" and details(ex)["reason"] == "INVALID_DOCUMENT"
 
 
+def fill_disk(disk) -> None:
+    """Someone else eats the rest of the disk (unbuffered: a partial write leaves nothing to flush)."""
+    import os
+    st = os.statvfs(disk)
+    with open(disk / "filler", "wb", buffering=0) as f:
+        try:
+            f.write(b"\0" * (st.f_bavail * st.f_frsize))
+        except OSError:
+            pass
+
+
 @pytest.fixture
 def small_disk(make_tmpfs):
     """A real, small filesystem (tmpfs) for the device root."""
@@ -247,7 +258,6 @@ def small_disk(make_tmpfs):
 
 
 def test_full_disk(cloud, tmp_path, small_disk):
-    import os
     import time
     device = Device(cloud, small_disk, ota={"minFreeBytes": 0, "logFile": str(tmp_path / "agent.log")})
     device.artifacts = tmp_path
@@ -264,12 +274,7 @@ def test_full_disk(cloud, tmp_path, small_disk):
         cloud.store.objects[f"greengrass-updates/{key}"].faults.throttle_bps = 3_000_000
         job = device.update_job()
         device.wait_log(f"job {job}: downloaded", timeout=30)
-        st = os.statvfs(small_disk)
-        with open(small_disk / "filler", "wb", buffering=0) as f:  # someone else eats the rest of the disk
-            try:
-                f.write(b"\0" * (st.f_bavail * st.f_frsize))
-            except OSError:
-                pass
+        fill_disk(small_disk)
         ex = device.wait_status(job)
         assert ex["status"] == "FAILED" and details(ex)["reason"] == "DISK_FULL", device.log()[-2000:]
         assert "disk filled up" in details(ex)["message"]
@@ -377,7 +382,6 @@ def test_the_disk_filling_after_the_pre_update_script_still_rolls_back(cloud, tm
     """The pre-update script has stopped the core; then the disk fills up. The rollback needs
     no room: the old tree stays, the post-update script starts the old core, FAILED DISK_FULL
     with rolledBack "true" is reported, and the agent goes on."""
-    import os
     import time
     device = Device(cloud, small_disk, ota={"minFreeBytes": 0, "logFile": str(tmp_path / "agent.log")})
     device.artifacts = tmp_path
@@ -388,12 +392,7 @@ def test_the_disk_filling_after_the_pre_update_script_still_rolls_back(cloud, tm
         proc = device.start()
         job = device.update_job()
         device.wait_log("hook: running ggc_pre_update.sh", timeout=60)
-        st = os.statvfs(small_disk)
-        with open(small_disk / "filler", "wb", buffering=0) as f:  # someone else eats the rest of the disk
-            try:
-                f.write(b"\0" * (st.f_bavail * st.f_frsize))
-            except OSError:
-                pass
+        fill_disk(small_disk)
         ex = device.wait_status(job, timeout=90)
         assert ex["status"] == "FAILED" and details(ex)["reason"] == "DISK_FULL", device.log()[-3000:]
         assert details(ex)["rolledBack"] == "true"
