@@ -118,11 +118,11 @@ def test_a_thing_arn_with_a_trailing_newline_is_refused(tmp_path):
 
 def test_proxy_from_the_greengrass_block_and_the_environment():
     core = {"networkProxy": {"noProxyAddresses": "http://128.12.34.56,www.example.com, .corp:8080",
-                             "proxy": {"url": "https://proxy.site:1100", "username": "u", "password": "p@ss"}}}
+                             "proxy": {"url": "http://proxy.site:1100", "username": "u", "password": "p@ss"}}}
     proxy = g.load_proxy(core, {})
     assert (proxy.scheme, proxy.host, proxy.port, proxy.username, proxy.password) == \
-        ("https", "proxy.site", 1100, "u", "p@ss")
-    assert proxy.shown() == "https://u:***@proxy.site:1100" and "p@ss" not in repr(proxy.shown())
+        ("http", "proxy.site", 1100, "u", "p@ss")
+    assert proxy.shown() == "http://u:***@proxy.site:1100" and "p@ss" not in repr(proxy.shown())
     assert not proxy.used_for("128.12.34.56") and not proxy.used_for("WWW.example.com")
     assert not proxy.used_for("a.corp") and proxy.used_for("iot.amazonaws.com")
     env = g.load_proxy({}, {"https_proxy": "http://user:pw@10.0.0.1:3128", "NO_PROXY": "*"})
@@ -130,7 +130,7 @@ def test_proxy_from_the_greengrass_block_and_the_environment():
     assert not env.used_for("anything")
     assert g.load_proxy({}, {}) is None
     for bad in ({"networkProxy": {"proxy": {"url": "ftp://x"}}}, {"networkProxy": {"proxy": {"url": "http://h:99999"}}},
-                {"networkProxy": "http://x"}):
+                {"networkProxy": "http://x"}, {"networkProxy": {"proxy": {"url": "https://tls-proxy:443"}}}):
         with pytest.raises(g.ConfigError):
             g.load_proxy(bad, {})
 

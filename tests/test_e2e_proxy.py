@@ -217,3 +217,13 @@ def test_the_agent_never_takes_the_cores_connection_away(cloud, tmp_path):
         device.stop()
         core.loop_stop()
         core.disconnect()
+
+
+def test_an_https_proxy_url_is_refused_with_a_clear_error(cloud, tmp_path):
+    """TLS to the proxy itself (TLS inside TLS) is not supported yet: said at once, in one line."""
+    device = Device(cloud, tmp_path)
+    cfg = json.loads(device.dev.config_path.read_text())
+    cfg["coreThing"]["networkProxy"] = {"proxy": {"url": "https://localhost:3129"}}
+    device.dev.config_path.write_text(json.dumps(cfg))
+    out = device.run("--root", str(device.root), "--dry-run")
+    assert out.returncode == 1 and "https:// proxy" in out.stdout and "not supported yet" in out.stdout

@@ -163,3 +163,27 @@ def test_sections_use_nothing_defined_in_a_later_section():
                         defined.get(sub.id, 0) > section(node.lineno):
                     late.add((getattr(node, "name", "?"), sub.id))
     assert not late, sorted(late)
+
+
+def test_the_journal_table_in_the_docs_is_the_steps_table():
+    """docs/internals.md's table of journal steps is ggc_ota.STEPS, row for row, in order."""
+    import ggc_ota as g
+    text = (REPO / "docs/internals.md").read_text()
+    start = text.index("| step | what happens at it | core | agent |")
+    rows = []
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("| `"):
+            break
+        rows.append(tuple(c.strip() for c in line.strip("|").split("|")))
+    shown = {g.ROLL_BACK: "roll back", g.ROLL_FORWARD: "roll forward", g.CLOSE: "report", None: "—"}
+    expected = [(f"`{s.name}`", s.doing.replace("ota_post_update.sh", "`ota_post_update.sh`"), shown[s.core],
+                 shown[s.ota_agent]) for s in g.STEPS]
+    assert rows == expected
+    assert "health_check" in g.STEP_BY_NAME  # the update writes only steps the table knows
+    source = AGENT.read_text()
+    import re
+    assigned = set(re.findall(r'journal\["step"\] = "([a-z_]+)"', source))
+    assert {"trial", "health_check", "committed"} <= assigned, assigned  # the scan sees the update's steps
+    written = assigned | \
+        set(re.findall(r'step="([a-z_]+)"', source))
+    assert written and written <= set(g.STEP_BY_NAME), written - set(g.STEP_BY_NAME)
