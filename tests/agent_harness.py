@@ -156,9 +156,9 @@ def agent_variant(tmp: Path, version: str, broken: Optional[str] = None) -> Path
     import re
     text = re.sub(r'__version__ = "[^"]+"', f'__version__ = "{version}"', text, count=1)
     if broken == "connect":  # starts and runs, but dials the wrong port: never reaches CONNACK
-        good = "port=self.port, client_id=self.thing_name"
+        good = "port=cfg.port, client_id=cfg.client_id"
         assert good in text
-        text = text.replace(good, good.replace("self.port", "self.port + 1"))
+        text = text.replace(good, good.replace("cfg.port", "cfg.port + 1"))
     if broken == "version":
         text = text.replace("def main(argv", "def main(argv=None):\n    raise SystemExit(70)\n\n\ndef _unused(argv", 1)
     out = tmp / f"ggc-ota-{version}"
