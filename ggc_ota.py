@@ -4478,12 +4478,13 @@ def status_report(root: str, config_path: Optional[str]) -> dict:
 # ============================================================================================
 
 # Runs the script the way `python3 ggc_ota.py` does (argv[0], sys.path[0], __main__), except
-# that compile() frees the syntax tree before the code runs.
+# that compile() frees the syntax tree before the code runs, and leaves out docstrings and
+# asserts (optimize=2, as the frozen binary is built): 1 MiB less for a long-running agent.
 SCRIPT_LOADER = ("import os, sys\n"
                  "__file__ = sys.argv[0] = sys.argv.pop(1)\n"
                  "sys.path[0] = os.path.dirname(__file__)\n"
                  "with open(__file__, 'rb') as f:\n"
-                 "    exec(compile(f.read(), __file__, 'exec'))\n")
+                 "    exec(compile(f.read(), __file__, 'exec', optimize=2))\n")
 
 
 # (option, metavar or None for a flag, help; None for an internal option)
