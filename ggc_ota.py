@@ -3122,28 +3122,42 @@ JOURNAL_FORMAT = 2        # 1: no "format" key; a self-update's new agent was tr
 ROLL_BACK, ROLL_FORWARD, CLOSE = "roll back", "roll forward", "report the rollback"
 
 
-class Step(collections.namedtuple("Step", ["name", "doing", "core", "ota_agent"])):
-    """One step of an update: its journal name, what happens at it, and what recovery does
-    after a crash at it for each kind of software (None: the step does not occur for it)."""
+class Step(collections.namedtuple("Step", ["name", "doing", "phase", "core", "ota_agent", "core_crashes",
+                                           "agent_crashes"])):
+    """One step of an update: its journal name, what happens at it, the phase reported when it
+    begins (None: nothing is reported), what recovery does after a crash at it for each kind of
+    software (None: the step does not occur for it), and the crash points (GGC_OTA_CRASH_AT)
+    that stop the agent while the journal is at this step, for each kind."""
 
     __slots__ = ()
 
 
 # The steps of an update, in order. Each is written to the journal (durably) before it is done.
 # Before the journal exists (checking, download, unpack) nothing in the root has changed and a
-# restart simply takes the job again. README "What an update does" is this table.
+# restart simply takes the job again (crash points BEFORE_JOURNAL). The recovery, the reports,
+# the crash tests and docs/internals.md all read this table.
 STEPS = (
-    Step("pre_update", "the pre-update script runs (it stops the software)", ROLL_BACK, ROLL_BACK),
-    Step("trial", "the new agent runs from staging, under the old one, and must prove itself", None, ROLL_BACK),
-    Step("proven", "the new agent connected, ran ota_post_update.sh and reported", None, ROLL_BACK),
-    Step("swapping", "the live tree and the staged one are exchanged", ROLL_BACK, ROLL_BACK),
-    Step("swapped", "the new tree is live; the agent hands over to the new agent", ROLL_BACK, ROLL_FORWARD),
-    Step("post_update", "the post-update script starts the new core", ROLL_BACK, None),
-    Step("health_check", "the new core must prove healthy before the commit", ROLL_BACK, None),
-    Step("committed", "the update is final: SUCCEEDED, the old tree deleted", ROLL_FORWARD, ROLL_FORWARD),
-    Step("rolling_back", "the old tree is put back and its post-update script runs", ROLL_BACK, ROLL_BACK),
-    Step("rolled_back", "the old software runs again: FAILED is reported", CLOSE, CLOSE),
+    Step("pre_update", "the pre-update script runs (it stops the software)", "pre_update", ROLL_BACK, ROLL_BACK,
+         ("journal_written", "after_pre_update", "after_keep"), ("after_pre_update",)),
+    Step("trial", "the new agent runs from staging, under the old one, and must prove itself", "new_agent_trial",
+         None, ROLL_BACK, (), ("trial_started", "trial_connected")),
+    Step("proven", "the new agent connected, ran ota_post_update.sh and reported", "new_agent_verified", None,
+         ROLL_BACK, (), ("trial_proven",)),
+    Step("swapping", "the live tree and the staged one are exchanged", None, ROLL_BACK, ROLL_BACK,
+         ("swap_started", "mid_swap"), ("swap_started", "mid_swap")),
+    Step("swapped", "the new tree is live; the agent hands over to the new agent", None, ROLL_BACK, ROLL_FORWARD,
+         ("after_swap",), ("after_swap", "before_handover", "before_exec")),
+    Step("post_update", "the post-update script starts the new core", "post_update", ROLL_BACK, None,
+         ("after_post_update",), ()),
+    Step("health_check", "the new core must prove healthy before the commit", "health_check", ROLL_BACK, None,
+         ("after_health_check",), ()),
+    Step("committed", "the update is final: SUCCEEDED, the old tree deleted", None, ROLL_FORWARD, ROLL_FORWARD,
+         ("after_commit",), ("after_commit",)),
+    Step("rolling_back", "the old tree is put back and its post-update script runs", None, ROLL_BACK, ROLL_BACK,
+         ("mid_restore", "after_restore"), ("mid_restore", "after_restore")),
+    Step("rolled_back", "the old software runs again: FAILED is reported", None, CLOSE, CLOSE, (), ()),
 )
+BEFORE_JOURNAL = ("after_download", "after_unpack")  # crash points with nothing changed yet
 STEP_BY_NAME = {step.name: step for step in STEPS}
 
 
@@ -3895,7 +3909,7 @@ class Agent:
 
     def apply_core(self, job_id: str, number: int, doc: UpdateDocument, stage: str, record: dict) -> None:
         journal = self.new_journal(job_id, number, doc, stage, record)
-        self.report(job_id, "IN_PROGRESS", {"phase": "pre_update", "version": doc.version})
+        self.report(job_id, "IN_PROGRESS", {"phase": STEP_BY_NAME["pre_update"].phase, "version": doc.version})
         crash_point("journal_written")
         try:
             self.hook("core", "pre", journal)
@@ -3904,14 +3918,14 @@ class Agent:
             crash_point("after_keep")
             swap_in(self.state, journal)
             crash_point("after_swap")
-            self.report(job_id, "IN_PROGRESS", {"phase": "post_update", "version": doc.version})
+            self.report(job_id, "IN_PROGRESS", {"phase": STEP_BY_NAME["post_update"].phase, "version": doc.version})
             journal["step"] = "post_update"  # from here the new software may be running
             self.state.write_journal(journal)
             self.hook("core", "post", journal)
             crash_point("after_post_update")
             journal["step"] = "health_check"
             self.state.write_journal(journal)
-            self.report(job_id, "IN_PROGRESS", {"phase": "health_check", "version": doc.version})
+            self.report(job_id, "IN_PROGRESS", {"phase": STEP_BY_NAME["health_check"].phase, "version": doc.version})
             self.check_core_health(journal)
             crash_point("after_health_check")
         except Exception as err:  # from the first script on, every failure rolls back
@@ -3975,7 +3989,7 @@ class Agent:
         new_agent = os.path.join(stage, "new", SOFTWARE["ota_agent"].entry)
         self.self_test(new_agent)
         journal = self.new_journal(job_id, number, doc, stage, record)
-        self.report(job_id, "IN_PROGRESS", {"phase": "pre_update", "version": doc.version})
+        self.report(job_id, "IN_PROGRESS", {"phase": STEP_BY_NAME["pre_update"].phase, "version": doc.version})
         try:
             self.hook("ota_agent", "pre", journal)
             crash_point("after_pre_update")
@@ -3994,7 +4008,8 @@ class Agent:
         itself. This agent leaves the cloud meanwhile and returns to it only on failure."""
         journal["step"] = "trial"
         self.state.write_journal(journal)
-        self.report(journal["jobId"], "IN_PROGRESS", {"phase": "new_agent_trial", "version": journal["toVersion"]})
+        self.report(journal["jobId"], "IN_PROGRESS", {"phase": STEP_BY_NAME["trial"].phase,
+                                                      "version": journal["toVersion"]})
         log.info("job %s: trying the new agent from staging", journal["jobId"])
         self.disconnect()
         child = self.spawn_trial(new_agent, journal)
@@ -4075,7 +4090,7 @@ class Agent:
             self.jobs.subscribe()
             self.hook("ota_agent", "post", journal)
             self.jobs.update(journal["jobId"], "IN_PROGRESS",
-                             clean_details({"phase": "new_agent_verified", "version": journal["toVersion"]}))
+                             clean_details({"phase": STEP_BY_NAME["proven"].phase, "version": journal["toVersion"]}))
         except (JobsRejected, MqttError) as err:
             return self.trial_failed(journal, "NEW_AGENT_NO_REPORT", f"the new agent could not report: {err}")
         except OtaError as err:

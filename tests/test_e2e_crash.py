@@ -8,23 +8,27 @@ import time
 
 import pytest
 
+import ggc_ota as g
 from tests.agent_harness import Device, details
 
 pytestmark = pytest.mark.e2e
 
-# step -> (final status, core version after recovery)
-CORE_STEPS = {
-    "after_download": ("SUCCEEDED", "1.11.6"),     # nothing touched yet: the job is resumed
-    "after_unpack": ("SUCCEEDED", "1.11.6"),
-    "journal_written": ("FAILED", "1.11.5"),      # from here on the update began: roll back
-    "after_pre_update": ("FAILED", "1.11.5"),
-    "after_keep": ("FAILED", "1.11.5"),
-    "swap_started": ("FAILED", "1.11.5"),
-    "mid_swap": ("FAILED", "1.11.5"),
-    "after_swap": ("FAILED", "1.11.5"),
-    "after_post_update": ("FAILED", "1.11.5"),
-    "after_commit": ("SUCCEEDED", "1.11.6"),       # past the commit point: roll forward
-}
+def core_crash_outcomes() -> dict:
+    """crash point -> (how the job ends, the core version after recovery), from the steps table:
+    before the journal the job is taken again; from a step that rolls back, FAILED and the old
+    core; from one that rolls forward, SUCCEEDED. The crash points inside a rollback need a
+    failure first (test_crash_during_rollback_is_finished_on_restart)."""
+    outcomes = {point: ("SUCCEEDED", "1.11.6") for point in g.BEFORE_JOURNAL}
+    for step in g.STEPS:
+        if step.name == "rolling_back" or step.core not in (g.ROLL_BACK, g.ROLL_FORWARD):
+            continue
+        for point in step.core_crashes:
+            outcomes[point] = ("FAILED", "1.11.5") if step.core == g.ROLL_BACK else ("SUCCEEDED", "1.11.6")
+    return outcomes
+
+
+CORE_STEPS = core_crash_outcomes()
+assert len(CORE_STEPS) >= 11 and CORE_STEPS["after_commit"][0] == "SUCCEEDED"
 
 
 @pytest.mark.frozen

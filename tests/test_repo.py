@@ -169,15 +169,19 @@ def test_the_journal_table_in_the_docs_is_the_steps_table():
     """docs/internals.md's table of journal steps is ggc_ota.STEPS, row for row, in order."""
     import ggc_ota as g
     text = (REPO / "docs/internals.md").read_text()
-    start = text.index("| step | what happens at it | core | agent |")
+    start = text.index("| step | what happens at it | phase reported |")
     rows = []
     for line in text[start:].splitlines()[2:]:
         if not line.startswith("| `"):
             break
         rows.append(tuple(c.strip() for c in line.strip("|").split("|")))
     shown = {g.ROLL_BACK: "roll back", g.ROLL_FORWARD: "roll forward", g.CLOSE: "report", None: "—"}
-    expected = [(f"`{s.name}`", s.doing.replace("ota_post_update.sh", "`ota_post_update.sh`"), shown[s.core],
-                 shown[s.ota_agent]) for s in g.STEPS]
+
+    def points(names) -> str:
+        return ", ".join(f"`{n}`" for n in names) or "—"
+    expected = [(f"`{s.name}`", s.doing.replace("ota_post_update.sh", "`ota_post_update.sh`"),
+                 f"`{s.phase}`" if s.phase else "—", shown[s.core], shown[s.ota_agent],
+                 f"{points(s.core_crashes)}; {points(s.agent_crashes)}") for s in g.STEPS]
     assert rows == expected
     assert "health_check" in g.STEP_BY_NAME  # the update writes only steps the table knows
     source = AGENT.read_text()
@@ -187,3 +191,14 @@ def test_the_journal_table_in_the_docs_is_the_steps_table():
     written = assigned | \
         set(re.findall(r'step="([a-z_]+)"', source))
     assert written and written <= set(g.STEP_BY_NAME), written - set(g.STEP_BY_NAME)
+
+
+def test_every_crash_point_belongs_to_one_step():
+    """Each crash point in the code is named by the steps table (or comes before the journal),
+    so that the crash tests, which read the table, reach every one."""
+    import re
+
+    import ggc_ota as g
+    in_code = set(re.findall(r'crash_point\("([a-z_]+)"\)', AGENT.read_text()))
+    in_table = {p for s in g.STEPS for p in s.core_crashes + s.agent_crashes} | set(g.BEFORE_JOURNAL)
+    assert len(in_code) > 15 and in_code == in_table, in_code ^ in_table
