@@ -1854,7 +1854,7 @@ class Download:
         target = parts.path + ("?" + parts.query if parts.query else "")
         proxy = self.proxy if self.proxy is not None and self.proxy.used_for(parts.hostname or "") else None
         if proxy is not None:
-            conn: Any = _TunneledHTTPS(proxy, parts.hostname or "", parts.port or 443, context=self.context,
+            conn: Any = tunneled_https(proxy, parts.hostname or "", parts.port or 443, context=self.context,
                                        timeout=self.read_timeout)
         else:
             conn = http.client.HTTPSConnection(parts.hostname or "", parts.port or 443, context=self.context,
@@ -1972,7 +1972,9 @@ class Download:
             raise DownloadError(f"the artifact URL must be https, not {redact_url(self.url)}")
 
 
-def _tunneled_https() -> type:
+def tunneled_https(proxy: Proxy, host: str, port: int, **kw: Any) -> Any:
+    """An HTTPSConnection to host:port through the proxy's CONNECT; TLS end to end. (The class
+    is made here because http.client is imported only when a download runs.)"""
     import http.client
 
     class TunneledHTTPS(http.client.HTTPSConnection):
@@ -1986,11 +1988,7 @@ def _tunneled_https() -> type:
             sock = open_tunnel(self.proxy, self.host, self.port, self.timeout or 60.0)
             self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
 
-    return TunneledHTTPS
-
-
-def _TunneledHTTPS(proxy: Proxy, host: str, port: int, **kw: Any) -> Any:  # noqa: N802 (a class, made late)
-    return _tunneled_https()(proxy, host, port, **kw)
+    return TunneledHTTPS(proxy, host, port, **kw)
 
 
 class _Transient(Exception):
@@ -2023,6 +2021,10 @@ SAFE_MODE_MASK = 0o755  # keeps the owner's bits and read/execute for others
 
 class UnsafeArchive(OtaError):
     reason = "UNSAFE_ARCHIVE"
+
+
+class ArchiveTooLarge(UnsafeArchive):
+    """The members declare more bytes than the unpack may write (a gzip bomb, or a small disk)."""
 
 
 class BadLayout(OtaError):
@@ -2080,7 +2082,7 @@ class _ArchiveChecker:
         if info.isreg():
             self.total += info.size
             if self.total > self.max_bytes:
-                raise UnsafeArchive(f"unpacked size above {self.max_bytes} bytes")
+                raise ArchiveTooLarge(f"unpacked size above {self.max_bytes} bytes")
             return "file"
         if info.isdir():
             return "dir"
@@ -2783,23 +2785,14 @@ def watch_process(pid: int, started: str, what: str) -> None:
 
 
 def stop_session(proc: subprocess.Popen, grace: float = 5.0) -> None:
-    """End a process started in a session of its own, and everything in that session that is
-    still in its process group: SIGTERM, SIGKILL after `grace` seconds; reaped."""
+    """End a process started in a session of its own and everything still in that session
+    (a frozen binary's launchers and agent): SIGTERM, SIGKILL after `grace` seconds; reaped."""
     import subprocess
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.wait(grace)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    try:  # what the leader left behind in its group (a frozen binary's launchers exit with it)
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    kill_processes(lambda: set(session_members(proc.pid)), grace)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:  # unkillable (a process stuck in the kernel): not waited for
+        log.warning("pid %d did not end after SIGKILL", proc.pid)
 
 
 def read_pid(path: str) -> Optional[int]:
@@ -3753,7 +3746,7 @@ class Agent:
             if warning:
                 log.warning("job %s: %s", job_id, warning)
             self.report(job_id, "IN_PROGRESS", {"phase": "checking", "version": doc.version})
-            self.check_device(doc)
+            check_device(self.cfg, doc, self.state)
             artifact = self.download(job_id, doc)
             stage = self.unpack(job_id, doc, artifact)
             self.ensure_not_canceled(job_id)
@@ -3820,9 +3813,6 @@ class Agent:
             if log.getEffectiveLevel() > logging.ERROR:
                 log_event("job %s: %s (%s: %s)", record["jobId"], result, reason, message)
 
-    def check_device(self, doc: UpdateDocument) -> None:
-        check_device(self.cfg, doc, self.state)
-
     def download(self, job_id: str, doc: UpdateDocument) -> str:
         dest = State.job_path(self.state.downloads, job_id, ".tar.gz")
         if os.path.exists(dest) and sha256_of_file(dest)[0].hexdigest() == doc.sha256:
@@ -3864,11 +3854,11 @@ class Agent:
         try:
             unpack(artifact, os.path.join(stage, "unpacked"), max_bytes=max(0, min(MAX_ARCHIVE_BYTES, room)),
                    sha256=doc.sha256)
-        except UnsafeArchive as err:
-            if "unpacked size above" in str(err) and room < MAX_ARCHIVE_BYTES:
-                raise DiskFull(f"the artifact unpacks to more than the {max(0, room)} bytes free "
-                               f"(beyond minFreeBytes): {err}") from None
-            raise
+        except ArchiveTooLarge as err:
+            if room >= MAX_ARCHIVE_BYTES:
+                raise  # the archive's own cap, not the disk: unsafe
+            raise DiskFull(f"the artifact unpacks to more than the {max(0, room)} bytes free "
+                           f"(beyond minFreeBytes): {err}") from None
         os.rename(check_layout(os.path.join(stage, "unpacked"), doc.software), os.path.join(stage, "new"))
         crash_point("after_unpack")
         return stage
