@@ -3452,9 +3452,18 @@ def start_daemon(command: List[str], pid_file: str, lock_fd: Optional[int] = Non
     if os.path.lexists(pid_file):
         os.unlink(pid_file)
     env = child_environment({LOCK_FD_ENV: str(lock_fd)} if lock_fd is not None else None)
-    child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             start_new_session=True, close_fds=True, env=env,
-                             pass_fds=(lock_fd,) if lock_fd is not None else ())
+    # Started with SIGHUP ignored, which exec keeps: a frozen binary's launchers do not forward
+    # SIGHUP and would die of it (a logrotate's HUP to the PID file's process would stop the
+    # agent). The agent itself installs its own SIGHUP handler: reopen the log.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN) if in_main else None
+    try:
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, start_new_session=True, close_fds=True, env=env,
+                                 pass_fds=(lock_fd,) if lock_fd is not None else ())
+    finally:
+        if in_main:
+            signal.signal(signal.SIGHUP, previous)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if os.path.exists(pid_file) and child.poll() is None:

@@ -248,6 +248,7 @@ def test_daemon_reports_why_it_could_not_start(device):
     assert out.returncode == 3 and "another agent" in out.stderr
 
 
+@pytest.mark.frozen
 def test_logs_reach_syslog_with_real_priorities(cloud, tmp_path):
     """A real datagram socket stands in for /dev/log (journald and OpenWrt's logd both read it)."""
     import socket
@@ -278,6 +279,7 @@ def test_logs_reach_syslog_with_real_priorities(cloud, tmp_path):
         sink.close()
 
 
+@pytest.mark.frozen
 def test_a_job_at_its_default_level_error_still_logs_its_life(cloud, tmp_path):
     device = Device(cloud, tmp_path)
     try:
@@ -323,6 +325,7 @@ def test_mixed_modes_are_a_usage_error(device, argv):
     assert out.returncode == 2 and "usage" in out.stderr
 
 
+@pytest.mark.frozen
 def test_a_daemons_fatal_error_reaches_its_log(device):
     key = next(device.root.glob("certs/*.private.key"))
     key.unlink()

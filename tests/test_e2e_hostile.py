@@ -74,16 +74,31 @@ def test_a_flood_of_notifications_is_one_pending_sync(device, cloud):
     assert device.wait_status(device.update_job(), timeout=90)["status"] == "SUCCEEDED"
 
 
-def test_sighup_reopens_the_log_and_the_agent_goes_on(device):
-    proc = device.start()
-    device.wait_log("connected to", timeout=30)
-    rotated = device.log_path.with_suffix(".txt.1")
-    os.replace(device.log_path, rotated)
-    os.kill(proc.pid, signal.SIGHUP)  # what logrotate's postrotate does
-    device.wait_log("log file reopened", timeout=10)
-    assert proc.poll() is None and "log file reopened" not in rotated.read_text()
-    device.release_core("1.11.6")
-    assert device.wait_status(device.update_job(), timeout=90)["status"] == "SUCCEEDED"
+@pytest.mark.frozen
+def test_sighup_reopens_the_log_and_the_agent_goes_on(device, tmp_path):
+    """As a daemon: a logrotate-style SIGHUP to the PID file's process (for the binary, the top
+    launcher, which ignores it) never stops the agent; to the agent process, it reopens the log."""
+    from tests.agent_harness import Supervised, agent_pids, alive
+    tmpdir = tmp_path / "t"
+    tmpdir.mkdir()
+    sup = Supervised(device, "none", tmpdir)
+    sup.start()
+    try:
+        device.wait_log("connected to", timeout=30)
+        top = sup.main_pid()
+        os.kill(top, signal.SIGHUP)
+        time.sleep(2)
+        assert alive(top) and "is gone; stopping" not in device.log()
+        rotated = device.log_path.with_suffix(".txt.1")
+        os.replace(device.log_path, rotated)
+        os.kill(int(device.status()["agentRunning"]), signal.SIGHUP)  # the agent itself
+        device.wait_log("log file reopened", timeout=10)
+        assert rotated.exists() and alive(top)  # the new file has the line (wait_log read it), the old one stays
+        device.release_core("1.11.6")
+        assert device.wait_status(device.update_job(), timeout=90)["status"] == "SUCCEEDED"
+        assert len(agent_pids(device.root)) == (3 if os.environ.get("GGC_OTA_AGENT") else 1)
+    finally:
+        sup.stop()
 
 
 def test_sigterm_storm_during_an_update_never_deadlocks(device, cloud):
@@ -118,6 +133,7 @@ def test_a_umask_of_000_leaves_no_file_writable_by_others(cloud, tmp_path):
         device.stop()
 
 
+@pytest.mark.frozen
 def test_sigterm_is_honoured_at_once_during_a_drip_download(device, cloud):
     """A server sending a little every few seconds: each read returns, and SIGTERM aborts the one
     under way, so the agent stops within seconds, keeping its partial file for the resume."""

@@ -100,6 +100,7 @@ def proxied_device(cloud, tmp_path, proxy: Optional[Tinyproxy], user=None, passw
     return device
 
 
+@pytest.mark.frozen
 @pytest.mark.parametrize("auth", [None, ("ota", "s3cret-pw")])
 def test_both_channels_go_through_the_proxy(cloud, tmp_path, proxies, auth):
     proxy = proxies(auth=auth)
@@ -149,6 +150,7 @@ def test_a_proxy_that_refuses_the_download_port_fails_the_job_like_a_download(cl
         device.stop()
 
 
+@pytest.mark.frozen
 def test_a_proxy_that_dies_mid_download_is_ridden_out_and_the_download_resumes(cloud, tmp_path, proxies):
     proxy = proxies()
     device = proxied_device(cloud, tmp_path, proxy)
@@ -195,6 +197,7 @@ def test_the_no_proxy_list_and_https_proxy(cloud, tmp_path, proxies):
         device.stop()
 
 
+@pytest.mark.frozen
 def test_the_agent_never_takes_the_cores_connection_away(cloud, tmp_path):
     """AWS IoT (and the look-alike's broker) drops the older of two connections with one client
     id. The agent connects as <thing>-ota: a client connected as the thing (the core) stays."""
