@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 HERE=$(pwd)
 VENV="$HERE/.venv"
-DEBS=(mosquitto mosquitto-clients openssl ca-certificates busybox shellcheck systemd file tinyproxy)
+DEBS=(mosquitto mosquitto-clients openssl ca-certificates busybox shellcheck systemd file tinyproxy socat)
 
 log() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
 

@@ -238,7 +238,7 @@ OTA_AGENT_KEYS: Dict[str, Tuple[tuple, Any]] = {
     "scriptTimeout": ((int, float), 300),
     "architecture": ((str,), None),              # override uname -m
     "operatingSystem": ((str,), None),           # override /etc/os-release
-    "extraCaPath": ((str,), None),               # one more CA file for HTTPS downloads
+    "extraCaPath": ((str,), None),               # one more CA file for HTTPS downloads and an https proxy
     "downloadReadTimeout": ((int, float), 60),
     "downloadRetries": ((int,), 8),
     "newAgentTimeout": ((int, float), 120),      # the new agent must reach CONNACK within this
@@ -269,10 +269,11 @@ ALL_SCRIPTS = tuple(name for kind in SOFTWARE.values() for name in (kind.pre_scr
 
 
 class Proxy(collections.namedtuple("Proxy", ["scheme", "host", "port", "username", "password", "no_proxy",
-                                             "source"])):
+                                             "source", "ca_files"], defaults=((),))):
     """An HTTP proxy that both channels go through (HTTP CONNECT; TLS stays end to end):
-    `scheme` http (an https:// proxy is refused for now), `no_proxy` the hosts reached
-    directly, `source` where it came from (coreThing.networkProxy, HTTPS_PROXY)."""
+    `scheme` http or https (TLS to the proxy itself, verified against the system's CAs and
+    `ca_files`), `no_proxy` the hosts reached directly, `source` where it came from
+    (coreThing.networkProxy, HTTPS_PROXY)."""
 
     __slots__ = ()
 
@@ -304,9 +305,6 @@ def parse_proxy(url: Any, username: Any, password: Any, no_proxy: Any, source: s
         raise ConfigError(f"{source}: the proxy URL is not valid ({err})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{source}: the proxy URL must be http:// or https:// with a host")
-    if parts.scheme == "https":  # TLS inside TLS: Python's ssl cannot wrap a TLS socket in another
-        raise ConfigError(f"{source}: an https:// proxy (TLS to the proxy itself) is not supported yet; use its "
-                          "http:// port (the tunnel carries TLS end to end either way)")
     user = username if isinstance(username, str) and username else urllib.parse.unquote(parts.username or "")
     secret = password if isinstance(password, str) and password else urllib.parse.unquote(parts.password or "")
     entries = []
@@ -453,6 +451,8 @@ def load_config(root: str, path: Optional[str] = None) -> Config:
     if unknown:
         warnings.append("otaAgent has unknown keys: " + ", ".join(unknown))
     proxy = load_proxy(core, os.environ)
+    if proxy is not None:  # an https proxy's certificate: the system's CAs, then the core's and extraCaPath
+        proxy = proxy._replace(ca_files=tuple(p for p in (ca, ota.get("extraCaPath")) if p))
     client_id = ota["clientId"] or f"{match.group(1)}-ota"
     if not 1 <= len(client_id) <= 128 or CONTROL_CHARS.search(client_id):
         raise ConfigError("otaAgent.clientId must be 1 to 128 characters, without control characters")
@@ -960,7 +960,7 @@ def mqtt_settings(cfg: Config) -> MqttSettings:
 def open_tunnel(proxy: Proxy, host: str, port: int, timeout: float) -> socket.socket:
     """A TCP connection to host:port through the proxy's HTTP CONNECT (with TLS to the proxy for
     an https proxy, and Basic authentication when it has a user). The caller's TLS runs inside,
-    end to end. ProxyFailed with the proxy's status line when it refuses."""
+    end to end (wrap_tls). ProxyFailed with the proxy's status line when it refuses."""
     import base64
     try:
         sock = socket.create_connection((proxy.host, proxy.port), timeout=timeout)
@@ -968,6 +968,8 @@ def open_tunnel(proxy: Proxy, host: str, port: int, timeout: float) -> socket.so
         raise ProxyFailed(f"cannot reach the proxy {proxy.shown()}: {err.strerror or err}") from None
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if proxy.scheme == "https":
+            sock = tls_to_proxy(proxy, sock)
         request = f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n"
         if proxy.username:
             token = base64.b64encode(f"{proxy.username}:{proxy.password or ''}".encode()).decode()
@@ -991,6 +993,154 @@ def open_tunnel(proxy: Proxy, host: str, port: int, timeout: float) -> socket.so
         if isinstance(err, ProxyFailed):
             raise
         raise ProxyFailed(f"the proxy {proxy.shown()} failed: {err}") from None
+
+
+def tls_to_proxy(proxy: Proxy, sock: socket.socket) -> ssl.SSLSocket:
+    """TLS to an https proxy itself, its certificate checked against the system's CAs and the
+    proxy's CA files. ProxyFailed when it does not verify."""
+    ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    for path in proxy.ca_files:
+        if os.path.isfile(path):
+            try:
+                ctx.load_verify_locations(cafile=path)
+            except ssl.SSLError as err:
+                raise ProxyFailed(f"cannot load the CA file {path} for the proxy: {err}") from None
+    try:
+        return ctx.wrap_socket(sock, server_hostname=proxy.host)
+    except ssl.SSLCertVerificationError as err:
+        raise ProxyFailed(f"the proxy {proxy.shown()} failed TLS verification: {err.verify_message or err} "
+                          "(its CA goes in otaAgent.extraCaPath)") from None
+    except (ssl.SSLError, OSError) as err:
+        raise ProxyFailed(f"TLS to the proxy {proxy.shown()} failed: {err}") from None
+
+
+class TlsInTls:
+    """TLS to a host inside the TLS to an https proxy. Python's ssl cannot wrap one SSLSocket in
+    another, so the inner session runs on memory buffers over the outer socket. It offers what
+    the MQTT client and http.client use of a socket: recv, recv_into, send, sendall, pending,
+    fileno (for select), timeouts, makefile, shutdown and close."""
+
+    def __init__(self, outer: ssl.SSLSocket, ctx: ssl.SSLContext, server_hostname: str) -> None:
+        self.outer = outer
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._tls = ctx.wrap_bio(self._in, self._out, server_hostname=server_hostname)
+        self._plain = bytearray()
+        self._eof = False
+        self._run(self._tls.do_handshake)
+
+    def _flush(self) -> None:
+        data = self._out.read()
+        if data:
+            self.outer.sendall(data)
+
+    def _feed(self, blocking: bool) -> bool:
+        """Move the outer socket's bytes into the inner session: what the outer one has already
+        decrypted, else (blocking) one recv under the socket's timeout. False: nothing came."""
+        if self.outer.pending():
+            self._in.write(self.outer.recv(self.outer.pending()))
+            return True
+        if not blocking:
+            return False
+        data = self.outer.recv(65536)
+        if data:
+            self._in.write(data)
+        else:
+            self._in.write_eof()
+        return True
+
+    def _run(self, step: Any, *args: Any) -> Any:
+        """One inner-TLS step (handshake, write), feeding it the outer socket's bytes as it asks."""
+        while True:
+            try:
+                result = step(*args)
+                self._flush()
+                return result
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._feed(blocking=True)
+
+    def _fill(self, blocking: bool) -> None:
+        while not self._plain and not self._eof:
+            try:
+                data = self._tls.read(65536)
+            except ssl.SSLWantReadError:
+                self._flush()
+                if not self._feed(blocking):
+                    return
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                data = b""
+            self._flush()
+            if data:
+                self._plain += data
+            else:
+                self._eof = True
+
+    def pending(self) -> int:
+        """Bytes that a recv returns without waiting (what select on the fd cannot see)."""
+        self._fill(blocking=False)
+        return len(self._plain)
+
+    def recv(self, size: int) -> bytes:
+        self._fill(blocking=True)
+        data = bytes(self._plain[:size])
+        del self._plain[:size]
+        return data
+
+    def recv_into(self, buffer: Any, size: int = 0) -> int:
+        data = self.recv(size or len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            sent = self._run(self._tls.write, view)
+            view = view[sent:]
+
+    def send(self, data: bytes) -> int:
+        self.sendall(data)
+        return len(data)
+
+    def makefile(self, mode: str = "rb", buffering: Optional[int] = None, **_: Any) -> Any:
+        import io
+        return io.BufferedReader(socket.SocketIO(self, "rb"))  # type: ignore[arg-type]
+
+    def _decref_socketios(self) -> None:
+        """What a SocketIO calls on close (socket.socket keeps a count; nothing to do here)."""
+
+    def fileno(self) -> int:
+        return self.outer.fileno()
+
+    def settimeout(self, timeout: Optional[float]) -> None:
+        self.outer.settimeout(timeout)
+
+    def gettimeout(self) -> Optional[float]:
+        return self.outer.gettimeout()
+
+    def setsockopt(self, *args: Any) -> None:
+        self.outer.setsockopt(*args)
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        return self._tls.getpeercert(binary_form)
+
+    def selected_alpn_protocol(self) -> Optional[str]:
+        return self._tls.selected_alpn_protocol()
+
+    def shutdown(self, how: int) -> None:
+        self.outer.shutdown(how)
+
+    def close(self) -> None:
+        self.outer.close()
+
+
+def wrap_tls(ctx: ssl.SSLContext, sock: socket.socket, hostname: str) -> Any:
+    """The caller's TLS over a TCP connection, or inside the TLS of an https proxy's tunnel."""
+    if isinstance(sock, ssl.SSLSocket):
+        return TlsInTls(sock, ctx, hostname)
+    return ctx.wrap_socket(sock, server_hostname=hostname)
 
 
 def tls_context(settings: MqttSettings) -> ssl.SSLContext:
@@ -1027,7 +1177,7 @@ def open_tls(settings: MqttSettings, ctx: ssl.SSLContext) -> ssl.SSLSocket:
         raise MqttError(f"cannot connect to {settings.host}:{settings.port}: {err.strerror or err}") from None
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
-        tls = ctx.wrap_socket(raw, server_hostname=hostname)  # handshake under connect_timeout
+        tls = wrap_tls(ctx, raw, hostname)  # handshake under connect_timeout
     except ssl.SSLCertVerificationError as err:
         raw.close()
         raise MqttAuthError(f"the server at {settings.host}:{settings.port} failed verification: "
@@ -1986,7 +2136,7 @@ def tunneled_https(proxy: Proxy, host: str, port: int, **kw: Any) -> Any:
 
         def connect(self) -> None:
             sock = open_tunnel(self.proxy, self.host, self.port, self.timeout or 60.0)
-            self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
+            self.sock = wrap_tls(self._context, sock, self.host)  # type: ignore[attr-defined]
 
     return TunneledHTTPS(proxy, host, port, **kw)
 

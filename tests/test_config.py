@@ -129,8 +129,10 @@ def test_proxy_from_the_greengrass_block_and_the_environment():
     assert (env.username, env.password, env.port, env.source) == ("user", "pw", 3128, "HTTPS_PROXY")
     assert not env.used_for("anything")
     assert g.load_proxy({}, {}) is None
+    tls = g.load_proxy({"networkProxy": {"proxy": {"url": "https://tls-proxy"}}}, {})
+    assert (tls.scheme, tls.host, tls.port) == ("https", "tls-proxy", 443)
     for bad in ({"networkProxy": {"proxy": {"url": "ftp://x"}}}, {"networkProxy": {"proxy": {"url": "http://h:99999"}}},
-                {"networkProxy": "http://x"}, {"networkProxy": {"proxy": {"url": "https://tls-proxy:443"}}}):
+                {"networkProxy": "http://x"}, {"networkProxy": {"proxy": {}}}):
         with pytest.raises(g.ConfigError):
             g.load_proxy(bad, {})
 

@@ -222,11 +222,84 @@ def test_the_agent_never_takes_the_cores_connection_away(cloud, tmp_path):
         core.disconnect()
 
 
-def test_an_https_proxy_url_is_refused_with_a_clear_error(cloud, tmp_path):
-    """TLS to the proxy itself (TLS inside TLS) is not supported yet: said at once, in one line."""
-    device = Device(cloud, tmp_path)
+class TlsFront:
+    """An https:// proxy: Debian's socat terminating TLS (a certificate of its own CA, not the
+    cloud's) in front of a tinyproxy. `ca_path`: that CA, for otaAgent.extraCaPath."""
+
+    def __init__(self, workdir: Path, backend: Tinyproxy) -> None:
+        import trustme
+        workdir.mkdir(parents=True, exist_ok=True)
+        ca = trustme.CA(organization_name="site proxy CA")
+        self.ca_path = workdir / "proxy-ca.pem"
+        ca.cert_pem.write_to_path(str(self.ca_path))
+        leaf = ca.issue_cert("localhost", "127.0.0.1")
+        pem = workdir / "proxy.pem"
+        leaf.private_key_and_cert_chain_pem.write_to_path(str(pem))
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["socat", f"OPENSSL-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork,cert={pem},verify=0",
+             f"TCP:127.0.0.1:{backend.port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "socat did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+
+def https_proxied_device(cloud, tmp_path, front: TlsFront, trust: bool) -> Device:
+    device = Device(cloud, tmp_path, ota={"extraCaPath": str(front.ca_path)} if trust else None)
     cfg = json.loads(device.dev.config_path.read_text())
-    cfg["coreThing"]["networkProxy"] = {"proxy": {"url": "https://localhost:3129"}}
+    cfg["coreThing"]["networkProxy"] = {"proxy": {"url": f"https://localhost:{front.port}", "username": "ota",
+                                                  "password": "tls-pw-9"}}
     device.dev.config_path.write_text(json.dumps(cfg))
-    out = device.run("--root", str(device.root), "--dry-run")
-    assert out.returncode == 1 and "https:// proxy" in out.stdout and "not supported yet" in out.stdout
+    return device
+
+
+@pytest.mark.frozen
+@pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed")
+def test_an_https_proxy_carries_both_channels_tls_inside_tls(cloud, tmp_path, proxies):
+    """TLS to the proxy (verified against otaAgent.extraCaPath), and inside its tunnel the
+    agent's own TLS to the broker and to the store, verified end to end as ever."""
+    backend = proxies(auth=("ota", "tls-pw-9"))
+    front = TlsFront(tmp_path / "front", backend)
+    device = https_proxied_device(cloud, tmp_path, front, trust=True)
+    try:
+        device.release_core("1.11.6", payload_bytes=600_000)
+        device.start()
+        assert device.wait_status(device.update_job(), timeout=120)["status"] == "SUCCEEDED", device.log()[-3000:]
+        assert f"localhost:{cloud.port}" in backend.tunnels() and f"localhost:{cloud.store.port}" in \
+            backend.tunnels()
+        assert "through the proxy https://ota:***@localhost" in device.log() and "tls-pw-9" not in device.log()
+        out = device.run("--root", str(device.root), "--dry-run")
+        assert "OK   proxy: https://ota:***@localhost" in out.stdout and "answers CONNECT" in out.stdout, out.stdout
+        assert "tls-pw-9" not in out.stdout
+    finally:
+        device.stop()
+        front.stop()
+
+
+@pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed")
+def test_an_https_proxy_that_does_not_verify_is_a_clear_error(cloud, tmp_path, proxies):
+    """The proxy's certificate is checked like any server's: without its CA, no connection, a
+    clear PROXY_FAILED line naming the fix, and the usual backoff."""
+    front = TlsFront(tmp_path / "front", proxies())
+    device = https_proxied_device(cloud, tmp_path, front, trust=False)
+    try:
+        out = device.run("--root", str(device.root), "--dry-run")
+        assert out.returncode == 1 and "FAIL proxy" in out.stdout and "failed TLS verification" in out.stdout
+        assert "extraCaPath" in out.stdout
+        device.start()
+        device.wait_log("failed TLS verification", timeout=30)
+        assert "connected to" not in device.log()
+    finally:
+        device.stop()
+        front.stop()
