@@ -8,13 +8,14 @@
 #   ./build.sh binary               dist/ggc-ota: a static binary for this machine's architecture
 #   ./build.sh binary --arch A      dist/ggc-ota-A for aarch64, armv7l or armv6l (Debian rootfs + qemu)
 #   ./build.sh bench [--quick]      benchmarks against baselines measured in the same run
+#   ./build.sh bench --fleet [N]    the fleet simulation: N agents (200) against one look-alike cloud
 #   ./build.sh cloud DIR            start the look-alike cloud by hand (see README)
 #   ./build.sh lint                 ruff and the Python 3.8 compatibility check of ggc_ota.py
 set -euo pipefail
 cd "$(dirname "$0")"
 HERE=$(pwd)
 VENV="$HERE/.venv"
-DEBS=(mosquitto mosquitto-clients openssl ca-certificates busybox shellcheck systemd file tinyproxy socat)
+DEBS=(mosquitto mosquitto-clients openssl ca-certificates busybox shellcheck systemd file tinyproxy socat iproute2)
 
 log() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
 

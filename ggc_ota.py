@@ -247,6 +247,7 @@ OTA_AGENT_KEYS: Dict[str, Tuple[tuple, Any]] = {
     "syslog": ((str,), "/dev/log"),              # the syslog socket; "" for none
     "healthCheckTimeout": ((int, float), 60),    # ggc_health_check.sh must pass within this
     "healthCheckSeconds": ((int, float), 10),    # without it, the core daemon must live this long
+    "reconnectBaseSeconds": ((int, float), 10),  # first reconnect at a random moment within this
     "reconnectMaxSeconds": ((int, float), 120),  # cap of the MQTT reconnect backoff
     "clientId": ((str,), None),                  # the MQTT client id; default <thing name>-ota
 }
@@ -954,6 +955,7 @@ def mqtt_settings(cfg: Config) -> MqttSettings:
     proxy = cfg.proxy if cfg.proxy is not None and cfg.proxy.used_for(cfg.iot_host) else None
     return MqttSettings(host=cfg.iot_host, port=cfg.port, client_id=cfg.client_id, ca_path=cfg.ca_path,
                         cert_path=cfg.cert_path, key_path=cfg.key_path, keepalive=cfg.keepalive,
+                        backoff_base=float(cfg.ota["reconnectBaseSeconds"]),
                         backoff_cap=float(cfg.ota["reconnectMaxSeconds"]), proxy=proxy)
 
 
@@ -1203,8 +1205,16 @@ def describe_tls_error(err: BaseException) -> str:
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]. For
+    reconnects: a fleet that lost its broker at one instant comes back spread over the window."""
     return rng.uniform(0, min(cap, base * (2 ** min(attempt, 30))))
+
+
+def retry_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with equal jitter: half of min(cap, base * 2**attempt) always, the
+    other half at random. For a request the cloud throttled: never sooner than base / 2."""
+    window = min(cap, base * (2 ** min(attempt, 30)))
+    return window / 2 + rng.uniform(0, window / 2)
 
 
 class _Inflight:
@@ -1696,7 +1706,7 @@ class JobsClient:
     network thread may call it); `on_notify(payload)` is called for each notify message."""
 
     def __init__(self, mqtt: MqttClient, thing: str, on_notify: Optional[Callable[[dict], None]] = None,
-                 timeout: float = 20.0, retries: int = 4, retry_base: float = 0.5,
+                 timeout: float = 20.0, retries: int = 4, retry_base: float = 1.0,
                  rng: Optional[random.Random] = None) -> None:
         self.mqtt = mqtt
         self.thing = thing
@@ -1765,7 +1775,7 @@ class JobsClient:
             except JobsRejected as err:
                 if err.code not in RETRYABLE_JOBS_CODES or attempt >= self.retries:
                     raise
-                delay = backoff_delay(attempt, self.retry_base, 30.0, self._rng)
+                delay = retry_delay(attempt, self.retry_base, 30.0, self._rng)
                 log.warning("Jobs: %s answered %s; retrying in %.1f s", suffix, err.code, delay)
                 time.sleep(delay)
                 attempt += 1
@@ -3449,7 +3459,7 @@ def restore_old(journal: dict) -> None:
 CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 DETAILS_KEY = re.compile(r"[a-zA-Z0-9:_-]+")  # used with fullmatch
 UNDELIVERABLE = ("InvalidStateTransition", "TerminalStateReached", "ResourceNotFound", "InvalidRequest")
-RESYNC_SECONDS = 300.0      # list the jobs again this often even without a notification
+RESYNC_SECONDS = 3600.0     # list the jobs again about this often (+-25%) even without a notification
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_RUNNING = 0, 1, 2, 3
 EXIT_RESTART = 75           # a frozen agent in the foreground after a self-update: start me again
 TRIAL_ENV = "GGC_OTA_TRIAL"  # set for a new agent on trial: <jobId>:<pid of the old agent>:<its start time>
@@ -3666,6 +3676,10 @@ class Agent:
         self.events: queue.Queue = queue.Queue()  # (kind, payload) pairs for the main loop
         self.stopping = threading.Event()
         self.notified = threading.Event()  # a notify arrived and the loop has not synced since
+        self.notified_jobs: Optional[set] = None  # the (jobId, executionNumber) pairs of the latest notify
+        self.rng = random.Random()
+        self.deliver_after = 0.0  # monotonic time before which no status is sent (the cloud throttled)
+        self.deliver_failures = 0
         self.active_download: Optional[Download] = None
         self.current_since: Tuple[Optional[str], int] = (None, 0)  # the job in flight, since when
         self.mqtt: Optional[MqttClient] = None
@@ -3711,32 +3725,59 @@ class Agent:
         return EXIT_OK
 
     def loop(self) -> None:
-        next_resync = time.monotonic() + RESYNC_SECONDS
+        """Wait for an event: connected (subscribe, deliver, sync), notify (sync, unless it names
+        only jobs already handled), and on a timer a resync (about hourly), or, while a status
+        waits in the outbox (the cloud throttled it), a delivery attempt with backoff."""
+        next_wake = time.monotonic() + self.resync_interval()
         retry_delay = RETRY_FIRST_SECONDS
         while not self.stopping.is_set():
             try:
-                kind, _ = self.events.get(timeout=max(0.1, next_resync - time.monotonic()))
+                kind, _ = self.events.get(timeout=max(0.1, next_wake - time.monotonic()))
             except queue.Empty:
-                kind = "resync"
+                kind = "deliver" if self.undelivered() else "resync"
             try:
                 if kind == "connected":
                     self.on_connected()
+                elif kind == "notify" and self.nothing_new(self.notified_jobs):
+                    self.notified.clear()
+                    self.flush_outbox()
                 elif kind in ("notify", "resync"):
                     self.notified.clear()
                     self.flush_outbox()
                     self.sync()
-                if kind in ("connected", "notify", "resync"):
-                    next_resync = time.monotonic() + RESYNC_SECONDS
-                    retry_delay = RETRY_FIRST_SECONDS
+                elif kind == "deliver":
+                    self.flush_outbox()
+                if kind in ("connected", "notify", "resync", "deliver"):
+                    if self.undelivered():
+                        next_wake = max(time.monotonic() + retry_delay, self.deliver_after)
+                        retry_delay = min(retry_delay * 2, RETRY_MAX_SECONDS)
+                    else:
+                        next_wake = time.monotonic() + self.resync_interval()
+                        retry_delay = RETRY_FIRST_SECONDS
             except AgentStopping:
                 break
             except Exception as err:  # MqttError: a request or its reply was lost; else a bug
-                if isinstance(err, MqttError):
+                if isinstance(err, MqttError) or (isinstance(err, JobsRejected) and err.code in RETRYABLE_JOBS_CODES):
                     log.warning("talking to the cloud failed: %s; trying again in %.0f s", err, retry_delay)
                 else:
                     log.exception("unexpected error; trying again in %.0f s", retry_delay)
-                next_resync = time.monotonic() + retry_delay
+                next_wake = time.monotonic() + retry_delay
                 retry_delay = min(retry_delay * 2, RETRY_MAX_SECONDS)
+
+    def resync_interval(self) -> float:
+        """About RESYNC_SECONDS, spread (+-25%) so that a fleet that connected together does not
+        list its jobs together ever after."""
+        return RESYNC_SECONDS * self.rng.uniform(0.75, 1.25)
+
+    def undelivered(self) -> bool:
+        """A status waits in the outbox (on disk or, the disk full, in memory)."""
+        return bool(self.unsaved) or bool(self.state.pending_statuses())
+
+    def nothing_new(self, keys: Optional[set]) -> bool:
+        """True when a notify's pending list names only executions this agent has handled or
+        left alone: listing the jobs again would tell nothing (a rollout's own IN_PROGRESS and
+        SUCCEEDED notifications, for one)."""
+        return keys is not None and all(key in self.not_ours or self.state.handled(*key) for key in keys)
 
     def stop(self) -> None:
         """SIGTERM: stop soon. A download stops at once (its partial file is kept for the resume);
@@ -3774,8 +3815,9 @@ class Agent:
 
     def on_notify(self, payload: dict) -> None:
         jobs = payload.get("jobs") if isinstance(payload.get("jobs"), dict) else {}
-        pending = {j.get("jobId") for items in jobs.values() if isinstance(items, list)
-                   for j in items if isinstance(j, dict)}
+        summaries = [j for items in jobs.values() if isinstance(items, list) for j in items if isinstance(j, dict)]
+        pending = {j.get("jobId") for j in summaries}
+        self.notified_jobs = {(j.get("jobId"), j.get("executionNumber")) for j in summaries}
         if self.current is not None and self.current not in pending:
             self.current_canceled.set()  # confirmed by describing the job before acting on it
         if not self.notified.is_set():  # a flood of notifications is one pending flag, not a queue
@@ -3820,7 +3862,13 @@ class Agent:
             pass
 
     def flush_outbox(self) -> None:
+        """Send the statuses waiting in the outbox (the latest of each job). After the cloud
+        throttled one beyond the Jobs client's own retries, nothing is sent before the backoff
+        ends (`deliver_after`): a newer status of the same job waits on disk, and the main loop
+        delivers it then."""
         if self.jobs is None or self.mqtt is None or not self.mqtt.connected or not self.subscribed:
+            return
+        if time.monotonic() < self.deliver_after:
             return
         for entry in self.state.pending_statuses() + list(self.unsaved.values()):
             try:
@@ -3829,6 +3877,13 @@ class Agent:
                 if err.code in UNDELIVERABLE:
                     log.warning("status %s of job %s can never be delivered (%s); dropping it",
                                 entry["status"], entry["jobId"], err.code)
+                elif err.code in RETRYABLE_JOBS_CODES:
+                    delay = retry_delay(self.deliver_failures, RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS, self.rng)
+                    self.deliver_failures += 1
+                    self.deliver_after = time.monotonic() + delay
+                    log.warning("status %s of job %s not accepted (%s); kept, and sent again in %.0f s",
+                                entry["status"], entry["jobId"], err.code, delay)
+                    return
                 else:
                     log.warning("status %s of job %s not accepted yet (%s); kept for later",
                                 entry["status"], entry["jobId"], err.code)
@@ -3837,6 +3892,7 @@ class Agent:
                 log.info("status %s of job %s kept on disk until it can be delivered (%s)",
                          entry["status"], entry["jobId"], err)
                 raise
+            self.deliver_failures = 0
             if self.unsaved.get(entry["jobId"]) is entry:
                 del self.unsaved[entry["jobId"]]
             else:

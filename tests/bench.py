@@ -510,7 +510,15 @@ def main() -> int:
     parser.add_argument("--download-mib", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", default=str(REPO / "bench/results.json"))
+    parser.add_argument("--fleet", type=int, nargs="?", const=200, metavar="N",
+                        help="only the fleet simulation, with N agents (200)")
+    parser.add_argument("--fleet-agent", type=Path, default=REPO / "ggc_ota.py",
+                        help="the agent the fleet runs (e.g. an older ggc_ota.py, for a figure before a change)")
     args = parser.parse_args()
+    if args.fleet:
+        from tests.fleet import run
+        run(args.fleet, idle_seconds=args.idle_seconds, out=Path(args.out), agent=args.fleet_agent)
+        return 0
     if args.quick:
         args.idle_seconds = min(args.idle_seconds, 60)
         args.download_mib = min(args.download_mib, 128)

@@ -312,6 +312,36 @@ def test_injected_errors(cloud, device, code):
     assert device.request("get")[0] == "accepted"
 
 
+def test_throttling_a_share_of_requests(cloud, device):
+    """A share of every request, chosen at random, is answered RequestThrottled, as AWS answers
+    a throttled Jobs request over MQTT; each request is recorded with its outcome."""
+    cloud.jobs.throttle_share(0.5, seed=7)
+    try:
+        outcomes = [device.request("get") for _ in range(40)]
+    finally:
+        cloud.jobs.throttle_share(0.0)
+    throttled = [reply for outcome, reply in outcomes if outcome == "rejected"]
+    assert 8 <= len(throttled) <= 32 and all(r["code"] == "RequestThrottled" for r in throttled)
+    for reply in throttled:
+        iotjobs.RejectedError.from_payload(reply)  # AWS's own model reads it
+    mine = [r for r in cloud.jobs.requests if r["thing"] == device.thing][-40:]
+    assert sum(r["code"] == "RequestThrottled" for r in mine) == len(throttled)
+    assert device.request("get")[0] == "accepted"
+
+
+def test_throttling_by_rate_for_the_whole_account(cloud, device):
+    """Past N requests a second (a burst of one second's worth) the account is throttled; a
+    client that waits gets through again."""
+    cloud.jobs.rate_limit(5)
+    try:
+        burst = [device.request("get")[0] for _ in range(12)]
+        assert burst[:5] == ["accepted"] * 5 and "rejected" in burst[5:]
+        time.sleep(1.0)
+        assert device.request("get")[0] == "accepted"
+    finally:
+        cloud.jobs.rate_limit(None)
+
+
 def test_history_keeps_every_update(cloud, device):
     job_id = job_for(cloud, device.thing)
     device.request(f"{job_id}/update", {"status": "IN_PROGRESS", "statusDetails": {"p": "1"}})

@@ -143,7 +143,9 @@ def test_the_client_id_is_the_thing_name_with_ota_unless_set(tmp_path):
                          "caPath": "ca", "certPath": "c", "keyPath": "k"}}
     (tmp_path / "config").mkdir()
     (tmp_path / "config/config.json").write_text(json.dumps(cfg))
-    assert g.mqtt_settings(g.load_config(str(tmp_path))).client_id == "core-ota"
+    settings = g.mqtt_settings(g.load_config(str(tmp_path)))
+    assert settings.client_id == "core-ota"
+    assert (settings.backoff_base, settings.backoff_cap) == (10.0, 120.0)  # a fleet's reconnects spread over 10 s
     cfg["otaAgent"] = {"clientId": "core"}
     (tmp_path / "config/config.json").write_text(json.dumps(cfg))
     assert g.mqtt_settings(g.load_config(str(tmp_path))).client_id == "core"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import queue
+import random
 import time
 import uuid
 
@@ -70,6 +71,19 @@ def test_throttling_is_retried(cloud, thing, jobs):
     cloud.jobs.inject_fault(thing, "get", "InternalError", count=10)
     with pytest.raises(g.JobsRejected, match="InternalError"):
         jobs.list_pending()
+
+
+def test_a_throttled_request_is_retried_never_sooner_than_half_its_window():
+    """Equal jitter: the n-th retry waits between half and all of min(cap, base * 2**n), so a
+    fleet the cloud throttled never comes straight back; reconnects keep full jitter (spread)."""
+    rng = random.Random(3)
+    for attempt in range(8):
+        window = min(30.0, 1.0 * 2 ** attempt)
+        delays = [g.retry_delay(attempt, 1.0, 30.0, rng) for _ in range(500)]
+        assert window / 2 <= min(delays) and max(delays) <= window
+        assert max(delays) - min(delays) > window / 4  # jittered, not a fixed step
+    spread = [g.backoff_delay(0, 10.0, 120.0, rng) for _ in range(500)]
+    assert min(spread) < 1.0 and max(spread) > 9.0 and max(spread) <= 10.0
 
 
 def test_notify_reaches_the_agent(cloud, thing, jobs):

@@ -120,7 +120,7 @@ class Cloud:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="iot-jobs-service",
                              protocol=mqtt.MQTTv311)
         client.tls_set(ca_certs=str(self.pki.ca_path), certfile=str(ident.cert), keyfile=str(ident.key))
-        client.reconnect_delay_set(0.1, 2)
+        client.reconnect_delay_set(0.05, 0.5)  # a cloud service is back at once after a broker restart
 
         def on_connect(c, userdata, flags, reason_code, properties):
             if not reason_code.is_failure:

@@ -6,13 +6,17 @@ published when a thing's pending executions change. Field names, error codes and
 rules follow the AWS IoT Jobs API reference. Timestamps are epoch seconds (integers).
 
 The service keeps every execution's full update history for assertions, and can inject
-`RequestThrottled` / `InternalError` answers. `minute` scales step and in-progress timeouts so
+`RequestThrottled` / `InternalError` answers: per thing and count (`inject_fault`), for a share
+of every request (`throttle_share`), or as AWS does, past a rate of requests per second for the
+whole account (`rate_limit`, a token bucket). Each request is recorded with the code it was
+answered with (`requests`). `minute` scales step and in-progress timeouts so
 tests stay fast: a timeout of N minutes fires after N * `minute` seconds.
 """
 from __future__ import annotations
 
 import copy
 import json
+import random
 import re
 import threading
 import time
@@ -142,6 +146,10 @@ class JobsService:
         self.lock = threading.RLock()
         self.requests: list[dict] = []  # every request received, for assertions
         self._faults: list[dict] = []
+        self._throttle_share = 0.0
+        self._throttle_rng = random.Random(0)
+        self._rate: Optional[float] = None
+        self._bucket = (0.0, 0.0)  # (tokens, monotonic time of the last refill)
         self._tampers: list[dict] = []
         self._last_pending: dict[str, list] = {}
         self._last_head: dict[str, Optional[tuple]] = {}
@@ -249,6 +257,33 @@ class JobsService:
         with self.lock:
             self._faults.append({"thing": thing, "operation": operation, "code": code, "count": count})
 
+    def throttle_share(self, share: float, seed: int = 0) -> None:
+        """Answer this share (0..1) of every device request, chosen at random, RequestThrottled."""
+        with self.lock:
+            self._throttle_share = share
+            self._throttle_rng = random.Random(seed)
+
+    def rate_limit(self, per_second: Optional[float]) -> None:
+        """AWS's account-wide throttle: past `per_second` requests a second (bursts up to one
+        second's worth), answer RequestThrottled. None: no limit."""
+        with self.lock:
+            self._rate = per_second
+            self._bucket = (per_second or 0.0, time.monotonic())
+
+    def _throttled(self) -> bool:
+        if self._throttle_share and self._throttle_rng.random() < self._throttle_share:
+            return True
+        if self._rate is None:
+            return False
+        tokens, last = self._bucket
+        now_ = time.monotonic()
+        tokens = min(self._rate, tokens + (now_ - last) * self._rate)
+        if tokens < 1.0:
+            self._bucket = (tokens, now_)
+            return True
+        self._bucket = (tokens - 1.0, now_)
+        return False
+
     def inject_reply(self, thing: str, operation: str, change: Callable[[dict], dict], count: int = 1) -> None:
         """Pass the next `count` accepted replies to `operation` from `thing` through `change`
         before they are sent: a hostile or broken cloud, for the device's tests."""
@@ -275,18 +310,22 @@ class JobsService:
         if rest[-1] in ("accepted", "rejected") or rest in (["notify"], ["notify-next"]):
             return  # our own replies and notifications
         with self.lock:
-            self.requests.append({"thing": thing, "topic": topic, "payload": payload, "at": time.time()})
+            record = {"thing": thing, "topic": topic, "payload": payload, "at": time.time(), "code": None}
+            self.requests.append(record)
             request: dict = {}
             try:
                 request = self._parse(payload)
                 check_client_token(request)
                 operation, job_id = self._route(rest)
                 self._apply_fault(thing, operation)
+                if self._throttled():
+                    raise JobsError("RequestThrottled", "The rate exceeds the limit.")
                 reply = self._dispatch(thing, operation, job_id, request)
                 if "clientToken" in request:
                     reply["clientToken"] = request["clientToken"]
                 self._publish(topic + "/accepted", self._tamper(thing, operation, reply))
             except JobsError as err:
+                record["code"] = err.code
                 self._publish(topic + "/rejected", self._rejection(err, request))
             self._announce(thing)
 
