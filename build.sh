@@ -137,6 +137,14 @@ cmd_bench() {
   exec "$VENV/bin/python" -m tests.bench "$@"
 }
 
+# PyInstaller's archive as a file of its own (EXE append_pkg=False) rather than appended to the
+# bootloader: the running program then keeps only the small bootloader file alive in TMPDIR, and
+# the agent can free the archive's copy once Python runs (drop_extracted_program in ggc_ota.py).
+split_archive() {
+  sed -i "s/^    name='ggc-ota-dynamic',$/&\n    append_pkg=False,/" "$1"
+  grep -q "append_pkg=False" "$1" || { echo "build.sh: cannot set append_pkg=False in $1" >&2; exit 1; }
+}
+
 cmd_binary() {
   if [ "${1:-}" = "--arch" ]; then
     cross_binary "${2:?--arch needs aarch64, armv7l or armv6l}"
@@ -155,11 +163,14 @@ cmd_binary() {
   local work="$HERE/build/binary" excl=()
   rm -rf "$work" && mkdir -p "$work" dist
   for m in "${EXCLUDES[@]}"; do excl+=(--exclude-module "$m"); done
-  log "freezing ggc_ota.py with PyInstaller"
-  "$bvenv/bin/pyinstaller" --onefile --strip --optimize 2 --noconfirm --log-level WARN --name ggc-ota-dynamic \
-    --distpath "$work/dist" --workpath "$work/build" --specpath "$work" "${excl[@]}" ggc_ota.py
-  log "making it static with staticx"
-  "$bvenv/bin/staticx" --strip "$work/dist/ggc-ota-dynamic" dist/ggc-ota
+  log "freezing ggc_ota.py with PyInstaller (the archive beside the bootloader, not appended)"
+  "$bvenv/bin/pyi-makespec" --onefile --strip --optimize 2 --name ggc-ota-dynamic --specpath "$work" "${excl[@]}" \
+    "$HERE/ggc_ota.py" > /dev/null
+  split_archive "$work/ggc-ota-dynamic.spec"
+  "$bvenv/bin/pyinstaller" --noconfirm --log-level WARN --distpath "$work/dist" --workpath "$work/build" \
+    "$work/ggc-ota-dynamic.spec"
+  log "making it static with staticx (the archive travels as a file of the bundle)"
+  "$bvenv/bin/python" packaging/staticx_split.py "$work/dist/ggc-ota-dynamic" dist/ggc-ota
   chmod 755 dist/ggc-ota
   dist/ggc-ota --version
   echo "dist/ggc-ota: $(stat -c %s dist/ggc-ota) bytes, $(uname -m), $(file -b dist/ggc-ota 2>/dev/null | cut -d, -f1-2)"
@@ -200,7 +211,7 @@ cross_binary() {
     touch "$rootfs/.ready"
   fi
   rm -rf "$rootfs/build" && mkdir -p "$rootfs/build"
-  cp ggc_ota.py requirements-build.txt "$rootfs/build/"
+  cp ggc_ota.py requirements-build.txt packaging/staticx_split.py "$rootfs/build/"
   # pip inside the rootfs trusts what this machine trusts (a registry may sit behind a proxy
   # with its own CA) and reads its index settings
   mkdir -p "$rootfs/etc/ssl/certs"
@@ -215,8 +226,11 @@ cross_binary() {
     ${qemu_cpu:+QEMU_CPU=$qemu_cpu} /bin/sh -ec "
       cd /build
       [ -x /venv/bin/pyinstaller ] || { python3 -m venv /venv && /venv/bin/pip install -q -r requirements-build.txt; }
-      /venv/bin/pyinstaller --onefile --strip --optimize 2 --noconfirm --log-level WARN --name ggc-ota-dynamic $chroot_excludes ggc_ota.py
-      /venv/bin/staticx --strip dist/ggc-ota-dynamic dist/ggc-ota"
+      /venv/bin/pyi-makespec --onefile --strip --optimize 2 --name ggc-ota-dynamic $chroot_excludes ggc_ota.py >/dev/null
+      sed -i \"s/^    name='ggc-ota-dynamic',\$/&\\n    append_pkg=False,/\" ggc-ota-dynamic.spec
+      grep -q append_pkg=False ggc-ota-dynamic.spec
+      /venv/bin/pyinstaller --noconfirm --log-level WARN ggc-ota-dynamic.spec
+      /venv/bin/python staticx_split.py dist/ggc-ota-dynamic dist/ggc-ota"
   mkdir -p dist
   cp "$rootfs/build/dist/ggc-ota" "dist/ggc-ota-$arch"
   log "smoke run under qemu${qemu_cpu:+ (CPU $qemu_cpu)}: --version, and --dry-run on a sample root"

@@ -4845,6 +4845,9 @@ def run_agent(args: Any, argv: List[str]) -> int:
         die_with_launcher()
         for path in clean_stale_extractions():
             log.info("removed the stale extraction directory %s", path)
+        freed = drop_extracted_program()
+        if freed:
+            log.debug("deleted the extracted program copy (%d KiB freed in TMPDIR)", freed // 1024)
     agent = Agent(cfg, argv, args.log_level, pid_file if (args.daemon_child or args.pid_file) else None,
                   daemon=args.daemon_child)
     handle_signals(agent)
@@ -4913,6 +4916,39 @@ def die_with_launcher() -> None:
     top = own_top_launcher()
     if top is not None:
         watch_process(top[0], top[1], "the launcher process")
+
+
+def drop_extracted_program() -> int:
+    """staticx unpacks the PyInstaller program (its bootloader and archive, 6.6 MiB) into TMPDIR
+    beside the C libraries and keeps it there for the agent's whole life, although its work is
+    done once Python runs. Only one part of it is read again: the archive of Python modules
+    (PYZ, 1 MiB), at each later import. That part is copied into PyInstaller's own directory,
+    the module importer pointed at the copy, and the program file deleted: TMPDIR is RAM on
+    OpenWrt. Returns the bytes freed (0: not a staticx binary, or not done). Both launchers
+    remove their directories at exit as before."""
+    importers = sys.modules.get("pyimod02_importers")
+    reader = getattr(importers, "pyz_archive", None)
+    program, offset = getattr(reader, "_filename", None), getattr(reader, "_start_offset", None)
+    meipass = getattr(sys, "_MEIPASS", None)
+    if not os.environ.get("STATICX_PROG_PATH") or not meipass or not isinstance(program, str) \
+            or not isinstance(offset, int) or not os.path.basename(os.path.dirname(program)).startswith("staticx-"):
+        return 0
+    try:
+        end = max((entry[1] + entry[2] for entry in reader.toc.values()), default=0)
+        with open(program, "rb") as f:
+            f.seek(offset)
+            modules = f.read(end)
+        copy = os.path.join(meipass, "PYZ.pyz")
+        fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o400)
+        with os.fdopen(fd, "wb") as out:
+            out.write(modules)
+        size = os.path.getsize(program)
+        reader._filename, reader._start_offset = copy, 0
+        os.unlink(program)
+    except (OSError, AttributeError, TypeError, ValueError) as err:
+        log.warning("could not free the extracted program copy in TMPDIR: %s", err)
+        return 0
+    return size - len(modules)
 
 
 def own_top_launcher() -> Optional[Tuple[int, str]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_harness import Device
+from tests.agent_harness import Device, extraction_usage
 from tests.cloud.device import build_agent_artifact
 from tests.conftest import REPO
 
@@ -133,6 +133,42 @@ def test_daemon_mode_like_systemd(device, tmp_path):
         time.sleep(0.05)
     time.sleep(0.2)
     assert extractions(tmpdir) == []
+
+
+def shmem_kib() -> int:
+    fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return int(fields["Shmem"].split()[0])
+
+
+def test_the_archive_copy_is_freed_once_python_runs_and_later_imports_still_work(device, tmp_path):
+    """staticx unpacks PyInstaller's archive (6.6 MiB) into TMPDIR; once Python runs, the agent
+    keeps only its module archive (1 MiB, in PyInstaller's directory) and deletes the rest. The
+    kernel must see it freed (a file still open or mapped would keep its pages), and the modules
+    the agent imports only later (http.client and tarfile for an update) must still load."""
+    tmpdir = tmp_path / "t"
+    tmpdir.mkdir()
+    on_tmpfs = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(tmpdir)],
+                              capture_output=True).returncode == 0
+    try:
+        before = shmem_kib()
+        device.release_core("1.11.6")
+        device.proc = subprocess.Popen(device.command("--root", str(device.root), "--foreground"),
+                                       env={**os.environ, "TMPDIR": str(tmpdir)}, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, start_new_session=True)
+        device.wait_log("connected to", timeout=30)
+        time.sleep(1)
+        pkgs = list(tmpdir.glob("staticx-*/*.pkg"))
+        modules = list(tmpdir.glob("_MEI*/PYZ.pyz"))
+        assert pkgs == [] and len(modules) == 1, sorted(str(p) for p in tmpdir.rglob("*"))
+        _, kib = extraction_usage(tmpdir)
+        assert kib < 20 * 1024, kib  # was 24 MiB with the archive kept
+        if on_tmpfs:  # what the machine lost agrees: no deleted file is kept alive
+            assert shmem_kib() - before < kib + 2048, (shmem_kib() - before, kib)
+        assert device.wait_status(device.update_job())["status"] == "SUCCEEDED", device.log()[-3000:]
+    finally:
+        device.stop()
+        if on_tmpfs:
+            subprocess.run(["umount", "-l", str(tmpdir)], check=False)
 
 
 def test_launcher_killed_the_agent_follows_and_the_next_start_cleans_up(device, tmp_path):
