@@ -59,6 +59,20 @@ def fast_tarball(src_parent: Path, out: Path) -> None:
         tar.wait()
 
 
+def publish_core_release(cloud, work: Path, version: str, payload: int) -> Path:
+    """A core release of `version` with `payload` random bytes, published at the look-alike."""
+    tree = work / f"rel-{version}"
+    write_core_tree(tree / "greengrass/ggc", version, 0)
+    if payload:
+        random_file(tree / f"greengrass/ggc/packages/{version}/lib/payload.bin", payload)
+    out = work / f"core-{version}.tar.gz"
+    fast_tarball(tree, out)
+    shutil.rmtree(tree)
+    cloud.publish_release(software="core", version=version, architecture="x86_64", operating_system="ubuntu",
+                          tarball=out)
+    return out
+
+
 def timed(cmd, **kw) -> float:
     start = time.perf_counter()
     subprocess.run(cmd, check=True, **kw)
@@ -181,16 +195,7 @@ class Bench:
             time.sleep(0.05)
 
     def core_release(self, version: str, payload: int) -> str:
-        tree = self.work / f"rel-{version}"
-        write_core_tree(tree / "greengrass/ggc", version, 0)
-        if payload:
-            random_file(tree / f"greengrass/ggc/packages/{version}/lib/payload.bin", payload)
-        out = self.work / f"core-{version}.tar.gz"
-        fast_tarball(tree, out)
-        shutil.rmtree(tree)
-        self.cloud.publish_release(software="core", version=version, architecture="x86_64",
-                                   operating_system="ubuntu", tarball=out)
-        return str(out)
+        return str(publish_core_release(self.cloud, self.work, version, payload))
 
     def job(self, dev) -> str:
         return self.cloud.create_software_update_job(

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Optional
 
 import ggc_ota
-from tests.bench import REPO, ROLE, fast_tarball, random_file, vm_hwm_kib
+from tests.bench import REPO, ROLE, publish_core_release, vm_hwm_kib
 from tests.cloud.cloud import Cloud
-from tests.cloud.device import make_root, write_core_tree
+from tests.cloud.device import make_root
 
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
 TERMINAL = ("SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "TIMED_OUT", "REMOVED")
@@ -188,14 +188,7 @@ class Fleet:
     def release(self, payload: int) -> str:
         self.versions += 1
         version = f"1.11.{5 + self.versions}"
-        tree = self.work / f"rel-{version}"
-        write_core_tree(tree / "greengrass/ggc", version, 0)
-        random_file(tree / f"greengrass/ggc/packages/{version}/lib/payload.bin", payload)
-        out = self.work / f"core-{version}.tar.gz"
-        fast_tarball(tree, out)
-        shutil.rmtree(tree)
-        self.cloud.publish_release(software="core", version=version, architecture="x86_64",
-                                   operating_system="ubuntu", tarball=out)
+        publish_core_release(self.cloud, self.work, version, payload)
         return version
 
     def rollout(self, payload: int = 1 << 20, throttle: float = 0.0, timeout: float = 900) -> dict:

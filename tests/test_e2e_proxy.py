@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -17,15 +16,10 @@ from typing import Optional
 import pytest
 
 from tests.agent_harness import Device, details
+from tests.cloud.broker import free_port, wait_for_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(shutil.which("tinyproxy") is None,
                                                   reason="tinyproxy is not installed")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Tinyproxy:
@@ -51,14 +45,7 @@ class Tinyproxy:
     def start(self) -> None:
         self.proc = subprocess.Popen(["tinyproxy", "-d", "-c", str(self.dir / "tinyproxy.conf")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                assert time.monotonic() < deadline, "tinyproxy did not start"
-                time.sleep(0.05)
+        wait_for_port(self.port, 10, self.proc)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -240,14 +227,7 @@ class TlsFront:
             ["socat", f"OPENSSL-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork,cert={pem},verify=0",
              f"TCP:127.0.0.1:{backend.port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                assert time.monotonic() < deadline, "socat did not start"
-                time.sleep(0.05)
+        wait_for_port(self.port, 10, self.proc)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -29,13 +29,18 @@ def settle(cloud, thing: str, quiet: float = 2.0, timeout: float = 30.0) -> None
     raise AssertionError("the agent never listed its jobs, or never fell quiet")
 
 
-@pytest.mark.frozen
-def test_an_update_lists_the_jobs_twice_and_the_notifications_it_causes_cost_nothing(device):
+def running_and_quiet(device) -> float:
+    """Release a core, start the agent, wait until it listed its jobs and fell quiet; the time."""
     device.release_core("1.11.6")
     device.start()
     device.wait_log("MQTT: connected", timeout=30)
     settle(device.cloud, device.thing)
-    began = time.time()
+    return time.time()
+
+
+@pytest.mark.frozen
+def test_an_update_lists_the_jobs_twice_and_the_notifications_it_causes_cost_nothing(device):
+    began = running_and_quiet(device)
     job = device.update_job()
     assert device.wait_status(job)["status"] == "SUCCEEDED"
     settle(device.cloud, device.thing)
@@ -50,11 +55,7 @@ def test_an_update_lists_the_jobs_twice_and_the_notifications_it_causes_cost_not
 
 
 def test_a_throttled_status_is_retried_with_backoff_and_delivered_soon(device):
-    device.release_core("1.11.6")
-    device.start()
-    device.wait_log("MQTT: connected", timeout=30)
-    settle(device.cloud, device.thing)
-    began = time.time()
+    began = running_and_quiet(device)
     # more refusals than the client's own retries (4): the first statuses wait in the outbox
     device.cloud.jobs.inject_fault(device.thing, "update", "RequestThrottled", count=7)
     job = device.update_job()
