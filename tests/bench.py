@@ -371,6 +371,7 @@ class Bench:
                 self.wait_log(dev, "connected to")
                 job = self.job(dev)
                 assert self.wait_done(dev, job)["status"] == "SUCCEEDED"
+                self.wait_log(dev, f"job {job}: SUCCEEDED")  # logged just after the status is sent
             finally:
                 stop_process(proc)
             wholes.append(update_seconds(dev.root.parent / "agent.log", job))

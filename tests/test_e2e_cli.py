@@ -290,8 +290,9 @@ def test_a_job_at_its_default_level_error_still_logs_its_life(cloud, tmp_path):
             update_targets=[cloud.thing_arn(device.thing)], update_targets_architecture="x86_64",
             update_targets_operating_system="ubuntu")["IotJobId"]  # no updateAgentLogLevel: ERROR
         assert device.wait_status(job)["status"] == "SUCCEEDED"
+        device.wait_log(f"job {job}: SUCCEEDED", timeout=10)  # logged just after the status is sent
         text = device.log()
-        assert f"job {job}: starting" in text and "downloaded" in text and f"job {job}: SUCCEEDED" in text
+        assert f"job {job}: starting" in text and "downloaded" in text
     finally:
         device.stop()
 
