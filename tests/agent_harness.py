@@ -114,6 +114,12 @@ class Device:
                                    operating_system=kw.get("os", "ubuntu"), tarball=art.path)
         return art
 
+    def stored(self, art) -> object:
+        """The look-alike store's object for a released artifact: its `faults` slow or break the
+        download, its `requests` show how it was fetched."""
+        key = next(r.key for r in self.cloud.greengrass.releases if r.sha256 == art.sha256)
+        return self.cloud.store.objects[f"greengrass-updates/{key}"]
+
     def update_job(self, software: str = "core", arch: str = "x86_64", os_name: str = "ubuntu",
                    level: Optional[str] = "INFO") -> str:
         out = self.cloud.create_software_update_job(

@@ -299,8 +299,7 @@ def test_a_job_at_its_default_level_error_still_logs_its_life(cloud, tmp_path):
 
 def test_status_shows_the_job_in_flight_from_the_download_on(cloud, device):
     art = device.release_core("1.11.6", payload_bytes=1_500_000)
-    key = next(r.key for r in cloud.greengrass.releases if r.sha256 == art.sha256)
-    cloud.store.objects[f"greengrass-updates/{key}"].faults.throttle_bps = 300_000
+    device.stored(art).faults.throttle_bps = 300_000
     device.start()
     job = device.update_job()
     device.wait_log("downloaded", timeout=30)

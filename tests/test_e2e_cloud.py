@@ -14,8 +14,7 @@ pytestmark = pytest.mark.e2e
 
 def slow_release(device, cloud, bps=400_000, size=1_200_000):
     art = device.release_core("1.11.6", payload_bytes=size)
-    key = next(r.key for r in cloud.greengrass.releases if r.sha256 == art.sha256)
-    obj = cloud.store.objects[f"greengrass-updates/{key}"]
+    obj = device.stored(art)
     obj.faults.throttle_bps = bps
     return obj
 

@@ -42,8 +42,7 @@ def snapshot(device):
 @pytest.mark.frozen
 def test_wrong_hash_fails_and_touches_nothing(cloud, device):
     art = device.release_core("1.11.6")
-    key = next(r.key for r in cloud.greengrass.releases if r.sha256 == art.sha256)
-    cloud.store.faults("greengrass-updates", key).corrupt_offset = 100
+    device.stored(art).faults.corrupt_offset = 100
     before = snapshot(device)
     device.start()
     ex = device.wait_status(device.update_job())
@@ -270,8 +269,7 @@ def test_full_disk(cloud, tmp_path, small_disk):
         assert "MiB free" in details(ex)["message"]
 
         art = device.release_core("1.11.8", payload_bytes=6 * 1024 * 1024)  # fits, until the disk fills up
-        key = next(r.key for r in cloud.greengrass.releases if r.sha256 == art.sha256)
-        cloud.store.objects[f"greengrass-updates/{key}"].faults.throttle_bps = 3_000_000
+        device.stored(art).faults.throttle_bps = 3_000_000
         job = device.update_job()
         device.wait_log(f"job {job}: downloaded", timeout=30)
         fill_disk(small_disk)

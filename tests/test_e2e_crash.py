@@ -83,8 +83,7 @@ def test_sigkill_mid_download_resumes(cloud, tmp_path):
     device = Device(cloud, tmp_path)
     try:
         art = device.release_core("1.11.6", payload_bytes=1_500_000)
-        key = next(r.key for r in cloud.greengrass.releases if r.sha256 == art.sha256)
-        obj = cloud.store.objects[f"greengrass-updates/{key}"]
+        obj = device.stored(art)
         obj.faults.throttle_bps = 1_000_000
         device.start()
         job = device.update_job()

@@ -105,8 +105,7 @@ def test_sigterm_storm_during_an_update_never_deadlocks(device, cloud):
     """Signals arrive while the main thread holds the MQTT client's and the queue's locks: the
     handler only writes to a pipe, so the agent stops within seconds however they land."""
     art = device.release_core("1.11.6", payload_bytes=600_000)
-    key = next(r.key for r in cloud.greengrass.releases if r.sha256 == art.sha256)
-    cloud.store.objects[f"greengrass-updates/{key}"].faults.throttle_bps = 400_000
+    device.stored(art).faults.throttle_bps = 400_000
     proc = device.start()
     device.update_job()
     device.wait_log("downloaded", timeout=30)
@@ -138,8 +137,7 @@ def test_sigterm_is_honoured_at_once_during_a_drip_download(device, cloud):
     """A server sending a little every few seconds: each read returns, and SIGTERM aborts the one
     under way, so the agent stops within seconds, keeping its partial file for the resume."""
     art = device.release_core("1.11.6", payload_bytes=600_000)
-    key = next(r.key for r in cloud.greengrass.releases if r.sha256 == art.sha256)
-    cloud.store.objects[f"greengrass-updates/{key}"].faults.throttle_bps = 500
+    device.stored(art).faults.throttle_bps = 500
     proc = device.start()
     device.update_job()
     device.wait_log("downloading", timeout=30)

@@ -143,8 +143,7 @@ def test_a_proxy_that_dies_mid_download_is_ridden_out_and_the_download_resumes(c
     device = proxied_device(cloud, tmp_path, proxy)
     try:
         art = device.release_core("1.11.6", payload_bytes=1_500_000)
-        key = next(r.key for r in cloud.greengrass.releases if r.sha256 == art.sha256)
-        obj = cloud.store.objects[f"greengrass-updates/{key}"]
+        obj = device.stored(art)
         obj.faults.throttle_bps = 400_000
         device.start()
         job = device.update_job()
