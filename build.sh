@@ -139,7 +139,7 @@ cmd_bench() {
 
 # PyInstaller's archive as a file of its own (EXE append_pkg=False) rather than appended to the
 # bootloader: the running program then keeps only the small bootloader file alive in TMPDIR, and
-# the agent can free the archive's copy once Python runs (drop_extracted_program in ggc_ota.py).
+# the agent can free the archive's copy once Python runs (drop_unpacked_archive in ggc_ota.py).
 split_archive() {
   sed -i "s/^    name='ggc-ota-dynamic',$/&\n    append_pkg=False,/" "$1"
   grep -q "append_pkg=False" "$1" || { echo "build.sh: cannot set append_pkg=False in $1" >&2; exit 1; }

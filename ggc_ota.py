@@ -997,17 +997,29 @@ def open_tunnel(proxy: Proxy, host: str, port: int, timeout: float) -> socket.so
         raise ProxyFailed(f"the proxy {proxy.shown()} failed: {err}") from None
 
 
-def tls_to_proxy(proxy: Proxy, sock: socket.socket) -> ssl.SSLSocket:
-    """TLS to an https proxy itself, its certificate checked against the system's CAs and the
-    proxy's CA files. ProxyFailed when it does not verify."""
+def system_and_given_cas(ca_files: Any) -> ssl.SSLContext:
+    """A client context, TLS 1.2+, trusting the system's CA bundle where the device has one plus
+    the given CA files (the bundled OpenSSL of a frozen binary looks for the build machine's
+    paths, so the agent always names its CA files explicitly). For the download host and an
+    https proxy; ssl.SSLError naming the file that does not load."""
     ctx = ssl.create_default_context()
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    for path in proxy.ca_files:
-        if os.path.isfile(path):
+    for path in ca_files:
+        if path and os.path.isfile(path):
             try:
                 ctx.load_verify_locations(cafile=path)
             except ssl.SSLError as err:
-                raise ProxyFailed(f"cannot load the CA file {path} for the proxy: {err}") from None
+                raise ssl.SSLError(f"cannot load CA file {path}: {err}") from None
+    return ctx
+
+
+def tls_to_proxy(proxy: Proxy, sock: socket.socket) -> ssl.SSLSocket:
+    """TLS to an https proxy itself, its certificate checked against the system's CAs and the
+    proxy's CA files. ProxyFailed when it does not verify."""
+    try:
+        ctx = system_and_given_cas(proxy.ca_files)
+    except ssl.SSLError as err:
+        raise ProxyFailed(f"{err.args[0]} (for the proxy)") from None
     try:
         return ctx.wrap_socket(sock, server_hostname=proxy.host)
     except ssl.SSLCertVerificationError as err:
@@ -1879,18 +1891,12 @@ def redact_url(url: str) -> str:
 
 
 def https_context(ca_files: List[str]) -> ssl.SSLContext:
-    """TLS 1.2+ with the system's CA bundle where the device has one, plus the given CA files
-    (the bundled OpenSSL of a frozen binary looks for the build machine's paths, so the agent
-    always names its CA files explicitly)."""
-    ctx = ssl.create_default_context()
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    for path in ca_files:
-        if path and os.path.isfile(path):
-            try:
-                ctx.load_verify_locations(cafile=path)
-            except ssl.SSLError as err:
-                raise DownloadError(f"cannot load CA file {path}: {err}", "CONFIG_INVALID") from None
-    return ctx
+    """The download's TLS context (system_and_given_cas); DownloadError for a CA file that does
+    not load."""
+    try:
+        return system_and_given_cas(ca_files)
+    except ssl.SSLError as err:
+        raise DownloadError(err.args[0], "CONFIG_INVALID") from None
 
 
 def sha256_of_file(path: str) -> Tuple[hashlib._Hash, int]:
@@ -3729,7 +3735,7 @@ class Agent:
         only jobs already handled), and on a timer a resync (about hourly), or, while a status
         waits in the outbox (the cloud throttled it), a delivery attempt with backoff."""
         next_wake = time.monotonic() + self.resync_interval()
-        retry_delay = RETRY_FIRST_SECONDS
+        wait_again = RETRY_FIRST_SECONDS
         while not self.stopping.is_set():
             try:
                 kind, _ = self.events.get(timeout=max(0.1, next_wake - time.monotonic()))
@@ -3749,20 +3755,20 @@ class Agent:
                     self.flush_outbox()
                 if kind in ("connected", "notify", "resync", "deliver"):
                     if self.undelivered():
-                        next_wake = max(time.monotonic() + retry_delay, self.deliver_after)
-                        retry_delay = min(retry_delay * 2, RETRY_MAX_SECONDS)
+                        next_wake = max(time.monotonic() + wait_again, self.deliver_after)
+                        wait_again = min(wait_again * 2, RETRY_MAX_SECONDS)
                     else:
                         next_wake = time.monotonic() + self.resync_interval()
-                        retry_delay = RETRY_FIRST_SECONDS
+                        wait_again = RETRY_FIRST_SECONDS
             except AgentStopping:
                 break
             except Exception as err:  # MqttError: a request or its reply was lost; else a bug
                 if isinstance(err, MqttError) or (isinstance(err, JobsRejected) and err.code in RETRYABLE_JOBS_CODES):
-                    log.warning("talking to the cloud failed: %s; trying again in %.0f s", err, retry_delay)
+                    log.warning("talking to the cloud failed: %s; trying again in %.0f s", err, wait_again)
                 else:
-                    log.exception("unexpected error; trying again in %.0f s", retry_delay)
-                next_wake = time.monotonic() + retry_delay
-                retry_delay = min(retry_delay * 2, RETRY_MAX_SECONDS)
+                    log.exception("unexpected error; trying again in %.0f s", wait_again)
+                next_wake = time.monotonic() + wait_again
+                wait_again = min(wait_again * 2, RETRY_MAX_SECONDS)
 
     def resync_interval(self) -> float:
         """About RESYNC_SECONDS, spread (+-25%) so that a fleet that connected together does not
@@ -4845,9 +4851,9 @@ def run_agent(args: Any, argv: List[str]) -> int:
         die_with_launcher()
         for path in clean_stale_extractions():
             log.info("removed the stale extraction directory %s", path)
-        freed = drop_extracted_program()
+        freed = drop_unpacked_archive()
         if freed:
-            log.debug("deleted the extracted program copy (%d KiB freed in TMPDIR)", freed // 1024)
+            log.debug("deleted the unpacked PyInstaller archive (%d KiB freed in TMPDIR)", freed // 1024)
     agent = Agent(cfg, argv, args.log_level, pid_file if (args.daemon_child or args.pid_file) else None,
                   daemon=args.daemon_child)
     handle_signals(agent)
@@ -4918,35 +4924,35 @@ def die_with_launcher() -> None:
         watch_process(top[0], top[1], "the launcher process")
 
 
-def drop_extracted_program() -> int:
-    """staticx unpacks the PyInstaller program (its bootloader and archive, 6.6 MiB) into TMPDIR
-    beside the C libraries and keeps it there for the agent's whole life, although its work is
-    done once Python runs. Only one part of it is read again: the archive of Python modules
-    (PYZ, 1 MiB), at each later import. That part is copied into PyInstaller's own directory,
-    the module importer pointed at the copy, and the program file deleted: TMPDIR is RAM on
-    OpenWrt. Returns the bytes freed (0: not a staticx binary, or not done). Both launchers
-    remove their directories at exit as before."""
+def drop_unpacked_archive() -> int:
+    """staticx unpacks PyInstaller's archive (`<program>.pkg`, 6.6 MiB: the libraries and
+    modules, built as a file of its own beside the bootloader) into TMPDIR and would keep it
+    for the agent's whole life, although its work is done once Python runs. Only one part of it
+    is read again: the archive of Python modules (PYZ, 1 MiB), at each later import. That part
+    is copied into PyInstaller's own directory, the module importer pointed at the copy, and the
+    archive deleted: TMPDIR is RAM on OpenWrt. Returns the bytes freed (0: not a staticx
+    binary, or not done). Both launchers remove their directories at exit as before."""
     importers = sys.modules.get("pyimod02_importers")
     reader = getattr(importers, "pyz_archive", None)
-    program, offset = getattr(reader, "_filename", None), getattr(reader, "_start_offset", None)
+    archive, offset = getattr(reader, "_filename", None), getattr(reader, "_start_offset", None)
     meipass = getattr(sys, "_MEIPASS", None)
-    if not os.environ.get("STATICX_PROG_PATH") or not meipass or not isinstance(program, str) \
-            or not isinstance(offset, int) or not os.path.basename(os.path.dirname(program)).startswith("staticx-"):
+    if not os.environ.get("STATICX_PROG_PATH") or not meipass or not isinstance(archive, str) \
+            or not isinstance(offset, int) or not os.path.basename(os.path.dirname(archive)).startswith("staticx-"):
         return 0
     try:
         end = max((entry[1] + entry[2] for entry in reader.toc.values()), default=0)
-        with open(program, "rb") as f:
+        with open(archive, "rb") as f:
             f.seek(offset)
             modules = f.read(end)
         copy = os.path.join(meipass, "PYZ.pyz")
         fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o400)
         with os.fdopen(fd, "wb") as out:
             out.write(modules)
-        size = os.path.getsize(program)
+        size = os.path.getsize(archive)
         reader._filename, reader._start_offset = copy, 0
-        os.unlink(program)
+        os.unlink(archive)
     except (OSError, AttributeError, TypeError, ValueError) as err:
-        log.warning("could not free the extracted program copy in TMPDIR: %s", err)
+        log.warning("could not free the unpacked PyInstaller archive in TMPDIR: %s", err)
         return 0
     return size - len(modules)
 

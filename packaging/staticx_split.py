@@ -4,7 +4,7 @@ the C libraries it and the archive's shared objects need, and carries the archiv
 file of its bundle, so that both land in the same directory at run time, where PyInstaller's
 bootloader looks for `<prog>.pkg`. Why: a program that runs keeps its file alive; with the
 archive apart, the agent can delete the archive's copy once Python runs (see
-drop_extracted_program in ggc_ota.py) and TMPDIR, RAM on OpenWrt, gets 6 MiB back.
+drop_unpacked_archive in ggc_ota.py) and TMPDIR, RAM on OpenWrt, gets 6 MiB back.
 
 Usage: python staticx_split.py PROG OUTPUT"""
 import os
