@@ -161,13 +161,20 @@ def test_only_the_daemon_needs_root(cloud):
         shutil.rmtree(public, ignore_errors=True)
 
 
-@pytest.mark.frozen
-def test_rehearsal(device, tmp_path):
+def rehearsal_files(tmp_path):
+    """A core artifact and its job document (also written to doc.json in tmp_path), for
+    --dry-run --job-document."""
     art = build_core_artifact(tmp_path / "core.tar.gz", "1.11.6")
     doc = {"softwareToUpdate": "core", "version": "1.11.6", "updateTargetsArchitecture": "x86_64",
            "updateTargetsOperatingSystem": "ubuntu",
            "artifact": {"url": "https://example.invalid/x.tar.gz", "sha256": art.sha256, "size": art.size}}
     (tmp_path / "doc.json").write_text(json.dumps(doc))
+    return art, doc
+
+
+@pytest.mark.frozen
+def test_rehearsal(device, tmp_path):
+    art, doc = rehearsal_files(tmp_path)
     before = device.dev.tree_digest("ggc")
     out = device.run("--root", str(device.root), "--dry-run", "--job-document", str(tmp_path / "doc.json"),
                      "--artifact", str(art.path))
@@ -335,11 +342,7 @@ def test_a_daemons_fatal_error_reaches_its_log(device):
 
 
 def test_rehearsal_checks_the_device_as_the_update_does(device, tmp_path):
-    art = build_core_artifact(tmp_path / "core.tar.gz", "1.11.6")
-    doc = {"softwareToUpdate": "core", "version": "1.11.6", "updateTargetsArchitecture": "x86_64",
-           "updateTargetsOperatingSystem": "ubuntu",
-           "artifact": {"url": "https://example.invalid/x.tar.gz", "sha256": art.sha256, "size": art.size}}
-    (tmp_path / "doc.json").write_text(json.dumps(doc))
+    art, doc = rehearsal_files(tmp_path)
     (device.root / "usr/scripts/ota_post_update.sh").unlink()  # a core update needs it too, for a rollback
     out = device.run("--root", str(device.root), "--dry-run", "--job-document", str(tmp_path / "doc.json"),
                      "--artifact", str(art.path))
