@@ -361,17 +361,27 @@ def test_idle_connection_survives_several_keepalives(cloud, thing, own_broker, c
     assert "exceeded timeout" not in own_broker.log_text()
 
 
+def seconds_to_notice_a_frozen_broker(c, broker, limit: float, meanwhile=None, poll: float = 0.05) -> float:
+    """Freeze the broker (SIGSTOP: a half-open link as the client sees it) under a connected
+    client; the seconds until the client saw the link dead (`limit` if it never did), calling
+    `meanwhile` every `poll` seconds; the broker is thawed again."""
+    broker.freeze()
+    frozen_at = time.monotonic()
+    try:
+        while c.connected and time.monotonic() - frozen_at < limit:
+            if meanwhile is not None:
+                meanwhile()
+            time.sleep(poll)
+        return time.monotonic() - frozen_at
+    finally:
+        broker.thaw()
+
+
 def test_frozen_broker_detected_and_reconnected(cloud, thing, own_broker, client_factory):
     keepalive = 2
     c = client_factory(settings_for(cloud, thing, port=own_broker.port, keepalive=keepalive))
     assert c.wait_connected(10)
-    own_broker.freeze()
-    frozen_at = time.monotonic()
-    try:
-        wait_until(lambda: not c.connected, 4 * keepalive, "the client to notice the frozen broker")
-        noticed = time.monotonic() - frozen_at
-    finally:
-        own_broker.thaw()
+    noticed = seconds_to_notice_a_frozen_broker(c, own_broker, 4 * keepalive)
     assert noticed <= 2 * keepalive + 1.0, f"noticed after {noticed:.1f} s"
     assert isinstance(c.last_error, g.MqttTimeout)
     assert c.wait_connected(15), c.last_error
@@ -583,15 +593,9 @@ def test_a_dead_link_is_found_while_the_client_keeps_publishing(cloud, thing, ow
     keepalive = 2
     c = client_factory(settings_for(cloud, thing, port=own_broker.port, keepalive=keepalive))
     assert c.wait_connected(10)
-    own_broker.freeze()
-    frozen_at = time.monotonic()
-    try:
-        while c.connected and time.monotonic() - frozen_at < 6 * keepalive:
-            c.publish("busy", b"progress", 0)  # progress reports: the client is never quiet
-            time.sleep(0.2)
-        noticed = time.monotonic() - frozen_at
-    finally:
-        own_broker.thaw()
+    # progress reports: the client is never quiet
+    noticed = seconds_to_notice_a_frozen_broker(c, own_broker, 6 * keepalive,
+                                                meanwhile=lambda: c.publish("busy", b"progress", 0), poll=0.2)
     assert not c.connected or c.last_error is not None
     assert noticed <= 2 * keepalive + 1.5, f"noticed after {noticed:.1f} s"
 
