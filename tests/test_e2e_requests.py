@@ -54,6 +54,7 @@ def test_an_update_lists_the_jobs_twice_and_the_notifications_it_causes_cost_not
     assert requests_of(device.cloud, device.thing, quiet_since) == []  # idle: keepalive only
 
 
+@pytest.mark.frozen
 def test_a_throttled_status_is_retried_with_backoff_and_delivered_soon(device):
     began = running_and_quiet(device)
     # more refusals than the client's own retries (4): the first statuses wait in the outbox
