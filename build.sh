@@ -119,7 +119,7 @@ cmd_demo() {
 EXCLUDES=(tkinter unittest pydoc doctest lzma bz2 _lzma _bz2 _decimal decimal csv _csv sqlite3 xmlrpc pdb
   multiprocessing _codecs_jp _codecs_kr _codecs_cn _codecs_tw _codecs_hk _codecs_iso2022 _multibytecodec
   asyncio concurrent xml pyexpat _elementtree curses readline lib2to3 ensurepip venv idlelib zoneinfo
-  inspect resource)
+  inspect resource _pickle _statistics _md5 _sha1 _sha256 _sha3)
 for codec in cp037 cp273 cp424 cp437 cp500 cp720 cp737 cp775 cp850 cp852 cp855 cp856 cp857 cp858 cp860 \
     cp861 cp862 cp863 cp864 cp865 cp866 cp869 cp874 cp875 cp1006 cp1026 cp1125 cp1140 mac_arabic mac_croatian \
     mac_cyrillic mac_farsi mac_greek mac_iceland mac_latin2 mac_roman mac_romanian mac_turkish hp_roman8 \
@@ -137,12 +137,16 @@ cmd_bench() {
   exec "$VENV/bin/python" -m tests.bench "$@"
 }
 
-# PyInstaller's archive as a file of its own (EXE append_pkg=False) rather than appended to the
-# bootloader: the running program then keeps only the small bootloader file alive in TMPDIR, and
-# the agent can free the archive's copy once Python runs (drop_unpacked_archive in ggc_ota.py).
-split_archive() {
-  sed -i "s/^    name='ggc-ota-dynamic',$/&\n    append_pkg=False,/" "$1"
-  grep -q "append_pkg=False" "$1" || { echo "build.sh: cannot set append_pkg=False in $1" >&2; exit 1; }
+# The interpreter the binary is frozen with: CPython and OpenSSL from Debian's sources, built
+# for size (packaging/small_python.sh says what and why), in .cache/python-<arch>. Prints its
+# prefix; the caller sets LD_LIBRARY_PATH=<prefix>/lib (the build has no run-time path).
+small_python() {
+  ensure_debs gcc make perl patch xz-utils libffi-dev zlib1g-dev libexpat1-dev debian-archive-keyring >&2
+  local prefix mirror
+  prefix="$HERE/.cache/python-$(uname -m)"
+  mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n 1)
+  packaging/small_python.sh "$prefix" "${mirror:-http://deb.debian.org/debian}" >&2
+  echo "$prefix"
 }
 
 cmd_binary() {
@@ -150,36 +154,41 @@ cmd_binary() {
     cross_binary "${2:?--arch needs aarch64, armv7l or armv6l}"
     return
   fi
-  ensure_debs python3 python3-venv patchelf binutils
-  local bvenv="$HERE/.venv-build" stamp want
+  ensure_debs patchelf binutils
+  local py_prefix bvenv="$HERE/.venv-build" stamp want
+  py_prefix=$(small_python)
+  # that Python's libraries, for the build's commands only (the tests that follow must not see them)
+  local with_lib=(env "LD_LIBRARY_PATH=$py_prefix/lib")
   stamp="$bvenv/.requirements.sha256"
-  want=$(sha256sum requirements-build.txt | cut -d' ' -f1)
+  want=$(cat requirements-build.txt "$py_prefix/.ready" | sha256sum | cut -d' ' -f1)
   if [ ! -x "$bvenv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    log "creating $bvenv with Debian's python3"
-    /usr/bin/python3 -m venv --clear "$bvenv"
-    "$bvenv/bin/python" -m pip install -q --disable-pip-version-check -r requirements-build.txt
+    log "creating $bvenv with the size-built Python in $py_prefix"
+    "${with_lib[@]}" "$py_prefix/bin/python3.11" -m venv --clear "$bvenv"
+    "${with_lib[@]}" "$bvenv/bin/python" -m pip install -q --disable-pip-version-check -r requirements-build.txt
     echo "$want" > "$stamp"
   fi
   local work="$HERE/build/binary" excl=()
   rm -rf "$work" && mkdir -p "$work" dist
   for m in "${EXCLUDES[@]}"; do excl+=(--exclude-module "$m"); done
-  log "freezing ggc_ota.py with PyInstaller (the archive beside the bootloader, not appended)"
-  "$bvenv/bin/pyi-makespec" --onefile --strip --optimize 2 --name ggc-ota-dynamic --specpath "$work" "${excl[@]}" \
-    "$HERE/ggc_ota.py" > /dev/null
-  split_archive "$work/ggc-ota-dynamic.spec"
-  "$bvenv/bin/pyinstaller" --noconfirm --log-level WARN --distpath "$work/dist" --workpath "$work/build" \
-    "$work/ggc-ota-dynamic.spec"
+  log "freezing ggc_ota.py with PyInstaller (the archive beside the bootloader: packaging/tailor_spec.py)"
+  "${with_lib[@]}" "$bvenv/bin/pyi-makespec" --onefile --strip --optimize 2 --name ggc-ota-dynamic \
+    --specpath "$work" "${excl[@]}" "$HERE/ggc_ota.py" > /dev/null
+  "${with_lib[@]}" "$bvenv/bin/python" packaging/tailor_spec.py "$work/ggc-ota-dynamic.spec"
+  "${with_lib[@]}" "$bvenv/bin/pyinstaller" --noconfirm --log-level WARN --distpath "$work/dist" \
+    --workpath "$work/build" "$work/ggc-ota-dynamic.spec"
   log "making it static with staticx (the archive travels as a file of the bundle)"
-  "$bvenv/bin/python" packaging/staticx_split.py "$work/dist/ggc-ota-dynamic" dist/ggc-ota
+  "${with_lib[@]}" "$bvenv/bin/python" packaging/staticx_split.py "$work/dist/ggc-ota-dynamic" dist/ggc-ota
   chmod 755 dist/ggc-ota
   dist/ggc-ota --version
   echo "dist/ggc-ota: $(stat -c %s dist/ggc-ota) bytes, $(uname -m), $(file -b dist/ggc-ota 2>/dev/null | cut -d, -f1-2)"
 }
 
 # Cross builds: a Debian rootfs of the target architecture (debootstrap --foreign, cached in
-# .cache/), run by qemu-user-static through binfmt_misc; PyInstaller and staticx are installed
-# inside it (staticx builds its bootloader with musl-gcc there), then the binary is smoke-run
-# under qemu (armv6l with an ARMv6 CPU model). Slow: 10-20 minutes from nothing; not part of CI.
+# .cache/), run by qemu-user-static through binfmt_misc; the size-built Python is built inside it
+# (packaging/small_python.sh, into the rootfs's /opt/python), PyInstaller and staticx installed
+# with it (staticx builds its bootloader with musl-gcc there), then the binary is smoke-run
+# under qemu (armv6l with an ARMv6 CPU model). Slow: about an hour from nothing, most of it
+# compiling under emulation; a few minutes once the rootfs and its Python are cached. Not in CI.
 cross_binary() {
   local arch=$1 debarch qemu qemu_cpu=""
   case "$arch" in
@@ -211,7 +220,8 @@ cross_binary() {
     touch "$rootfs/.ready"
   fi
   rm -rf "$rootfs/build" && mkdir -p "$rootfs/build"
-  cp ggc_ota.py requirements-build.txt packaging/staticx_split.py "$rootfs/build/"
+  cp ggc_ota.py requirements-build.txt packaging/staticx_split.py packaging/tailor_spec.py \
+    packaging/small_python.sh packaging/Setup.local "$rootfs/build/"
   # pip inside the rootfs trusts what this machine trusts (a registry may sit behind a proxy
   # with its own CA) and reads its index settings
   mkdir -p "$rootfs/etc/ssl/certs"
@@ -225,10 +235,16 @@ cross_binary() {
     PIP_DEFAULT_TIMEOUT=180 \
     ${qemu_cpu:+QEMU_CPU=$qemu_cpu} /bin/sh -ec "
       cd /build
-      [ -x /venv/bin/pyinstaller ] || { python3 -m venv /venv && /venv/bin/pip install -q -r requirements-build.txt; }
+      need='gcc make perl patch xz-utils libffi-dev zlib1g-dev libexpat1-dev debian-archive-keyring'
+      dpkg -s \$need >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends \$need >/dev/null; }
+      sh small_python.sh /opt/python $mirror
+      export LD_LIBRARY_PATH=/opt/python/lib
+      if [ \"\$(cat /venv/.python 2>/dev/null)\" != \"\$(cat /opt/python/.ready)\" ]; then
+        rm -rf /venv && /opt/python/bin/python3.11 -m venv /venv && /venv/bin/pip install -q -r requirements-build.txt
+        cp /opt/python/.ready /venv/.python
+      fi
       /venv/bin/pyi-makespec --onefile --strip --optimize 2 --name ggc-ota-dynamic $chroot_excludes ggc_ota.py >/dev/null
-      sed -i \"s/^    name='ggc-ota-dynamic',\$/&\\n    append_pkg=False,/\" ggc-ota-dynamic.spec
-      grep -q append_pkg=False ggc-ota-dynamic.spec
+      /venv/bin/python tailor_spec.py ggc-ota-dynamic.spec
       /venv/bin/pyinstaller --noconfirm --log-level WARN ggc-ota-dynamic.spec
       /venv/bin/python staticx_split.py dist/ggc-ota-dynamic dist/ggc-ota"
   mkdir -p dist

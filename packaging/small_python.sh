@@ -1,0 +1,110 @@
+#!/bin/sh
+# The interpreter the static binary is frozen with: CPython and OpenSSL built for size, from
+# Debian's own sources (the stable release's current versions, with all of Debian's patches,
+# security fixes included), into PREFIX.
+#
+#   packaging/small_python.sh PREFIX [MIRROR]
+#
+# Why not Debian's python3: a onefile binary unpacks its libraries into TMPDIR, which is RAM
+# on OpenWrt, and every byte of them counts whether the agent uses it or not. Debian builds
+# libpython for speed with fifty modules inside (7.4 MiB) and OpenSSL with every algorithm
+# (libcrypto 4.5 MiB). Here:
+#   - OpenSSL 3.0 without the ciphers, digests and protocols TLS 1.2/1.3 to AWS IoT and S3
+#     never uses (no legacy provider, SSLv3, DTLS, IDEA, Camellia, SEED, Blowfish, CAST, RC2/4/5,
+#     MD4, MDC2, Whirlpool, RIPEMD, SM2/3/4, ARIA, GOST, CMS, TS, OCSP, CT, SRP, DSA, binary
+#     curves, engines), -Os, assembler kept (AES-NI, SHA extensions). Its directory is Debian's
+#     /usr/lib/ssl, so the system's CAs are found where Debian and Ubuntu keep them, as with
+#     Debian's own build; it never reads the device's openssl.cnf (no-autoload-config);
+#   - CPython -Os without docstrings, its extension modules built into libpython as
+#     packaging/Setup.local lists them.
+# Both are plain builds with no run-time path (staticx refuses DT_RUNPATH): callers set
+# LD_LIBRARY_PATH=PREFIX/lib. Sources are fetched with apt-get source (verified against
+# Debian's signed index) into PREFIX.src. PREFIX/.ready holds the versions built; a second run
+# with the same script, Setup.local and versions does nothing. Needs gcc, make, perl, patch,
+# and the zlib, libffi and expat headers. About 4 minutes on two x86_64 cores.
+set -eu
+prefix=$1
+mirror=${2:-http://deb.debian.org/debian}
+here=$(cd "$(dirname "$0")" && pwd)
+src="$prefix.src"
+jobs=$(nproc 2>/dev/null || echo 2)
+
+recipe=$(cat "$0" "$here/Setup.local" | sha256sum | cut -d' ' -f1)
+
+# -- sources: Debian's stable release, through apt with a private state (no root needed) -----
+mkdir -p "$src/apt/lists/partial" "$src/apt/cache/archives/partial" "$src/dl"
+keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+{
+  echo "deb-src [signed-by=$keyring] $mirror bookworm main"
+  echo "deb-src [signed-by=$keyring] $mirror bookworm-updates main"
+} > "$src/apt/sources.list"
+apt_opts="-o Dir::Etc::SourceList=$src/apt/sources.list -o Dir::Etc::SourceParts=/dev/null
+  -o Dir::State::Lists=$src/apt/lists -o Dir::Cache=$src/apt/cache -o Debug::NoLocking=1
+  -o APT::Sandbox::User=root -qq"
+# shellcheck disable=SC2086
+apt-get $apt_opts update
+# shellcheck disable=SC2086
+versions=$(apt-get $apt_opts source --print-uris python3.11 openssl | grep -o "[^/']*\.dsc'" | tr -d "'" | tr '\n' ' ')
+want="$recipe $versions"
+if [ -f "$prefix/.ready" ] && [ "$(cat "$prefix/.ready")" = "$want" ]; then
+  exit 0
+fi
+echo "small_python: building $versions into $prefix" >&2
+cd "$src/dl"
+rm -rf ./*
+# shellcheck disable=SC2086
+apt-get $apt_opts source --download-only python3.11 openssl
+
+# run a build step with its output in a log; on failure, say which step and show the log's end
+logged() {  # $1: log file, then the command
+  log=$1
+  shift
+  if ! "$@" >> "$log" 2>&1; then
+    echo "small_python: failed: $*; the end of $log:" >&2
+    tail -n 25 "$log" >&2
+    exit 1
+  fi
+}
+
+# unpack an upstream tarball and apply Debian's patch series to it
+unpack() {  # $1: source package, $2: directory name
+  rm -rf "${src:?}/${2:?}"
+  mkdir -p "$src/$2"
+  tar -xzf "$src"/dl/"$1"_*.orig.tar.gz -C "$src/$2" --strip-components=1
+  tar -xJf "$src"/dl/"$1"_*.debian.tar.xz -C "$src/$2"
+  (cd "$src/$2" && sed -e 's/#.*//' -e '/^[[:space:]]*$/d' debian/patches/series | while read -r patch; do
+    patch -p1 -s --forward < "debian/patches/$patch"
+  done)
+}
+
+# -- OpenSSL ------------------------------------------------------------------------------------
+rm -rf "$prefix"
+unpack openssl openssl
+cd "$src/openssl"
+: > "$src/openssl.log"
+logged "$src/openssl.log" ./config --prefix="$prefix" --libdir=lib --openssldir=/usr/lib/ssl -Os \
+  shared no-tests no-legacy no-engine no-ssl3 no-dtls no-sctp no-srtp no-idea no-camellia no-seed \
+  no-bf no-cast no-rc2 no-rc4 no-rc5 no-md4 no-mdc2 no-whirlpool no-rmd160 no-sm2 no-sm3 no-sm4 \
+  no-aria no-siphash no-gost no-cms no-ts no-ocsp no-ct no-cmp no-ui-console no-srp no-ec2m no-dsa \
+  no-autoload-config no-nextprotoneg no-async no-uplink
+logged "$src/openssl.log" make -j"$jobs" build_libs
+logged "$src/openssl.log" make install_sw
+rm -rf "$prefix/lib/engines-3" "$prefix/lib/ossl-modules" "$prefix/lib/"*.a
+
+# -- CPython ------------------------------------------------------------------------------------
+unpack python3.11 python
+cd "$src/python"
+cp "$here/Setup.local" Modules/Setup.local
+export LD_LIBRARY_PATH="$prefix/lib"
+: > "$src/python.log"
+logged "$src/python.log" ./configure --prefix="$prefix" --enable-shared --with-openssl="$prefix" \
+  --without-doc-strings --disable-test-modules --without-ensurepip --with-computed-gotos --with-system-expat \
+  --with-ssl-default-suites=openssl OPT="-DNDEBUG -fwrapv -Os"
+logged "$src/python.log" make -j"$jobs"
+logged "$src/python.log" make install
+# (Debian's ensurepip seeds pip only into a venv, which is how the build uses this Python;
+# pip needs pyexpat, a shared module the freeze leaves out)
+logged "$src/python.log" "$prefix/bin/python3.11" -c 'import ssl, _hashlib, ctypes, unicodedata, zlib, pyexpat'
+rm -rf "$src/openssl" "$src/python"
+echo "$want" > "$prefix/.ready"
+echo "small_python: ready in $prefix" >&2
