@@ -437,6 +437,33 @@ class Bench:
         if system is not None:  # the same, seen from the kernel: what the machine lost
             self.row("idle RAM, /proc/meminfo view", system, "MiB", "the figure above", b_ram, system / b_ram,
                      "agrees within 5%", abs(system / b_ram - 1) <= 0.05, 1)
+        self.binary_update(binary)
+
+    def binary_update(self, binary: Path) -> None:
+        """The whole 50 MiB core update again, by the binary and by the script in turn: what the
+        binary's interpreter (built for size, -Os) costs an update, next to the script's
+        CPython (-O2)."""
+        print("whole core update of 50 MiB: the binary against the script", flush=True)
+        seconds = {"binary": [], "script": []}
+        runs = max(self.args.runs, 3)
+        for n in range(runs):
+            for kind in ("binary", "script"):
+                dev = self.device(f"bupdate-{kind}{n}", agent=binary if kind == "binary" else REPO / "ggc_ota.py",
+                                  ota={"minFreeBytes": 0})
+                self.core_release(f"4.{1 if kind == 'binary' else 2}.{n}", 50 * 2**20)
+                proc = self.start_agent(dev, binary=(kind == "binary"))
+                try:
+                    self.wait_log(dev, "connected to")
+                    job = self.job(dev)
+                    assert self.wait_done(dev, job)["status"] == "SUCCEEDED"
+                    self.wait_log(dev, f"job {job}: SUCCEEDED")
+                finally:
+                    stop_process(proc)
+                seconds[kind].append(update_seconds(dev.root.parent / "agent.log", job))
+                shutil.rmtree(dev.root.parent, ignore_errors=True)
+        b, s = median(seconds["binary"]), median(seconds["script"])
+        self.row("whole update (no scripts), binary", b, "s", "the same by python3 ggc_ota.py", s, b / s,
+                 "<= 1.25x the script", b / s <= 1.25, runs)
 
     def start_to_connect(self, kind: str, binary: Path, n: int, measure_ram: bool):
         """Time from spawning the agent to the first MQTT CONNECT at a TLS listener of ours."""
