@@ -4925,7 +4925,7 @@ def die_with_launcher() -> None:
 
 
 def drop_unpacked_archive() -> int:
-    """staticx unpacks PyInstaller's archive (`<program>.pkg`, 6.6 MiB: the libraries and
+    """staticx unpacks PyInstaller's archive (`<program>.pkg`, 5.3 MiB: the libraries and
     modules, built as a file of its own beside the bootloader) into TMPDIR and would keep it
     for the agent's whole life, although its work is done once Python runs. Only one part of it
     is read again: the archive of Python modules (PYZ, 1 MiB), at each later import. That part
