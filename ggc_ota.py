@@ -3733,14 +3733,21 @@ class Agent:
     def loop(self) -> None:
         """Wait for an event: connected (subscribe, deliver, sync), notify (sync, unless it names
         only jobs already handled), and on a timer a resync (about hourly), or, while a status
-        waits in the outbox (the cloud throttled it), a delivery attempt with backoff."""
+        waits in the outbox (the cloud throttled it), a delivery attempt with backoff. After a
+        request failed, a notify does not cut the backoff short: it makes the sync at its end."""
         next_wake = time.monotonic() + self.resync_interval()
         wait_again = RETRY_FIRST_SECONDS
+        backing_off = False  # a request failed: until next_wake, a notify only marks a sync as due
+        sync_due = False
         while not self.stopping.is_set():
             try:
                 kind, _ = self.events.get(timeout=max(0.1, next_wake - time.monotonic()))
             except queue.Empty:
-                kind = "deliver" if self.undelivered() else "resync"
+                kind = "resync" if sync_due or not self.undelivered() else "deliver"
+                backing_off = sync_due = False
+            if kind == "notify" and backing_off:
+                sync_due = True  # the backoff holds for every request, whatever wakes the loop
+                continue
             try:
                 if kind == "connected":
                     self.on_connected()
@@ -3769,6 +3776,7 @@ class Agent:
                     log.exception("unexpected error; trying again in %.0f s", wait_again)
                 next_wake = time.monotonic() + wait_again
                 wait_again = min(wait_again * 2, RETRY_MAX_SECONDS)
+                backing_off = True
 
     def resync_interval(self) -> float:
         """About RESYNC_SECONDS, spread (+-25%) so that a fleet that connected together does not

@@ -71,3 +71,22 @@ def test_a_throttled_status_is_retried_with_backoff_and_delivered_soon(device):
     # no status is left behind: the outbox is empty once the job ended
     settle(device.cloud, device.thing)
     assert device.status()["pendingStatuses"] == 0
+
+
+@pytest.mark.frozen
+def test_a_notify_does_not_cut_the_backoff_after_a_failed_listing_short(device):
+    """The cloud throttles the job listing past the client's own retries; notifications keep
+    coming meanwhile (a second job is created). The loop backs off (2 s at first) and a notify
+    must not wake it early: no listing follows a throttled one within half a second."""
+    began = running_and_quiet(device)
+    device.cloud.jobs.inject_fault(device.thing, "get", "RequestThrottled", count=6)
+    first = device.update_job()
+    time.sleep(1.0)
+    device.update_job()  # its notify arrives while the listing is being refused
+    assert device.wait_status(first, timeout=120)["status"] == "SUCCEEDED", device.log()[-3000:]
+    listings = [r for r in requests_of(device.cloud, device.thing, began) if r["topic"].endswith("/jobs/get")]
+    assert sum(r["code"] == "RequestThrottled" for r in listings) == 6, listings
+    gaps = [b["at"] - a["at"] for a, b in zip(listings, listings[1:]) if a["code"] == "RequestThrottled"]
+    assert min(gaps) >= 0.45, gaps
+    assert "Traceback" not in device.log() and "unexpected error" not in device.log()
+
