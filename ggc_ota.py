@@ -3737,15 +3737,14 @@ class Agent:
         request failed, a notify does not cut the backoff short: it makes the sync at its end."""
         next_wake = time.monotonic() + self.resync_interval()
         wait_again = RETRY_FIRST_SECONDS
-        backing_off = False  # a request failed: until next_wake, a notify only marks a sync as due
+        backoff_until = 0.0  # after a failed request: until then, a notify only marks a sync as due
         sync_due = False
         while not self.stopping.is_set():
             try:
                 kind, _ = self.events.get(timeout=max(0.1, next_wake - time.monotonic()))
             except queue.Empty:
                 kind = "resync" if sync_due or not self.undelivered() else "deliver"
-                backing_off = sync_due = False
-            if kind == "notify" and backing_off:
+            if kind == "notify" and time.monotonic() < backoff_until:
                 sync_due = True  # the backoff holds for every request, whatever wakes the loop
                 continue
             try:
@@ -3767,6 +3766,7 @@ class Agent:
                     else:
                         next_wake = time.monotonic() + self.resync_interval()
                         wait_again = RETRY_FIRST_SECONDS
+                backoff_until, sync_due = 0.0, False  # a success ends the backoff (a due sync ran: connected, resync)
             except AgentStopping:
                 break
             except Exception as err:  # MqttError: a request or its reply was lost; else a bug
@@ -3776,7 +3776,7 @@ class Agent:
                     log.exception("unexpected error; trying again in %.0f s", wait_again)
                 next_wake = time.monotonic() + wait_again
                 wait_again = min(wait_again * 2, RETRY_MAX_SECONDS)
-                backing_off = True
+                backoff_until = next_wake
 
     def resync_interval(self) -> float:
         """About RESYNC_SECONDS, spread (+-25%) so that a fleet that connected together does not
