@@ -170,12 +170,17 @@ class Fleet:
         with self.cloud.jobs.lock:
             return len(self.cloud.jobs.requests)
 
-    def quiet(self, seconds: float = 3.0, timeout: float = 60.0) -> None:
-        """Wait until no Jobs request came for `seconds`."""
+    def quiet(self, seconds: float = 3.0, timeout: float = 150.0) -> None:
+        """Wait until no Jobs request came for `seconds` and every core's last request was
+        answered: a core whose last one failed (throttled) will try again after its backoff,
+        which can be longer than `seconds`."""
         def calm():
             with self.cloud.jobs.lock:
-                last = self.cloud.jobs.requests[-1]["at"] if self.cloud.jobs.requests else 0
-            return time.time() - last >= seconds
+                requests = list(self.cloud.jobs.requests)
+            last_code = {r["thing"]: r["code"] for r in requests}
+            last = requests[-1]["at"] if requests else 0
+            retrying = [thing for thing, code in last_code.items() if code in ggc_ota.RETRYABLE_JOBS_CODES]
+            return time.time() - last >= seconds and not retrying
         self.wait(calm, timeout, "the fleet to fall quiet")
 
     def statuses(self, job: str) -> dict:
@@ -210,6 +215,7 @@ class Fleet:
                         ended[thing] = time.time()
                 return len(ended) == self.n
             self.wait(all_ended, timeout, f"every execution of {job} to end")
+            self.cloud.jobs.throttle_share(0.0)  # the retries still waiting go through
             self.quiet()
         finally:
             self.cloud.jobs.throttle_share(0.0)
