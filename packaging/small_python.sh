@@ -20,8 +20,10 @@
 # Both are plain builds with no run-time path (staticx refuses DT_RUNPATH): callers set
 # LD_LIBRARY_PATH=PREFIX/lib. Sources are fetched with apt-get source (verified against
 # Debian's signed index) into PREFIX.src. PREFIX/.ready holds the versions built; a second run
-# with the same script, Setup.local and versions does nothing. Needs gcc, make, perl, patch,
-# and the zlib, libffi and expat headers. About 4 minutes on two x86_64 cores.
+# with the same script, Setup.local and versions does nothing, and a run that was stopped
+# resumes at the stage it stopped in (OpenSSL built, CPython configured: its make goes on),
+# which matters under emulation, where each stage takes most of an hour. Needs gcc, make, perl,
+# patch, and the zlib, libffi and expat headers. About 4 minutes on two x86_64 cores.
 set -eu
 prefix=$1
 mirror=${2:-http://deb.debian.org/debian}
@@ -77,29 +79,41 @@ unpack() {  # $1: source package, $2: directory name
   done)
 }
 
+# a stage already done by a run of this same recipe on these same versions
+stage_done() {  # $1: the stage's stamp file
+  [ -f "$1" ] && [ "$(cat "$1")" = "$want" ]
+}
+
 # -- OpenSSL ------------------------------------------------------------------------------------
-rm -rf "$prefix"
-unpack openssl openssl
-cd "$src/openssl"
-: > "$src/openssl.log"
-logged "$src/openssl.log" ./config --prefix="$prefix" --libdir=lib --openssldir=/usr/lib/ssl -Os \
-  shared no-tests no-legacy no-engine no-ssl3 no-dtls no-sctp no-srtp no-idea no-camellia no-seed \
-  no-bf no-cast no-rc2 no-rc4 no-rc5 no-md4 no-mdc2 no-whirlpool no-rmd160 no-sm2 no-sm3 no-sm4 \
-  no-aria no-siphash no-gost no-cms no-ts no-ocsp no-ct no-cmp no-ui-console no-srp no-ec2m no-dsa \
-  no-autoload-config no-nextprotoneg no-async no-uplink
-logged "$src/openssl.log" make -j"$jobs" build_libs
-logged "$src/openssl.log" make install_sw
-rm -rf "$prefix/lib/engines-3" "$prefix/lib/ossl-modules" "$prefix/lib/"*.a
+if ! stage_done "$prefix/.openssl"; then
+  rm -rf "$prefix"
+  unpack openssl openssl
+  cd "$src/openssl"
+  : > "$src/openssl.log"
+  logged "$src/openssl.log" ./config --prefix="$prefix" --libdir=lib --openssldir=/usr/lib/ssl -Os \
+    shared no-tests no-legacy no-engine no-ssl3 no-dtls no-sctp no-srtp no-idea no-camellia no-seed \
+    no-bf no-cast no-rc2 no-rc4 no-rc5 no-md4 no-mdc2 no-whirlpool no-rmd160 no-sm2 no-sm3 no-sm4 \
+    no-aria no-siphash no-gost no-cms no-ts no-ocsp no-ct no-cmp no-ui-console no-srp no-ec2m no-dsa \
+    no-autoload-config no-nextprotoneg no-async no-uplink
+  logged "$src/openssl.log" make -j"$jobs" build_libs
+  logged "$src/openssl.log" make install_sw
+  rm -rf "$prefix/lib/engines-3" "$prefix/lib/ossl-modules" "$prefix/lib/"*.a
+  echo "$want" > "$prefix/.openssl"
+fi
 
 # -- CPython ------------------------------------------------------------------------------------
-unpack python3.11 python
-cd "$src/python"
-cp "$here/Setup.local" Modules/Setup.local
 export LD_LIBRARY_PATH="$prefix/lib"
-: > "$src/python.log"
-logged "$src/python.log" ./configure --prefix="$prefix" --enable-shared --with-openssl="$prefix" \
-  --without-doc-strings --disable-test-modules --without-ensurepip --with-computed-gotos --with-system-expat \
-  --with-ssl-default-suites=openssl OPT="-DNDEBUG -fwrapv -Os"
+if ! stage_done "$src/python/.configured"; then
+  unpack python3.11 python
+  cd "$src/python"
+  cp "$here/Setup.local" Modules/Setup.local
+  : > "$src/python.log"
+  logged "$src/python.log" ./configure --prefix="$prefix" --enable-shared --with-openssl="$prefix" \
+    --without-doc-strings --disable-test-modules --without-ensurepip --with-computed-gotos --with-system-expat \
+    --with-ssl-default-suites=openssl OPT="-DNDEBUG -fwrapv -Os"
+  echo "$want" > "$src/python/.configured"
+fi
+cd "$src/python"
 logged "$src/python.log" make -j"$jobs"
 logged "$src/python.log" make install
 # (Debian's ensurepip seeds pip only into a venv, which is how the build uses this Python;
