@@ -235,7 +235,7 @@ cross_binary() {
     touch "$rootfs/.ready"
   fi
   rm -rf "$rootfs/build" && mkdir -p "$rootfs/build"
-  cp ggc_ota.py requirements-build.txt packaging/staticx_split.py packaging/tailor_spec.py \
+  cp ggc_ota.py requirements-build.txt packaging/staticx_split.py packaging/xz_blocks.py packaging/tailor_spec.py \
     packaging/small_python.sh packaging/Setup.local "$rootfs/build/"
   # pip inside the rootfs trusts what this machine trusts (a registry may sit behind a proxy
   # with its own CA) and reads its index settings
