@@ -156,7 +156,7 @@ cmd_bench() {
 # for size (packaging/small_python.sh says what and why), in .cache/python-<arch>. Prints its
 # prefix; the caller sets LD_LIBRARY_PATH=<prefix>/lib (the build has no run-time path).
 small_python() {
-  ensure_debs gcc make perl patch xz-utils libffi-dev zlib1g-dev libexpat1-dev debian-archive-keyring >&2
+  ensure_debs gcc make perl patch xz-utils libffi-dev zlib1g-dev libexpat1-dev liblzma-dev debian-archive-keyring >&2
   local prefix mirror
   prefix="$HERE/.cache/python-$(uname -m)"
   mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n 1)
@@ -250,7 +250,7 @@ cross_binary() {
     PIP_DEFAULT_TIMEOUT=180 \
     ${qemu_cpu:+QEMU_CPU=$qemu_cpu} /bin/sh -ec "
       cd /build
-      need='gcc make perl patch xz-utils libffi-dev zlib1g-dev libexpat1-dev debian-archive-keyring'
+      need='gcc make perl patch xz-utils libffi-dev zlib1g-dev libexpat1-dev liblzma-dev debian-archive-keyring'
       dpkg -s \$need >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends \$need >/dev/null; }
       sh small_python.sh /opt/python $mirror
       export LD_LIBRARY_PATH=/opt/python/lib

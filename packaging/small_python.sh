@@ -22,8 +22,11 @@
 # Debian's signed index) into PREFIX.src. PREFIX/.ready holds the versions built; a second run
 # with the same script, Setup.local and versions does nothing, and a run that was stopped
 # resumes at the stage it stopped in (OpenSSL built, CPython configured: its make goes on),
-# which matters under emulation, where each stage takes most of an hour. Needs gcc, make, perl,
-# patch, and the zlib, libffi and expat headers. About 4 minutes on two x86_64 cores.
+# which matters under emulation, where each stage takes most of an hour; OpenSSL's stage is
+# keyed by its own options and version only, so a change to the CPython half keeps it. Needs
+# gcc, make, perl, patch, and the zlib, libffi, expat and liblzma headers (lzma is for the build:
+# staticx compresses with it; the agent never imports it, so the freeze leaves it out). About 4
+# minutes on two x86_64 cores.
 set -eu
 prefix=$1
 mirror=${2:-http://deb.debian.org/debian}
@@ -80,30 +83,41 @@ unpack() {  # $1: source package, $2: directory name
 }
 
 # a stage already done by a run of this same recipe on these same versions
-stage_done() {  # $1: the stage's stamp file
-  [ -f "$1" ] && [ "$(cat "$1")" = "$want" ]
+stage_done() {  # $1: the stage's stamp file, $2: what it must hold
+  [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]
 }
 
 # -- OpenSSL ------------------------------------------------------------------------------------
-if ! stage_done "$prefix/.openssl"; then
+# The target is named, not guessed by ./config: on armv7l, ./config adds -march=armv7-a, which
+# drops the FPU Debian's armhf compiler assumes, and the hard-float build fails.
+case "$(uname -m)" in
+  x86_64) target=linux-x86_64 ;;
+  aarch64) target=linux-aarch64 ;;
+  arm*) target=linux-armv4 ;;  # OpenSSL's name for every 32-bit ARM; the compiler's defaults decide
+  *) echo "small_python: no OpenSSL target known for $(uname -m)" >&2; exit 1 ;;
+esac
+options="--prefix=$prefix --libdir=lib --openssldir=/usr/lib/ssl -Os
+  shared no-tests no-legacy no-engine no-ssl3 no-dtls no-sctp no-srtp no-idea no-camellia no-seed
+  no-bf no-cast no-rc2 no-rc4 no-rc5 no-md4 no-mdc2 no-whirlpool no-rmd160 no-sm2 no-sm3 no-sm4
+  no-aria no-siphash no-gost no-cms no-ts no-ocsp no-ct no-cmp no-ui-console no-srp no-ec2m no-dsa
+  no-autoload-config no-nextprotoneg no-async no-uplink"
+openssl_want="$target $(echo "$options" | sha256sum | cut -d' ' -f1) $(echo "$versions" | tr ' ' '\n' | grep '^openssl_')"
+if ! stage_done "$prefix/.openssl" "$openssl_want"; then
   rm -rf "$prefix"
   unpack openssl openssl
   cd "$src/openssl"
   : > "$src/openssl.log"
-  logged "$src/openssl.log" ./config --prefix="$prefix" --libdir=lib --openssldir=/usr/lib/ssl -Os \
-    shared no-tests no-legacy no-engine no-ssl3 no-dtls no-sctp no-srtp no-idea no-camellia no-seed \
-    no-bf no-cast no-rc2 no-rc4 no-rc5 no-md4 no-mdc2 no-whirlpool no-rmd160 no-sm2 no-sm3 no-sm4 \
-    no-aria no-siphash no-gost no-cms no-ts no-ocsp no-ct no-cmp no-ui-console no-srp no-ec2m no-dsa \
-    no-autoload-config no-nextprotoneg no-async no-uplink
+  # shellcheck disable=SC2086
+  logged "$src/openssl.log" ./Configure "$target" $options
   logged "$src/openssl.log" make -j"$jobs" build_libs
   logged "$src/openssl.log" make install_sw
   rm -rf "$prefix/lib/engines-3" "$prefix/lib/ossl-modules" "$prefix/lib/"*.a
-  echo "$want" > "$prefix/.openssl"
+  echo "$openssl_want" > "$prefix/.openssl"
 fi
 
 # -- CPython ------------------------------------------------------------------------------------
 export LD_LIBRARY_PATH="$prefix/lib"
-if ! stage_done "$src/python/.configured"; then
+if ! stage_done "$src/python/.configured" "$want"; then
   unpack python3.11 python
   cd "$src/python"
   cp "$here/Setup.local" Modules/Setup.local
@@ -117,8 +131,8 @@ cd "$src/python"
 logged "$src/python.log" make -j"$jobs"
 logged "$src/python.log" make install
 # (Debian's ensurepip seeds pip only into a venv, which is how the build uses this Python;
-# pip needs pyexpat, a shared module the freeze leaves out)
-logged "$src/python.log" "$prefix/bin/python3.11" -c 'import ssl, _hashlib, ctypes, unicodedata, zlib, pyexpat'
+# pip needs pyexpat and staticx lzma, shared modules the freeze leaves out)
+logged "$src/python.log" "$prefix/bin/python3.11" -c 'import ssl, _hashlib, ctypes, unicodedata, zlib, pyexpat, lzma'
 rm -rf "$src/openssl" "$src/python"
 echo "$want" > "$prefix/.ready"
 echo "small_python: ready in $prefix" >&2
