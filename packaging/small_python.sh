@@ -129,6 +129,10 @@ if ! stage_done "$src/python/.configured" "$want"; then
 fi
 cd "$src/python"
 logged "$src/python.log" make -j"$jobs"
+# an earlier CPython in PREFIX (OpenSSL's stage kept, the CPython half changed, or an install
+# stopped half-way) makes `make install` fail: it links without -f
+rm -rf "$prefix/lib/python3.11" "$prefix/include/python3.11" "$prefix/lib/pkgconfig/python"* \
+  "$prefix/lib/libpython3"* "$prefix/bin/python3"* "$prefix/bin/pydoc3"* "$prefix/bin/idle3"* "$prefix/bin/2to3"*
 logged "$src/python.log" make install
 # (Debian's ensurepip seeds pip only into a venv, which is how the build uses this Python;
 # pip needs pyexpat and staticx lzma, shared modules the freeze leaves out)
