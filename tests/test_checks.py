@@ -1,4 +1,4 @@
-"""The checks section: job documents, platform detection (R7), scripts (R16), free space (R8)."""
+"""The checks section: job documents, platform detection, the update scripts, free space."""
 from __future__ import annotations
 
 import os
@@ -84,7 +84,7 @@ def test_platform_rules():
         g.check_platform(d, "aarch64", "ubuntu")
     with pytest.raises(g.PlatformMismatch):
         g.check_platform(d, "x86_64", "amazon_linux")
-    with pytest.raises(g.InvalidDocument):  # not an R7 pair
+    with pytest.raises(g.InvalidDocument):  # not a pair Greengrass ships updates for
         g.check_platform(g.parse_document(doc(updateTargetsOperatingSystem="amazon_linux",
                                               updateTargetsArchitecture="aarch64")), "aarch64", "amazon_linux")
 
@@ -100,7 +100,7 @@ def scripts(tmp_path):
     return s
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="R16 wants root-owned scripts; the tests run as root in CI")
+@pytest.mark.skipif(os.geteuid() != 0, reason="the update scripts must be root's; the tests run as root in CI")
 def test_script_rules(scripts):
     g.check_script(str(scripts))
     for mode, words in ((0o720, "group/other"), (0o705, "group/other"), (0o600, "not executable")):

@@ -1,5 +1,6 @@
-"""The Greengrass control plane of the look-alike (R19, R20), through the Python API and the
-CLI, with mosquitto_sub (Debian's client, not ours) watching the device topics."""
+"""The Greengrass control plane of the look-alike (the release catalogue,
+CreateSoftwareUpdateJob), through the Python API and the CLI, with mosquitto_sub (Debian's
+client, not ours) watching the device topics."""
 from __future__ import annotations
 
 import json

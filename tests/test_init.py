@@ -1,4 +1,4 @@
-"""The init-system files: the systemd unit of R18 (systemd-analyze verify) and the OpenWrt procd
+"""The init-system files: the systemd unit (systemd-analyze verify) and the OpenWrt procd
 script (shellcheck, busybox ash, and its start_service run with stand-ins for procd's helpers)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The logging section: the eight job log levels (R6), rotation, and redaction of URL queries."""
+"""The logging section: the eight job log levels, rotation, and redaction of URL queries."""
 from __future__ import annotations
 
 import logging

@@ -3,6 +3,7 @@ CPython 3.8+ (vermin), and the tree is clean for ruff."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -202,3 +203,19 @@ def test_every_crash_point_belongs_to_one_step():
     in_code = set(re.findall(r'crash_point\("([a-z_]+)"\)', AGENT.read_text()))
     in_table = {p for s in g.STEPS for p in s.core_crashes + s.agent_crashes} | set(g.BEFORE_JOURNAL)
     assert len(in_code) > 15 and in_code == in_table, in_code ^ in_table
+
+
+def test_the_repository_stands_alone():
+    """Nothing in the tree points at the design notes it grew from: no requirement numbers (an R
+    and a number), no section signs of a spec, no paths outside the repository."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    outside = re.compile(r"\bR(?:[1-9]|1\d|20)\b|SPEC §|\.\./shared|DIGEST\.md|FIELD-NOTES")
+    found = []
+    for name in tracked:
+        try:
+            text = (REPO / name).read_text()
+        except (UnicodeDecodeError, FileNotFoundError, IsADirectoryError):
+            continue  # binary files, and files deleted but not yet committed
+        found += [f"{name}:{n}: {line.strip()[:80]}" for n, line in enumerate(text.splitlines(), 1)
+                  if outside.search(line) and "outside = re.compile" not in line]
+    assert not found, "\n".join(found)

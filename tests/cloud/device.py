@@ -1,5 +1,6 @@
-"""A Greengrass v1 core's root directory as the agent meets it on a device (SPEC §2), and a
-builder for update artifacts (SPEC §7).
+"""A Greengrass v1 core's root directory as the agent meets it on a device (docs/contract.md,
+"The Greengrass root on a device"), and a builder for update artifacts (the same, "The job
+document and the artifact").
 
 The root's "lab" directory (`<root>.lab`, beside the root, never inside it) is where the
 look-alike scripts and the fake core daemon log their calls and read what the test wants of

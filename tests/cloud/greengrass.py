@@ -1,6 +1,7 @@
 """The Greengrass v1 control plane's part in OTA: a catalogue of released software (what AWS
-publishes per OS/architecture) and `CreateSoftwareUpdateJob` (R19), which creates an AWS IoT
-snapshot job whose document (SPEC §6) holds a `${aws:iot:s3-presigned-url:...}` placeholder."""
+publishes per OS/architecture) and `CreateSoftwareUpdateJob`, which creates an AWS IoT
+snapshot job whose document (docs/contract.md, "The job document and the artifact") holds a
+`${aws:iot:s3-presigned-url:...}` placeholder."""
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +14,7 @@ from typing import Optional
 
 from .jobs import JobsError, JobsService
 
-SUPPORTED_PLATFORMS = {  # R7: (operating system, architecture)
+SUPPORTED_PLATFORMS = {  # the pairs Greengrass v1 ships updates for: (operating system, architecture)
     ("ubuntu", "x86_64"), ("ubuntu", "aarch64"), ("amazon_linux", "x86_64"),
     ("raspbian", "armv7l"), ("raspbian", "armv6l"), ("openwrt", "aarch64"), ("openwrt", "armv7l"),
 }
