@@ -202,7 +202,7 @@ cmd_binary() {
 # .cache/), run by qemu-user-static through binfmt_misc; the size-built Python is built inside it
 # (packaging/small_python.sh, into the rootfs's /opt/python), PyInstaller and staticx installed
 # with it (staticx builds its bootloader with musl-gcc there), then the binary is smoke-run
-# under qemu (armv6l with an ARMv6 CPU model). Slow: about an hour from nothing, most of it
+# under qemu (armv6l with an ARMv6 CPU model) and runs the frozen core and crash tests there. Slow: about an hour from nothing, most of it
 # compiling under emulation; a few minutes once the rootfs and its Python are cached. Not in CI.
 cross_binary() {
   local arch=$1 debarch qemu qemu_cpu=""
@@ -281,6 +281,10 @@ PY
   env ${qemu_cpu:+QEMU_CPU=$qemu_cpu} "$qemu" "dist/ggc-ota-$arch" --version
   env ${qemu_cpu:+QEMU_CPU=$qemu_cpu} "$qemu" "dist/ggc-ota-$arch" --root "$sample/greengrass" --dry-run
   rm -rf "$sample" "$sample/greengrass.lab"
+  log "updates under qemu against the look-alike cloud: the frozen core and crash tests"
+  ensure_debs "${DEBS[@]}"
+  env ${qemu_cpu:+QEMU_CPU=$qemu_cpu} GGC_OTA_AGENT="$HERE/dist/ggc-ota-$arch" GGC_OTA_AGENT_ARCH="$arch" \
+    "$VENV/bin/python" -m pytest -q -m frozen -n 2 tests/test_e2e_core.py tests/test_e2e_crash.py
   echo "dist/ggc-ota-$arch: $(stat -c %s "dist/ggc-ota-$arch") bytes, $(file -b "dist/ggc-ota-$arch" | cut -d, -f1-2)"
 }
 

@@ -21,6 +21,10 @@ from tests.conftest import REPO
 AGENT_SOURCE = REPO / "ggc_ota.py"
 ROLE = "arn:aws:iam::123456789012:role/GreengrassOTARole"
 TERMINAL = ("SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "TIMED_OUT", "REMOVED")
+# the platform the agent under test runs as: this machine's, or GGC_OTA_AGENT_ARCH for a cross
+# binary run by qemu-user (./build.sh binary --arch runs an update that way)
+AGENT_ARCH = os.environ.get("GGC_OTA_AGENT_ARCH") or "x86_64"
+AGENT_OS = "raspbian" if AGENT_ARCH in ("armv6l", "armv7l") else "ubuntu"  # a pair Greengrass ships
 
 
 def agent_under_test() -> Path:
@@ -110,8 +114,8 @@ class Device:
     def release_core(self, version: str, payload_bytes: int = 2000, **kw) -> object:
         art = build_core_artifact(self.artifacts / f"core-{version}-{uuid.uuid4().hex[:4]}.tar.gz", version,
                                   payload_bytes=payload_bytes)
-        self.cloud.publish_release(software="core", version=version, architecture="x86_64",
-                                   operating_system=kw.get("os", "ubuntu"), tarball=art.path)
+        self.cloud.publish_release(software="core", version=version, architecture=AGENT_ARCH,
+                                   operating_system=kw.get("os", AGENT_OS), tarball=art.path)
         return art
 
     def stored(self, art) -> object:
@@ -120,7 +124,7 @@ class Device:
         key = next(r.key for r in self.cloud.greengrass.releases if r.sha256 == art.sha256)
         return self.cloud.store.objects[f"greengrass-updates/{key}"]
 
-    def update_job(self, software: str = "core", arch: str = "x86_64", os_name: str = "ubuntu",
+    def update_job(self, software: str = "core", arch: str = AGENT_ARCH, os_name: str = AGENT_OS,
                    level: Optional[str] = "INFO") -> str:
         out = self.cloud.create_software_update_job(
             s3_url_signer_role=ROLE, software_to_update=software, update_targets=[self.cloud.thing_arn(self.thing)],
