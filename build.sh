@@ -16,6 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 HERE=$(pwd)
 VENV="$HERE/.venv"
+# what packaging/small_python.sh needs, here and inside a cross build's rootfs
+INTERPRETER_DEBS=(gcc make perl patch xz-utils libffi-dev zlib1g-dev libexpat1-dev liblzma-dev debian-archive-keyring)
 DEBS=(mosquitto mosquitto-clients openssl ca-certificates busybox shellcheck systemd file tinyproxy socat iproute2)
 
 log() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
@@ -156,7 +158,7 @@ cmd_bench() {
 # for size (packaging/small_python.sh says what and why), in .cache/python-<arch>. Prints its
 # prefix; the caller sets LD_LIBRARY_PATH=<prefix>/lib (the build has no run-time path).
 small_python() {
-  ensure_debs gcc make perl patch xz-utils libffi-dev zlib1g-dev libexpat1-dev liblzma-dev debian-archive-keyring >&2
+  ensure_debs "${INTERPRETER_DEBS[@]}" >&2
   local prefix mirror
   prefix="$HERE/.cache/python-$(uname -m)"
   mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n 1)
@@ -202,8 +204,9 @@ cmd_binary() {
 # .cache/), run by qemu-user-static through binfmt_misc; the size-built Python is built inside it
 # (packaging/small_python.sh, into the rootfs's /opt/python), PyInstaller and staticx installed
 # with it (staticx builds its bootloader with musl-gcc there), then the binary is smoke-run
-# under qemu (armv6l with an ARMv6 CPU model) and runs the frozen core and crash tests there. Slow: about an hour from nothing, most of it
-# compiling under emulation; a few minutes once the rootfs and its Python are cached. Not in CI.
+# under qemu (armv6l with an ARMv6 CPU model) and runs the frozen core and crash tests there.
+# Slow: about an hour from nothing, most of it compiling under emulation; a few minutes once the
+# rootfs and its Python are cached. Not in CI.
 cross_binary() {
   local arch=$1 debarch qemu qemu_cpu=""
   case "$arch" in
@@ -250,7 +253,7 @@ cross_binary() {
     PIP_DEFAULT_TIMEOUT=180 \
     ${qemu_cpu:+QEMU_CPU=$qemu_cpu} /bin/sh -ec "
       cd /build
-      need='gcc make perl patch xz-utils libffi-dev zlib1g-dev libexpat1-dev liblzma-dev debian-archive-keyring'
+      need='${INTERPRETER_DEBS[*]}'
       dpkg -s \$need >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends \$need >/dev/null; }
       sh small_python.sh /opt/python $mirror
       export LD_LIBRARY_PATH=/opt/python/lib

@@ -74,7 +74,8 @@ def xz_block(data: bytes, compress: bool, bcj: list) -> tuple:
         lzma2 = {"id": lzma.FILTER_LZMA2, "preset": 6, "dict_size": dict_size}
         payload = lzma.compress(data, format=lzma.FORMAT_RAW, filters=bcj + [lzma2])
     else:
-        bcj, (code, _) = [], dict_size_code(PIECE)
+        bcj = []  # stored chunks go through no filter
+        code, _ = dict_size_code(PIECE)
         payload = stored_lzma2(data)
     header = block_header(bcj, code)
     unpadded = len(header) + len(payload) + 4

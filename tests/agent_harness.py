@@ -21,8 +21,8 @@ from tests.conftest import REPO
 AGENT_SOURCE = REPO / "ggc_ota.py"
 ROLE = "arn:aws:iam::123456789012:role/GreengrassOTARole"
 TERMINAL = ("SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "TIMED_OUT", "REMOVED")
-# the platform the agent under test runs as: this machine's, or GGC_OTA_AGENT_ARCH for a cross
-# binary run by qemu-user (./build.sh binary --arch runs an update that way)
+# the platform the agent under test runs as: x86_64 (the machines the tests run on), or
+# GGC_OTA_AGENT_ARCH for a cross binary run by qemu-user (./build.sh binary --arch does so)
 AGENT_ARCH = os.environ.get("GGC_OTA_AGENT_ARCH") or "x86_64"
 AGENT_OS = "raspbian" if AGENT_ARCH in ("armv6l", "armv7l") else "ubuntu"  # a pair Greengrass ships
 

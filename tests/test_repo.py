@@ -103,8 +103,6 @@ def test_every_reason_the_code_names_is_registered():
     second argument of an error's constructor, the third of finish(), the second of roll_back()
     and trial_failed(), and journal["reason"] = "X". Each must be a registered code (or one of
     the start-up errors that never reach a job)."""
-    import re
-
     import ggc_ota as g
     startup_only = {"CONFIG_INVALID", "NOT_ROOT", "ALREADY_RUNNING", "STATE_DIR_UNSAFE", "INVALID_JOB_ID",
                     "MQTT_ERROR", "MQTT_PROTOCOL_ERROR", "MQTT_CONNECT_REFUSED", "MQTT_TLS_AUTH", "MQTT_TIMEOUT",
