@@ -10,8 +10,9 @@ The bundle is compressed here, not by staticx: staticx runs its whole tar throug
 stream, and most of it (PyInstaller's archive: zlib data) does not compress, yet the
 bootloader's decoder pays LZMA's bit-by-bit decoding for every byte of it, about 0.1 s of
 each start on a slow machine. xz_blocks.py writes the same format (which staticx's
-bootloader reads and checks) in blocks: what compresses is compressed with staticx's own
-filters, what does not is stored and decodes as a copy. The binary grows by about 0.6%.
+bootloader reads and checks) in blocks: what compresses well is compressed with staticx's own
+filters, the rest is stored and decodes as a copy (xz_blocks.WORTH_IT says where the line is
+and what it costs in size).
 
 Usage: python staticx_split.py PROG OUTPUT"""
 import io

@@ -71,3 +71,14 @@ def test_the_dictionary_stays_within_what_the_bootloader_allocates(xz_blocks):
 def test_empty_and_tiny_inputs(xz_blocks):
     for data in (b"", b"x", noise(1, 7)):
         assert decode(xz_blocks.compress_blockwise(data))[0] == data
+
+
+def test_what_lzma_only_halves_is_stored(xz_blocks):
+    """Pieces that LZMA shrinks only to about half are stored: decoding them at every start costs
+    more than the flash they would save (the C libraries' pieces shrink to 0.2 to 0.8)."""
+    piece = xz_blocks.PIECE
+    half = b"".join(noise(piece // 2, 10 + i) + bytes(piece // 2) for i in range(4))
+    well = text(4 * piece, 11)
+    plan = xz_blocks.plan_blocks(half + well)
+    assert [(len(block), compress) for block, compress in plan] == [(len(half), False), (len(well), True)]
+    assert decode(xz_blocks.compress_blockwise(half + well))[0] == half + well
