@@ -162,7 +162,9 @@ small_python() {
   local prefix mirror
   prefix="$HERE/.cache/python-$(uname -m)"
   mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n 1)
-  packaging/small_python.sh "$prefix" "${mirror:-http://deb.debian.org/debian}" >&2
+  # (called as $(small_python): errexit does not reach into a command substitution, so a failed
+  # build must end it by hand, or its caller would go on with a broken interpreter)
+  packaging/small_python.sh "$prefix" "${mirror:-http://deb.debian.org/debian}" >&2 || exit 1
   echo "$prefix"
 }
 
@@ -201,21 +203,21 @@ cmd_binary() {
 }
 
 # Cross builds: a Debian rootfs of the target architecture (debootstrap --foreign, cached in
-# .cache/), run by qemu-user-static through binfmt_misc; the size-built Python is built inside it
-# (packaging/small_python.sh, into the rootfs's /opt/python), PyInstaller and staticx installed
-# with it (staticx builds its bootloader with musl-gcc there), then the binary is smoke-run
-# under qemu (armv6l with an ARMv6 CPU model) and runs the frozen core and crash tests there.
-# Slow: about an hour from nothing, most of it compiling under emulation; a few minutes once the
-# rootfs and its Python are cached. Not in CI.
+# .cache/), run by qemu-user-static through binfmt_misc. The size-built Python is cross-compiled
+# here with Debian's cross compiler against that rootfs (packaging/small_python.sh, into the
+# rootfs's /opt/python; the native one is its build Python), then PyInstaller and staticx run
+# inside the rootfs under qemu (staticx builds its bootloader with musl-gcc there), and the
+# binary is smoke-run under qemu (armv6l with an ARMv6 CPU model) and runs the frozen core and
+# crash tests there. About 25 minutes from nothing, 10 once the rootfs is cached. Not in CI.
 cross_binary() {
-  local arch=$1 debarch qemu qemu_cpu=""
+  local arch=$1 debarch qemu qemu_cpu="" triple
   case "$arch" in
-    aarch64) debarch=arm64; qemu="qemu-aarch64-static" ;;
-    armv7l) debarch=armhf; qemu="qemu-arm-static" ;;
-    armv6l) debarch=armel; qemu="qemu-arm-static"; qemu_cpu=arm1176 ;;
+    aarch64) debarch=arm64; qemu="qemu-aarch64-static"; triple=aarch64-linux-gnu ;;
+    armv7l) debarch=armhf; qemu="qemu-arm-static"; triple=arm-linux-gnueabihf ;;
+    armv6l) debarch=armel; qemu="qemu-arm-static"; qemu_cpu=arm1176; triple=arm-linux-gnueabi ;;
     *) echo "build.sh: --arch takes aarch64, armv7l or armv6l" >&2; exit 2 ;;
   esac
-  ensure_debs debootstrap qemu-user-static binfmt-support
+  ensure_debs debootstrap qemu-user-static binfmt-support "gcc-$triple"
   if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
     mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
   fi
@@ -239,7 +241,7 @@ cross_binary() {
   fi
   rm -rf "$rootfs/build" && mkdir -p "$rootfs/build"
   cp ggc_ota.py requirements-build.txt packaging/staticx_split.py packaging/xz_blocks.py packaging/tailor_spec.py \
-    packaging/small_python.sh packaging/Setup.local "$rootfs/build/"
+    "$rootfs/build/"
   # pip inside the rootfs trusts what this machine trusts (a registry may sit behind a proxy
   # with its own CA) and reads its index settings
   mkdir -p "$rootfs/etc/ssl/certs"
@@ -247,15 +249,21 @@ cross_binary() {
   [ -f /etc/pip.conf ] && cp /etc/pip.conf "$rootfs/etc/pip.conf"
   local chroot_excludes=""
   for m in "${EXCLUDES[@]}"; do chroot_excludes="$chroot_excludes --exclude-module $m"; done
+  # the interpreter's build packages, in the rootfs: the cross compiler builds against their headers
+  chroot "$rootfs" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root /bin/sh -ec "
+      need='${INTERPRETER_DEBS[*]}'
+      dpkg -s \$need >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends \$need >/dev/null; }"
+  local py_prefix
+  py_prefix=$(small_python)
+  log "cross-compiling the size-built Python for $arch ($triple-gcc, the rootfs as its sysroot)"
+  env ${qemu_cpu:+QEMU_CPU=$qemu_cpu} CROSS="$triple" SYSROOT="$rootfs" BUILD_PYTHON="$py_prefix/bin/python3.11" \
+    packaging/small_python.sh /opt/python "$mirror"
   log "building ggc-ota for $arch inside the rootfs (under qemu)"
   chroot "$rootfs" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root BOOTLOADER_CC=musl-gcc \
     PIP_CERT=/etc/ssl/certs/host-ca-certificates.crt SSL_CERT_FILE=/etc/ssl/certs/host-ca-certificates.crt \
     PIP_DEFAULT_TIMEOUT=180 \
     ${qemu_cpu:+QEMU_CPU=$qemu_cpu} /bin/sh -ec "
       cd /build
-      need='${INTERPRETER_DEBS[*]}'
-      dpkg -s \$need >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends \$need >/dev/null; }
-      sh small_python.sh /opt/python $mirror
       export LD_LIBRARY_PATH=/opt/python/lib
       if [ \"\$(cat /venv/.python 2>/dev/null)\" != \"\$(cat /opt/python/.ready)\" ]; then
         rm -rf /venv && /opt/python/bin/python3.11 -m venv /venv && /venv/bin/pip install -q -r requirements-build.txt
