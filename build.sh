@@ -208,7 +208,7 @@ cmd_binary() {
 # rootfs's /opt/python; the native one is its build Python), then PyInstaller and staticx run
 # inside the rootfs under qemu (staticx builds its bootloader with musl-gcc there), and the
 # binary is smoke-run under qemu (armv6l with an ARMv6 CPU model) and runs the frozen core and
-# crash tests there. About 25 minutes from nothing, 10 once the rootfs is cached. Not in CI.
+# crash tests there. About 20 minutes from nothing, 10 once the rootfs is cached. Not in CI.
 cross_binary() {
   local arch=$1 debarch qemu qemu_cpu="" triple
   case "$arch" in

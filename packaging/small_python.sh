@@ -33,10 +33,9 @@
 # with the same script, Setup.local and versions does nothing, and a run that was stopped
 # resumes at the stage it stopped in (OpenSSL built, CPython configured: its make goes on);
 # OpenSSL's stage is keyed by its own options and version only, so a change to the CPython half
-# keeps it. Needs
-# gcc, make, perl, patch, and the zlib, libffi, expat and liblzma headers (lzma is for the build:
-# staticx compresses with it; the agent never imports it, so the freeze leaves it out). About 4
-# minutes on two x86_64 cores, natively or cross.
+# keeps it. Needs gcc, make, perl, patch, and the zlib, libffi, expat and liblzma headers (lzma
+# is for the build: staticx compresses with it; the agent never imports it, so the freeze leaves
+# it out). About 4 minutes on two x86_64 cores, natively or cross.
 set -eu
 prefix=$1
 mirror=${2:-http://deb.debian.org/debian}
@@ -125,13 +124,10 @@ if ! stage_done "$dest$prefix/.openssl" "$openssl_want"; then
   unpack openssl openssl
   cd "$src/openssl"
   : > "$src/openssl.log"
-  if [ -n "$cross" ]; then
-    # shellcheck disable=SC2086
-    logged "$src/openssl.log" ./Configure "$target" $options CC="$cross_cc" AR="$cross-ar" RANLIB="$cross-ranlib"
-  else
-    # shellcheck disable=SC2086
-    logged "$src/openssl.log" ./Configure "$target" $options
-  fi
+  set --
+  [ -z "$cross" ] || set -- CC="$cross_cc" AR="$cross-ar" RANLIB="$cross-ranlib"
+  # shellcheck disable=SC2086
+  logged "$src/openssl.log" ./Configure "$target" $options "$@"
   logged "$src/openssl.log" make -j"$jobs" build_libs
   logged "$src/openssl.log" make install_sw DESTDIR="$dest"
   rm -rf "$dest$prefix/lib/engines-3" "$dest$prefix/lib/ossl-modules" "$dest$prefix/lib/"*.a
