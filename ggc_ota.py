@@ -192,6 +192,14 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def remove_tree(path: str) -> None:
     if os.path.islink(path) or os.path.isfile(path):
         os.unlink(path)
@@ -205,11 +213,7 @@ def fsync_tree(path: str) -> None:
         for name in files:
             full = os.path.join(dirpath, name)
             if not os.path.islink(full):
-                fd = os.open(full, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_file(full)
         fsync_dir(dirpath)
 
 
@@ -2541,15 +2545,40 @@ def _write_all(fd: int, data: bytes) -> None:
 def sync_tree(path: str) -> None:
     """Make everything under `path` durable: one syncfs(2) of its filesystem (as `sync -f`),
     far cheaper than an fsync per file; an fsync of every file and directory where syncfs is
-    not available."""
+    not available, or does not reach the storage: the kernel hands syncfs to no FUSE server
+    (it returns 0 and the server never hears of it), so on a FUSE file system only fsyncs make
+    data durable."""
     syncfs = libc_function("syncfs")
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        if syncfs is not None and syncfs(fd) == 0:
-            return
-    finally:
-        os.close(fd)
+    if syncfs is not None and not filesystem_type(path).startswith("fuse"):
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            if syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
     fsync_tree(path)
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the file system `path` lies on ("ext4", "fuse.sshfs", ...), from the kernel's
+    mount table; "" when it cannot be told."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            table = f.read().splitlines()
+    except OSError:
+        return ""
+    where = os.path.realpath(path)
+    best, kind = -1, ""
+    for line in table:
+        fields, _, tail = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) < 5 or not tail:
+            continue
+        mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])
+        inside = where == mount or where.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= best:
+            best, kind = len(mount), tail.split()[0]
+    return kind
 
 
 def check_layout(staging: str, software: str) -> str:
@@ -3351,11 +3380,21 @@ def crash_point(step: str) -> None:
 
 
 def path_id(path: str) -> Optional[List[int]]:
+    """What the journal records of a tree: [device, inode]."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return None
     return [st.st_dev, st.st_ino]
+
+
+def is_tree(path: str, recorded: Any) -> bool:
+    """Whether `path` is the tree whose path_id was recorded. By inode alone: the trees an update
+    swaps lie on one file system (rename needs it), and a device number need not survive a
+    reboot (device-mapper, USB disks and FUSE mounts are numbered as they come up)."""
+    now = path_id(path)
+    return (now is not None and isinstance(recorded, list) and len(recorded) == 2
+            and now[1] == recorded[1])
 
 
 def rename_exchange(a: str, b: str) -> bool:
@@ -3410,6 +3449,8 @@ def copy_kept(live: str, new: str, keep: List[str], prefix: str) -> List[str]:
             sync_tree(dst)
         else:
             shutil.copy2(src, dst, follow_symlinks=False)
+            if not os.path.islink(dst):
+                fsync_file(dst)
         fsync_dir(os.path.dirname(dst))
         copied.append(rel)
     return copied
@@ -3439,9 +3480,9 @@ def swap_in(state: State, journal: dict) -> None:
 def restore_old(journal: dict) -> None:
     """Put the old tree back at the live path, whatever step a crash interrupted."""
     live, old_id = journal["live"], journal["liveId"]
-    if path_id(live) == old_id:
+    if is_tree(live, old_id):
         return
-    source = next((p for p in (journal["old"], journal["new"]) if path_id(p) == old_id), None)
+    source = next((p for p in (journal["old"], journal["new"]) if is_tree(p, old_id)), None)
     if source is None:
         raise RollbackFailed(f"the old tree of {live} is nowhere to be found")
     aside = journal["old"] + ".rejected"
@@ -4420,7 +4461,7 @@ class Agent:
         journal.update(step="rolled_back", rolledBack=rolled_back)
         self.write_journal_if_possible(journal)
         installed = os.path.join(journal["live"], SOFTWARE["ota_agent"].entry)
-        if journal["software"] == "ota_agent" and rolled_back == "true" and path_id(installed) != self.exe_id:
+        if journal["software"] == "ota_agent" and rolled_back == "true" and not is_tree(installed, self.exe_id):
             try:  # this process runs the new agent: the restored old one reports
                 self.restart_as(installed)
             except OtaError as err:
@@ -4468,13 +4509,17 @@ class Agent:
             return
         known = STEP_BY_NAME.get(str(step))
         action = getattr(known, str(software), None) if known is not None else None
-        if action == ROLL_FORWARD and (step == "committed" or path_id(journal["live"]) == journal.get("newId")):
+        if action == ROLL_FORWARD and (step == "committed" or is_tree(journal["live"], journal.get("newId"))):
             self.commit(journal)
             return
         if action == CLOSE:
             self.close_rolled_back(journal)
             return
         journal["recoveries"] = journal.get("recoveries", 0) + 1
+        if not is_tree(journal["live"], journal.get("liveId")):
+            # the old tree is not live: whatever the step, the boot before this start may have
+            # started the new software from it, which must be stopped before its tree goes
+            journal["newStarted"] = True
         self.write_journal_if_possible(journal)
         if journal["recoveries"] > MAX_RECOVERIES:
             log.critical("ROLLBACK FAILED: recovery of job %s was interrupted %d times; giving up",
@@ -4526,7 +4571,7 @@ class Agent:
         """A journal of format 1: the previous agent swapped the new agent in and exec'd it, so
         this process is that new agent, unproven. It proves itself in place (finish_self_update);
         after MAX_TRIAL_STARTS starts that never got that far, it rolls back."""
-        if path_id(journal["live"]) != journal.get("newId"):
+        if not is_tree(journal["live"], journal.get("newId")):
             self.roll_back(journal, "INTERRUPTED", "the agent stopped during the update (at step swapped)")
             return
         journal["starts"] = journal.get("starts", 0) + 1

@@ -5,8 +5,9 @@ document and the artifact").
 The root's "lab" directory (`<root>.lab`, beside the root, never inside it) is where the
 look-alike scripts and the fake core daemon log their calls and read what the test wants of
 them: `<script>.fail` (exit code, every call), `<script>.fail-once` (exit code, next call only),
-`<script>.hang` (seconds to sleep first), `greengrassd.<version>.dies-after` (seconds the core
-daemon of that version lives).
+`<script>.hang` (seconds to sleep first), `<script>.fail-with` (a version: fails while the live
+core is that version), `greengrassd.<version>.dies-after` (seconds the core daemon of that
+version lives).
 """
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ if [ -f "$lab/$name.fail-once" ]; then
   code=$(cat "$lab/$name.fail-once"); rm -f "$lab/$name.fail-once"; exit "$code"
 fi
 if [ -f "$lab/$name.fail" ]; then exit "$(cat "$lab/$name.fail")"; fi
+if [ -f "$lab/$name.fail-with" ]; then  # fails while the live core is that version
+  live=$(ls "$root/ggc/packages" 2>/dev/null | sort | tail -n 1)
+  if [ "$live" = "$(cat "$lab/$name.fail-with")" ]; then exit 2; fi
+fi
 case "$name" in
   ggc_pre_update.sh) exec "$root/ggc/core/greengrassd" stop ;;
   ggc_post_update.sh) exec "$root/ggc/core/greengrassd" start ;;
@@ -101,6 +106,10 @@ class DeviceRoot:
 
     def fail_script(self, name: str, code: int = 1, once: bool = False) -> None:
         (self.lab / (name + (".fail-once" if once else ".fail"))).write_text(str(code))
+
+    def fail_script_with(self, name: str, version: str) -> None:
+        """`name` fails (exit 2) whenever the live core is `version`: a new core that cannot start."""
+        (self.lab / f"{name}.fail-with").write_text(version)
 
     def hang_script(self, name: str, seconds: float) -> None:
         (self.lab / f"{name}.hang").write_text(str(seconds))
