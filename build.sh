@@ -9,6 +9,8 @@
 #   ./build.sh binary --arch A      dist/ggc-ota-A for aarch64, armv7l or armv6l (Debian rootfs + qemu)
 #   ./build.sh interpreter          only the binary's size-built Python (packaging/small_python.sh)
 #   ./build.sh bench [--quick]      benchmarks against baselines measured in the same run
+#   ./build.sh powercut [--quick]   the power-cut sweep: every cut point of every kind of update
+#   ./build.sh powercut --mutants   the sweep against copies of the agent with a sync call removed
 #   ./build.sh bench --fleet [N]    the fleet simulation: N agents (200) against one look-alike cloud
 #   ./build.sh cloud DIR            start the look-alike cloud by hand (see README)
 #   ./build.sh lint                 ruff and the Python 3.8 compatibility check of ggc_ota.py
@@ -146,6 +148,13 @@ for codec in cp037 cp273 cp424 cp437 cp500 cp720 cp737 cp775 cp850 cp852 cp855 c
     zlib_codec; do
   EXCLUDES+=("encodings.$codec")
 done
+
+cmd_powercut() {
+  # exit 0: every cut point held; 1: some failed (printed in full); 77: FUSE cannot run here (why)
+  ensure_debs "${DEBS[@]}"
+  ensure_venv
+  "$VENV/bin/python" -m tests.powercut "$@"
+}
 
 cmd_bench() {
   ensure_debs "${DEBS[@]}" curl gzip tar
@@ -307,5 +316,6 @@ case "${1:-}" in
   binary) shift; cmd_binary "$@" ;;
   interpreter) small_python ;;
   bench) shift; cmd_bench "$@" ;;
-  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  powercut) shift; cmd_powercut "$@" ;;
+  *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     import http.client
     import subprocess
     import tarfile
-    from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
+    from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 
 __version__ = "0.1.0"
 
@@ -200,16 +200,42 @@ def fsync_file(path: str) -> None:
         os.close(fd)
 
 
+def walk_tree(top: str) -> Iterator[Tuple[str, List[str], List[str]]]:
+    """os.walk(top) without following symlinks, top-down, and without recursion: a tree the
+    cloud built can be deeper than Python's recursion limit (os.walk and shutil.rmtree recurse
+    before Python 3.12). Directories that vanish meanwhile are skipped."""
+    stack = [top]
+    while stack:
+        dirpath = stack.pop()
+        dirnames, filenames = [], []
+        try:
+            with os.scandir(dirpath) as entries:
+                for entry in entries:
+                    (dirnames if entry.is_dir(follow_symlinks=False) else filenames).append(entry.name)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        yield dirpath, dirnames, filenames
+        stack.extend(os.path.join(dirpath, d) for d in reversed(dirnames))
+
+
 def remove_tree(path: str) -> None:
+    """Remove a file, a symlink or a directory tree, however deep (iteratively, children first)."""
     if os.path.islink(path) or os.path.isfile(path):
         os.unlink(path)
-    elif os.path.isdir(path):
-        import shutil
-        shutil.rmtree(path)
+        return
+    if not os.path.isdir(path):
+        return
+    directories = []
+    for dirpath, _, filenames in walk_tree(path):
+        directories.append(dirpath)
+        for name in filenames:
+            os.unlink(os.path.join(dirpath, name))
+    for dirpath in reversed(directories):  # deepest first: each is empty by the time it is removed
+        os.rmdir(dirpath)
 
 
 def fsync_tree(path: str) -> None:
-    for dirpath, _, files in os.walk(path):
+    for dirpath, _, files in walk_tree(path):
         for name in files:
             full = os.path.join(dirpath, name)
             if not os.path.islink(full):
@@ -2405,9 +2431,19 @@ def _bounded_tarinfo() -> type:
         def _proc_member(self, tarfile_: Any) -> Any:
             extension = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
                          tarfile.SOLARIS_XHDTYPE)
+            if self.type == tarfile.GNUTYPE_SPARSE:
+                raise UnsafeArchive(f"sparse member {self.name!r:.200}: not allowed (a release has none)")
             if self.type in extension and self.size > MAX_HEADER_BYTES:
                 raise UnsafeArchive(f"an extended header of {self.size} bytes (at most {MAX_HEADER_BYTES})")
             return super()._proc_member(tarfile_)
+
+        # GNU sparse maps, old-style and in PAX headers (0.0, 0.1, 1.0), are read by tarfile in
+        # loops whose length the archive sets (a 178 KB artifact grew the agent by 417 MiB):
+        # a sparse member is refused before its map is read.
+        def _refuse_sparse(self, *_: Any) -> Any:
+            raise UnsafeArchive("a sparse member (GNU sparse map): not allowed (a release has none)")
+
+        _proc_sparse = _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _refuse_sparse
 
     return BoundedTarInfo
 
@@ -3028,6 +3064,7 @@ def last_line(path: str, limit: int = 4096) -> str:
 # ============================================================================================
 
 HISTORY_LIMIT = 200
+TERMINAL_RESULTS = ("SUCCEEDED", "FAILED", "REJECTED")  # results of a job that has ended on this device
 
 
 def write_json_atomic(path: str, value: Any, durable: bool = True) -> None:
@@ -3287,7 +3324,7 @@ class State:
 
     def handled(self, job_id: str, execution_number: int) -> bool:
         return any(h.get("jobId") == job_id and h.get("executionNumber") == execution_number and
-                   h.get("result") in ("SUCCEEDED", "FAILED", "REJECTED") for h in self.history())
+                   h.get("result") in TERMINAL_RESULTS for h in self.history())
 
 
 # ============================================================================================
@@ -3417,7 +3454,7 @@ def copy_tree(src: str, dst: str) -> None:
     """Copy a directory tree, symlinks as symlinks; the first error is raised as it is (an
     OSError with its errno: ENOSPC is DISK_FULL), where shutil.copytree would collect them all."""
     import shutil
-    for dirpath, dirnames, filenames in os.walk(src):
+    for dirpath, dirnames, filenames in walk_tree(src):
         target = os.path.join(dst, os.path.relpath(dirpath, src))
         os.makedirs(target, exist_ok=True)
         shutil.copystat(dirpath, target, follow_symlinks=False)
@@ -4498,6 +4535,7 @@ class Agent:
         if journal is None:
             for name in os.listdir(self.state.staging):  # staging of an update that never started
                 remove_tree(os.path.join(self.state.staging, name))
+            self.remove_finished_downloads()
             return
         step, software = journal.get("step"), journal.get("software")
         if step == "trial" and is_trial_of(journal):
@@ -4530,6 +4568,17 @@ class Agent:
             self.close_rolled_back(journal)
             return
         self.roll_back(journal, "INTERRUPTED", f"the agent stopped during the update (at step {step})")
+
+    def remove_finished_downloads(self) -> None:
+        """An update's last step removes its download without a sync (a sync per file at the end
+        of every update is flash wear for nothing), so a power cut right after it can bring the
+        file back: at start, the download of a job the history says has ended goes."""
+        ended = {h.get("jobId") for h in self.state.history() if h.get("result") in TERMINAL_RESULTS}
+        for name in os.listdir(self.state.downloads):
+            job_id = name.split(".", 1)[0]
+            if job_id in ended:
+                log.info("removing the download of job %s, which has ended", job_id)
+                os.unlink(os.path.join(self.state.downloads, name))
 
     def recover_without_journal(self, err: JournalCorrupt) -> None:
         """Nothing is deleted on doubt. With the journal unreadable, which tree is which cannot be
@@ -4609,7 +4658,7 @@ def release_free_memory() -> None:
 
 def tree_size(path: str) -> int:
     total = 0
-    for dirpath, _, files in os.walk(path):
+    for dirpath, _, files in walk_tree(path):
         for name in files:
             try:
                 total += os.lstat(os.path.join(dirpath, name)).st_size
@@ -4722,7 +4771,7 @@ def rehearse(root: str, config_path: Optional[str], document_path: str, artifact
             return checks
         unpack(local, os.path.join(scratch, "unpacked"), sha256=doc.sha256)  # as the update unpacks it
         tree = check_layout(os.path.join(scratch, "unpacked"), doc.software)
-        files = sum(len(f) for _, _, f in os.walk(tree))
+        files = sum(len(f) for _, _, f in walk_tree(tree))
         live = os.path.join(cfg.root, SOFTWARE[doc.software].tree)
         checks.append(Check("unpack", True, f"{files} files; would replace {live}"))
         kept = [k for k in cfg.ota["keep"] if doc.software == "core" and os.path.exists(os.path.join(cfg.root, k))]

@@ -158,10 +158,10 @@ class Device:
         return self.cloud.history(job_id, self.thing)
 
 
-def agent_variant(tmp: Path, version: str, broken: Optional[str] = None) -> Path:
-    """A copy of the agent under test announcing `version`. `broken="version"`: it fails
-    `--version` (a binary that cannot even start)."""
-    text = AGENT_SOURCE.read_text()
+def agent_variant(tmp: Path, version: str, broken: Optional[str] = None, source: Optional[Path] = None) -> Path:
+    """A copy of the agent under test (or of `source`) announcing `version`. `broken="version"`:
+    it fails `--version` (a binary that cannot even start)."""
+    text = (source or AGENT_SOURCE).read_text()
     assert '__version__ = "' in text
     import re
     text = re.sub(r'__version__ = "[^"]+"', f'__version__ = "{version}"', text, count=1)
@@ -177,13 +177,13 @@ def agent_variant(tmp: Path, version: str, broken: Optional[str] = None) -> Path
     return out
 
 
-def release_agent(device: Device, version: str, broken: Optional[str] = None):
-    """Publish a variant of the agent script; not for a frozen agent under test."""
+def release_agent(device: Device, version: str, broken: Optional[str] = None, source: Optional[Path] = None):
+    """Publish a variant of the agent script (or of `source`); not for a frozen agent under test."""
     import pytest
     if os.environ.get("GGC_OTA_AGENT"):
         pytest.skip("agent variants are made from the script; the binary has its own self-update test")
     from tests.cloud.device import build_agent_artifact
-    source = agent_variant(device.tmp, version, broken)
+    source = agent_variant(device.tmp, version, broken, source)
     art = build_agent_artifact(device.tmp / f"agent-{version}.tar.gz", source)
     device.cloud.publish_release(software="ota_agent", version=version, architecture="x86_64",
                                  operating_system="ubuntu", tarball=art.path)

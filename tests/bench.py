@@ -512,6 +512,31 @@ class Bench:
         return elapsed, ram
 
 
+def wear(bench: Bench) -> None:
+    """Flash written by one update, counted by the power-cut file system, by phase: bytes and
+    sync calls, against the artifact's compressed and unpacked sizes (goal: at most compressed +
+    unpacked + 64 KiB). Skipped where FUSE cannot run."""
+    from tests.powercut.sweep import flash_wear, fuse_available
+    why = fuse_available()
+    if why:
+        print(f"flash wear: SKIPPED ({why})", flush=True)
+        return
+    payload = (1 if bench.args.quick else 8) << 20
+    for kind, what in (("core", "a core update"), ("agent", "a self-update")):
+        w = flash_wear(bench.cloud, bench.work / f"wear-{kind}", kind, payload=payload)
+        phases = ", ".join(f"{name} {p['bytes']} B / {p['syncs']} syncs" for name, p in sorted(w["phases"].items()))
+        print(f"flash wear of {what} ({w['files']} files, {w['compressed']} B compressed, "
+              f"{w['unpacked']} B unpacked): {phases}", flush=True)
+        bench.row(f"flash written by {what}", w["written"] / 1024, "KiB",
+                  "artifact compressed + unpacked", (w["compressed"] + w["unpacked"]) / 1024,
+                  w["written"] / (w["compressed"] + w["unpacked"]), "compressed + unpacked + 64 KiB", w["met"],
+                  1)
+        bench.row(f"sync calls of {what}", w["syncs"], "calls", None, None, None,
+                  "fewest that pass the power-cut sweep", True, 1)
+        bench.wear = getattr(bench, "wear", {})
+        bench.wear[kind] = w
+
+
 def update_seconds(log: Path, job: str) -> float:
     """From the agent's log: the update's duration without the time spent in scripts."""
     from datetime import datetime
@@ -532,7 +557,7 @@ def update_seconds(log: Path, job: str) -> float:
     return end - begin - scripts
 
 
-FIGURES = ("download", "unpack", "memory", "latency", "idle", "whole_update", "binary")
+FIGURES = ("download", "unpack", "memory", "latency", "idle", "whole_update", "binary", "wear")
 
 
 def main() -> int:
@@ -558,7 +583,7 @@ def main() -> int:
     bench = Bench(args)
     try:
         for name in args.only or FIGURES:
-            getattr(bench, name)()
+            wear(bench) if name == "wear" else getattr(bench, name)()
     finally:
         bench.close()
     now = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime())

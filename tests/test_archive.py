@@ -253,3 +253,78 @@ def test_what_is_unpacked_is_what_was_hashed(tmp_path):
     with pytest.raises(g.HashMismatch, match="changed on disk"):
         g.unpack(str(art.path), str(tmp_path / "s"), sha256="0" * 64)
     assert not (tmp_path / "s").exists()
+
+
+def gnu_sparse_archive(extended_blocks: int) -> bytes:
+    """An old-style GNU sparse member whose header says more sparse maps follow, and
+    `extended_blocks` blocks that each say the same: tarfile reads them all, unbounded."""
+    info = tarfile.TarInfo("greengrass/ggc/sparse")
+    info.type, info.size = tarfile.GNUTYPE_SPARSE, 0
+    head = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    head[482] = 1  # isextended
+    head[148:156] = b" " * 8
+    head[148:156] = b"%06o\0 " % tarfile.calc_chksums(bytes(head))[0]
+    block = bytearray(512)
+    block[0:12], block[12:24], block[504] = b"00000000000\0", b"00000000001\0", 1
+    return bytes(head) + bytes(block) * extended_blocks + b"\0" * 1024
+
+
+def test_sparse_members_are_refused_before_their_map_is_read(tmp_path):
+    """tarfile reads a GNU sparse map in a loop the archive sets the length of (a 178 KB
+    artifact grew the agent by 417 MiB): every kind of sparse member is refused, unread."""
+    with pytest.raises(g.UnsafeArchive, match="sparse"):
+        g.unpack(gzip_bytes(tmp_path, "old.tar.gz", gnu_sparse_archive(200_000)), str(tmp_path / "s1"))
+    assert not (tmp_path / "s1").exists()
+    for n, pax in enumerate(({"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "greengrass/x",
+                              "GNU.sparse.realsize": "10"},
+                             {"GNU.sparse.map": "0,1", "GNU.sparse.size": "10"},
+                             {"GNU.sparse.size": "10", "GNU.sparse.numblocks": "1", "GNU.sparse.offset": "0",
+                              "GNU.sparse.numbytes": "1"})):
+        info = tarfile.TarInfo("greengrass/ggc/x")
+        info.pax_headers = pax
+        data = b"999999999999\n" + b"\0" * 499
+        info.size = len(data)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            tar.addfile(info, io.BytesIO(data))
+        with pytest.raises(g.UnsafeArchive, match="sparse"):
+            g.unpack(gzip_bytes(tmp_path, f"pax{n}.tar.gz", buf.getvalue()), str(tmp_path / f"p{n}"))
+        assert not (tmp_path / f"p{n}").exists()
+
+
+def test_a_tree_deeper_than_the_recursion_limit_is_refused_and_removed(tmp_path):
+    """1,200 nested directories, then an absolute path: the archive is refused and its staging
+    removed, without a RecursionError (which left the job unended and the agent in a crash
+    loop); every walk of the agent over such a tree works."""
+    depth = 1200
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        path = "greengrass/ggc"
+        for _ in range(depth):
+            path += "/d"
+            info = tarfile.TarInfo(path)
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+        leaf = tarfile.TarInfo(path + "/f")
+        leaf.size = 1
+        tar.addfile(leaf, io.BytesIO(b"x"))
+        tar.addfile(tarfile.TarInfo("/etc/evil"), io.BytesIO(b""))
+    with pytest.raises(g.UnsafeArchive):
+        g.unpack(gzip_bytes(tmp_path, "deep.tar.gz", buf.getvalue()), str(tmp_path / "s"))
+    assert not (tmp_path / "s").exists()
+    deep = tmp_path / "tree"
+    path = str(deep)
+    os.mkdir(path)
+    for _ in range(depth):  # os.makedirs recurses too
+        path = os.path.join(path, "d")
+        os.mkdir(path)
+    with open(os.path.join(path, "f"), "wb") as f:
+        f.write(b"xy")
+    assert g.tree_size(str(deep)) == 2
+    g.fsync_tree(str(deep))
+    g.copy_tree(str(deep), str(tmp_path / "copy"))
+    with open(os.path.join(str(tmp_path / "copy"), *(["d"] * depth), "f"), "rb") as f:
+        assert f.read() == b"xy"
+    g.remove_tree(str(deep))
+    g.remove_tree(str(tmp_path / "copy"))
+    assert not deep.exists() and not (tmp_path / "copy").exists()

@@ -4,6 +4,9 @@ ggc/, kept state is intact, the scripts leave the right software running, and th
 terminal status that tells the truth."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import time
 
 import pytest
@@ -150,5 +153,58 @@ def test_an_unreadable_journal_deletes_nothing(cloud, tmp_path, step, corruption
         version = device.dev.core_version()
         assert (device.dev.lab / "greengrassd.version").read_text().strip() == version  # the live core runs
         assert device.proc.poll() is None and device.status()["updateInFlight"] is None
+    finally:
+        device.stop()
+
+
+@pytest.mark.frozen
+def test_a_boot_that_started_the_new_core_before_recovery_ends_with_the_old_core_running(cloud, tmp_path):
+    """A power cut right after the swap, then a boot: the boot starts whatever core ggc/ holds
+    (the new one) before the agent recovers. The rollback must stop it before it restores the
+    old tree, or the old core's start finds it running and the new core runs on from a deleted
+    tree (found by the power-cut sweep, core update, cut at step swapping)."""
+    device = Device(cloud, tmp_path)
+    try:
+        device.release_core("1.11.6")
+        device.start(crash_at="swap_started")  # the journal says swapping, the trees not yet swapped
+        job = device.update_job()
+        assert device.wait_exit(60) == 99, device.log()[-3000:]
+        # as a cut right after the swap's renames leaves it: the new tree live, the journal at "swapping"
+        journal = json.loads((device.root / "ota-state/journal.json").read_text())
+        os.rename(journal["live"], journal["old"])
+        os.rename(journal["new"], journal["live"])
+        assert device.dev.core_version() == "1.11.6"
+        # the boot: the core of whatever ggc/ holds starts, then the agent
+        subprocess.run([str(device.root / "ggc/core/greengrassd"), "start"], check=True, timeout=30)
+        assert (device.dev.lab / "greengrassd.version").read_text().strip() == "1.11.6"
+        device.start()
+        ex = device.wait_status(job)
+        assert ex["status"] == "FAILED" and details(ex)["rolledBack"] == "true", device.log()[-3000:]
+        assert device.dev.core_version() == "1.11.5"
+        assert (device.dev.lab / "greengrassd.version").read_text().strip() == "1.11.5"
+        pid = int((device.dev.lab / "greengrassd.pid").read_text())
+        os.kill(pid, 0)
+    finally:
+        device.stop()
+
+
+def test_a_download_left_by_a_power_cut_after_the_job_ended_is_removed_at_start(cloud, tmp_path):
+    """The last step of an update removes its download without a sync; a power cut can bring it
+    back. At start the agent removes the download of every job its history says has ended
+    (found by the power-cut sweep, self-update, strict model, cut at the last operation)."""
+    device = Device(cloud, tmp_path)
+    try:
+        device.release_core("1.11.6")
+        device.start()
+        job = device.update_job()
+        assert device.wait_status(job)["status"] == "SUCCEEDED"
+        device.stop()
+        left = device.root / f"ota-state/downloads/{job}.tar.gz"
+        left.write_bytes(b"what a power cut brought back")
+        unrelated = device.root / "ota-state/downloads/SomeOtherJob.tar.gz.part"
+        unrelated.write_bytes(b"a download to resume")
+        device.start()
+        device.wait_log(f"removing the download of job {job}, which has ended")
+        assert not left.exists() and unrelated.exists()
     finally:
         device.stop()

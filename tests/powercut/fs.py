@@ -8,6 +8,9 @@ a mount starts from that image, and the power going off writes the new durable i
 The control socket takes one JSON command a line and answers one JSON line:
   {"cmd": "stats"}               counters (operations, bytes, syncs, by category), the cut if any
   {"cmd": "arm", "after": K}     the power goes at the K-th state-changing operation from now
+  {"cmd": "arm", "match": N, "nth": K}  ... at the K-th operation named N from now (model.normalize)
+  {"cmd": "arm"}                 no cut; start recording operation names
+  {"cmd": "names"}               the names of the operations since the last arm
   {"cmd": "sync_all"}            everything is durable (once a test device is set up)
   {"cmd": "no_syncs", "on": b}   sync calls do nothing from now (a test that the sweep can fail)
   {"cmd": "poweroff"}            the power goes now, if it has not already
@@ -285,7 +288,13 @@ def serve_control(path: str, ops: Ops, backing: str, mountpoint: str) -> None:
         fs = ops.fs
         with ops._lock:
             if cmd == "arm":
-                fs.cut_at = fs.counters.ops + int(request["after"])
+                fs.names = []
+                if "match" in request:
+                    fs.cut_match, fs.matched = (str(request["match"]), int(request["nth"])), 0
+                elif "after" in request:
+                    fs.cut_at = fs.counters.ops + int(request["after"])
+            elif cmd == "names":
+                return {"ok": True, "names": fs.names}
             elif cmd == "sync_all":
                 fs.sync_everything()
             elif cmd == "no_syncs":

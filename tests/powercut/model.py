@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import stat
 import time
 from typing import Dict, List, Optional, Tuple
@@ -68,18 +69,39 @@ class Counters:
                 "fsyncdir": self.fsyncdir, "byCategory": self.by_category}
 
 
-def category(path: str) -> str:
-    """Which part of an update a path belongs to (the flash-wear report's phases)."""
+KEPT_DIRS = ("deployment", "var")  # the agent's default keep list, inside the staged ggc/
+
+
+def category(path: str, verb: str = "") -> str:
+    """Which phase of an update an operation belongs to (the flash-wear report's rows)."""
     parts = [p for p in path.split("/") if p]
-    if len(parts) >= 2 and parts[0] == "ota-state":
+    if verb in ("unlink", "rmdir"):
+        return "clean-up"
+    if verb.startswith("rename") and (parts[-1:] in (["new"], ["old"]) or parts in (["ggc"], ["ota"])
+                                      or path.endswith(".rejected")):
+        return "swap"
+    if not parts:  # the root, whose entries the swap changes
+        return "swap"
+    if parts[0] == "ota-state":
+        if len(parts) == 1:
+            return "journal and statuses"
         if parts[1] == "downloads":
             return "download"
         if parts[1] == "staging":
-            return "unpack"
+            return "kept state" if len(parts) > 4 and parts[3] == "new" and parts[4] in KEPT_DIRS else "unpack"
         return "journal and statuses"
     if parts and parts[0] in ("ggc", "ota"):
-        return "installed trees"
+        return "swap"
     return "other"
+
+
+def normalize(what: str) -> str:
+    """An operation as the sweep names a cut point: job ids, temp-file suffixes, sizes and
+    offsets left out, so the same point of two runs of one update has the same name."""
+    what = re.sub(r"GreengrassUpdateJob_[0-9a-f-]+", "JOB", what)
+    what = re.sub(r"\.tmp\d+", ".tmp", what)
+    what = re.sub(r"-\d{9,}", "-TIME", what)
+    return re.sub(r"^write \d+ bytes at \d+ of", "write of", what)
 
 
 class PowerCut(Exception):
@@ -102,6 +124,9 @@ class Model:
         self.pending: List[Tuple[tuple, frozenset]] = []
         self.counters = Counters()
         self.cut_at: Optional[int] = None   # the operation count at which the power goes
+        self.cut_match: Optional[Tuple[str, int]] = None  # or at the n-th operation of this name
+        self.matched = 0
+        self.names: List[str] = []          # every operation's normalized name since the last arm
         self.cut: Optional[str] = None      # the operation that did not happen
         self.trace: List[str] = []          # the last operations, for a failure's report
         self.fail_syncs = False             # sync calls do nothing (a test that the sweep can fail)
@@ -138,11 +163,18 @@ class Model:
         """Count one state-changing operation; at the armed count the power goes before it."""
         if self.cut is not None:
             raise PowerCut(self.cut)
+        name = normalize(what)
+        if self.cut_match is not None and name == self.cut_match[0]:
+            self.matched += 1
+            if self.matched >= self.cut_match[1]:
+                self.cut = f"operation {self.counters.ops + 1}: {what}"
+                raise PowerCut(self.cut)
         if self.cut_at is not None and self.counters.ops + 1 >= self.cut_at:
             self.cut = f"operation {self.counters.ops + 1}: {what}"
             raise PowerCut(self.cut)
+        self.names.append(name)
         self.counters.ops += 1
-        self.counters.add(category(path), "ops")
+        self.counters.add(category(path, what.split(" ", 1)[0]), "ops")
         self.trace.append(f"{self.counters.ops}: {what}")
         del self.trace[:-40]
 
@@ -333,7 +365,7 @@ class Model:
         node.data[offset:offset + len(data)] = data
         node.mtime = node.ctime = time.time_ns()
         self.counters.bytes += len(data)
-        self.counters.add(category(path), "bytes", len(data))
+        self.counters.add(category(path, "write"), "bytes", len(data))
         return len(data)
 
     def truncate(self, node: Node, length: int, path: str) -> None:
@@ -362,7 +394,7 @@ class Model:
     def fsync(self, ino: int, datasync: bool, path: str) -> None:
         node = self.node(ino)
         self.tick(f"{'fdatasync' if datasync else 'fsync'}{'dir' if node.kind == 'd' else ''} {path}", path)
-        self.counters.add(category(path), "syncs")
+        self.counters.add(category(path, "fsync"), "syncs")
         if node.kind == "d":
             self.counters.fsyncdir += 1
             self.sync_dir(ino)

@@ -180,7 +180,8 @@ class Rig:
     """One test device on the power-cut file system, set up once and reset for every cut: its
     backing image is copied back from the pristine one, the lab cleared, the old core started."""
 
-    def __init__(self, cloud, workdir: Path, kind: str, model: str) -> None:
+    def __init__(self, cloud, workdir: Path, kind: str, model: str, agent: Optional[Path] = None,
+                 payload: int = 3000) -> None:
         self.cloud, self.kind, self.model = cloud, kind, model
         self.workdir = workdir
         self.pristine = workdir / "pristine"
@@ -191,16 +192,22 @@ class Rig:
         self.mount: Optional[Mount] = None
         self.boots = 0
         with Mount(self.backing, self.root, model, self.marker) as m:
-            self.device = Device(cloud, workdir, ota={"healthCheckSeconds": 0.5, "progressInterval": 0.2})
+            # progress reports on a timer would make two runs of an update differ in their operations
+            self.device = Device(cloud, workdir, ota={"healthCheckSeconds": 0.5, "progressInterval": 60},
+                                 agent=agent)
             if kind == "agent":
-                release_agent(self.device, NEW_AGENT)
+                new_agent = release_agent(self.device, NEW_AGENT, source=agent)
+                self.artifact = next(r for r in cloud.greengrass.releases if r.version == NEW_AGENT)
+                self.new_agent = new_agent
             else:
-                self.device.release_core(NEW_CORE, payload_bytes=3000)
+                self.artifact = self.device.release_core(NEW_CORE, payload_bytes=payload)
             self.old = {"ggc": tree_state(self.root / "ggc"), "ota": tree_state(self.root / "ota")}
             self.kept = kept_state(self.root)
             m.ask("sync_all")
         shutil.copytree(self.backing, self.pristine)
         self.new: Dict[str, Dict[str, str]] = {}
+        self.names: List[str] = []
+        self.job = ""
 
     # ---- one boot of the device -------------------------------------------------------------------
     def power_on(self) -> Mount:
@@ -273,6 +280,9 @@ class Rig:
                 return
             time.sleep(0.1)
 
+    def artifact_size(self) -> int:
+        return int(self.artifact.size)
+
     def create_job(self) -> str:
         return self.device.update_job("ota_agent" if self.kind == "agent" else "core")
 
@@ -298,15 +308,17 @@ class Rig:
             start = time.time()
             self.wait_ready(start - 1)
             self.wait_quiet(0.3)
-            before = self.mount.ask("stats")
+            before = self.mount.ask("arm")
             job = self.create_job()
             status = self.wait_end(job, cut_armed=False)
             self.wait_settled(job)
             after = self.mount.ask("stats")
+            self.names = self.mount.ask("names")["names"]
             self.new = {"ggc": tree_state(self.root / "ggc"), "ota": tree_state(self.root / "ota")}
             expected = "FAILED" if self.kind == "rollback" else "SUCCEEDED"
             assert status == expected, f"the reference update ended {status}\n{self.device.log()[-3000:]}"
-            return {"ops": after["ops"] - before["ops"], "before": before["counters"], "after": after["counters"]}
+            return {"ops": len(self.names), "before": before["counters"], "after": after["counters"],
+                    "names": self.names}
         finally:
             self.power_off()
 
@@ -320,7 +332,15 @@ class Rig:
             time.sleep(0.1)
         self.wait_quiet(0.5, timeout=max(1.0, deadline - time.monotonic()))
 
+    def cut_point(self, index: int) -> dict:
+        """The arm command that cuts at operation `index` (0-based) of the reference update: its
+        name and the how-manieth of that name it is, so that timing cannot shift it."""
+        name = self.names[index]
+        return {"match": name, "nth": self.names[:index + 1].count(name)}
+
     def run_cut(self, cut: int, second_cut: Optional[int] = None) -> Outcome:
+        """Cut at operation `cut` (1-based) of the reference update; with `second_cut`, cut again
+        at that operation of the recovery after the first boot."""
         out = Outcome(self.kind, self.model, cut, second_cut)
         self.reset()
         self.power_on()
@@ -328,9 +348,8 @@ class Rig:
         try:
             self.boot()
             self.wait_ready(time.time())
-            self.wait_quiet(0.3)
-            self.mount.ask("arm", after=cut)
-            job = self.create_job()
+            self.mount.ask("arm", **(self.cut_point(cut - 1) if cut <= len(self.names) else {"after": cut}))
+            job = self.job = self.create_job()
             ended = self.wait_end(job, cut_armed=True)
             stats = self.mount.ask("stats")
             out.cut_at = stats["cut"] or ""
@@ -386,6 +405,14 @@ class Rig:
         if self.kind == "rollback" and ex["status"] == "SUCCEEDED":
             p.append("the update whose post-update script fails SUCCEEDED")
         state = self.root / "ota-state"
+        try:
+            history = [json.loads(line) for line in (state / "history.jsonl").read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as err:
+            history = []
+            p.append(f"the history cannot be read: {err}")
+        recorded = [h.get("result") for h in history if h.get("jobId") == self.job]
+        if recorded[-1:] != [ex["status"]]:
+            p.append(f"the history does not record the job's end: {recorded}")
         for leftover in ("journal.json",):
             if (state / leftover).exists():
                 p.append(f"{leftover} is left behind")
@@ -413,13 +440,17 @@ def sample(total: int, count: int) -> List[int]:
 
 
 def run_sweep(cloud, workdir: Path, kind: str, model: str, count: Optional[int] = None,
-              second_cuts: int = 0, log=print) -> dict:
-    """Cut at every operation (count None) or at `count` even samples; `second_cuts`: that many
-    runs cut again during the recovery. Returns a summary with every failure."""
-    rig = Rig(cloud, workdir, kind, model)
+              second_cuts: int = 0, syncs: bool = False, log=print, agent: Optional[Path] = None) -> dict:
+    """Cut at every operation of the update (count None), at `count` even samples, or (`syncs`)
+    right before each sync call; `second_cuts`: that many runs cut again during the recovery.
+    Returns a summary with every failure."""
+    rig = Rig(cloud, workdir, kind, model, agent=agent)
     ref = rig.reference()
-    total = ref["ops"] + 5  # a few past the end: the last clean-up is tried too
-    points = sample(total, count) if count else list(range(1, total + 1))
+    total = ref["ops"] + 3  # a few past the end: the last clean-up is tried too
+    if syncs:
+        points = [i + 1 for i, name in enumerate(rig.names) if name.startswith(("fsync", "fdatasync"))]
+    else:
+        points = sample(total, count) if count else list(range(1, total + 1))
     outcomes = []
     for i, k in enumerate(points):
         out = rig.run_cut(k)
@@ -429,26 +460,31 @@ def run_sweep(cloud, workdir: Path, kind: str, model: str, count: Optional[int] 
         if not out.ok:
             log(out.describe())
     for k in sample(total, second_cuts + 2)[1:-1] if second_cuts else []:
-        out = rig.run_cut(k, second_cut=max(1, (k * 7) % 40))
+        out = rig.run_cut(k, second_cut=1 + (k * 7) % 40)
         outcomes.append(out)
         log(f"{kind}/{model}: cut {k}, then during recovery: {'ok' if out.ok else 'FAILED'}")
         if not out.ok:
             log(out.describe())
     failures = [o for o in outcomes if not o.ok]
     return {"kind": kind, "model": model, "operations": ref["ops"], "tried": len(outcomes),
-            "passed": len(outcomes) - len(failures), "failures": failures, "reference": ref}
+            "passed": len(outcomes) - len(failures), "failures": failures, "reference": ref,
+            "failed_at": [f"{o.cut}: {o.cut_at}" for o in failures]}
 
 
 def run_pair(args: tuple) -> dict:
-    kind, model, count, second, workdir = args
+    """One kind and model in a process of its own, with a look-alike cloud of its own (for a
+    pool): (kind, model, count, second cuts, workdir[, agent source, syncs only])."""
+    kind, model, count, second, workdir = args[:5]
+    agent = Path(args[5]) if len(args) > 5 and args[5] else None
+    syncs = bool(args[6]) if len(args) > 6 else False
     from tests.cloud import Cloud
     from tests.conftest import MINUTE
     work = Path(workdir) / f"{kind}-{model}"
     cloud = Cloud(work / "cloud", minute=MINUTE).start()
     started = time.monotonic()
     try:
-        result = run_sweep(cloud, work / "device", kind, model, count=count, second_cuts=second,
-                           log=lambda line: print(line, flush=True))
+        result = run_sweep(cloud, work / "device", kind, model, count=count, second_cuts=second, syncs=syncs,
+                           agent=agent, log=lambda line: print(line, flush=True))
     except Exception as err:  # the reference update itself failed: report it as this pair's failure
         result = {"kind": kind, "model": model, "operations": 0, "tried": 0, "passed": 0,
                   "failures": [], "error": f"{type(err).__name__}: {err}"}
@@ -458,3 +494,23 @@ def run_pair(args: tuple) -> dict:
     result["failures"] = [f.describe() if hasattr(f, "describe") else f for f in result["failures"]]
     result.pop("reference", None)
     return result
+
+
+def flash_wear(cloud, workdir: Path, kind: str, payload: int = 1 << 20) -> dict:
+    """Bytes written and sync calls of one update (no cut), by phase, beside the artifact's
+    compressed and unpacked sizes: what an update costs a device's flash."""
+    rig = Rig(cloud, workdir, kind, "data", payload=payload)
+    ref = rig.reference()
+    before, after = ref["before"]["byCategory"], ref["after"]["byCategory"]
+    phases = {}
+    for name in sorted(set(before) | set(after)):
+        b, a = before.get(name, {}), after.get(name, {})
+        phases[name] = {k: a.get(k, 0) - b.get(k, 0) for k in ("bytes", "syncs", "ops")}
+    tree = "ota" if kind == "agent" else "ggc"
+    unpacked = sum(int(v.split()[3]) for k, v in rig.new[tree].items() if v.startswith("file"))
+    compressed = rig.artifact_size()
+    written = sum(p["bytes"] for p in phases.values())
+    syncs = sum(p["syncs"] for p in phases.values())
+    return {"kind": kind, "compressed": compressed, "unpacked": unpacked, "written": written, "syncs": syncs,
+            "files": sum(1 for v in rig.new[tree].values() if v.startswith("file")), "phases": phases,
+            "goal": compressed + unpacked + 64 * 1024, "met": written <= compressed + unpacked + 64 * 1024}
