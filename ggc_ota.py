@@ -3295,7 +3295,7 @@ class State:
         lines = self._history_lines()[-(HISTORY_LIMIT - 1):] + [json.dumps(record, sort_keys=True)]
         tmp = self.history_path + ".tmp"
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
+            with open_new(tmp) as f:  # never through a planted symlink
                 f.write("\n".join(lines) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
@@ -3388,6 +3388,60 @@ STEP_BY_NAME = {step.name: step for step in STEPS}
 
 class RollbackFailed(OtaError):
     reason = "ROLLBACK_FAILED"
+
+
+NO_VALUE = type(None)
+# Every field a journal may hold and its types; the paths are checked against the ones this agent
+# would have written for that job (check_journal). A journal is trusted as a whole or not at all.
+JOURNAL_FIELDS: Dict[str, tuple] = {
+    "jobId": (str,), "executionNumber": (int,), "software": (str,), "step": (str,), "live": (str,), "new": (str,),
+    "old": (str,), "stage": (str,), "liveId": (list, NO_VALUE), "newId": (list, NO_VALUE), "format": (int,),
+    "recoveries": (int,), "fromVersion": (str, NO_VALUE), "toVersion": (str,), "startedAt": (int, float),
+    "corePidFile": (str, NO_VALUE), "exchange": (bool,), "newStarted": (bool,), "reason": (str, NO_VALUE),
+    "message": (str,), "rolledBack": (str,), "starts": (int,), "trialConnected": (bool,), "trialReason": (str,),
+    "trialMessage": (str,),
+}
+
+
+def check_journal(journal: dict, root: str, staging: str, core_pid_file: str) -> None:
+    """Raise JournalCorrupt unless every field of `journal` has its type, every path in it is the
+    one this agent writes for that job (the live tree under the root, the staging of that job),
+    its reasons are known ones, and its format is one this agent knows: a planted or damaged
+    journal must never make the agent remove, run or exec anything else."""
+    def bad(why: str) -> JournalCorrupt:
+        return JournalCorrupt(f"the update journal is not one this agent wrote: {why}")
+
+    fmt = journal.get("format", 1)
+    if type(fmt) is int and fmt > JOURNAL_FORMAT:
+        raise JournalCorrupt(f"the update journal was written by a newer agent (format {fmt}; this agent knows "
+                             f"{JOURNAL_FORMAT} and older): run that agent version again to finish the update, "
+                             "or check the trees by hand")
+    for key, value in journal.items():
+        kinds = JOURNAL_FIELDS.get(key)
+        if kinds is None:
+            raise bad(f"unknown field {key!r:.40}")
+        if type(value) not in kinds:  # exact types: True is no executionNumber
+            raise bad(f"{key} is a {type(value).__name__}")
+    job_id, software = journal["jobId"], journal["software"]
+    if not valid_job_id(job_id) or software not in SOFTWARE or journal["step"] not in STEP_BY_NAME:
+        raise bad(f"job {job_id!r:.80}, software {software!r:.40}, step {journal['step']!r:.40}")
+    stage = os.path.join(staging, job_id)
+    expected = {"live": os.path.join(root, SOFTWARE[software].tree), "stage": stage,
+                "new": os.path.join(stage, "new"), "old": os.path.join(stage, "old")}
+    for key, path in expected.items():
+        if journal[key] != path:
+            raise bad(f"{key} is {journal[key]!r:.200}, not {path}")
+    for key in ("liveId", "newId"):
+        ident = journal.get(key)
+        if ident is not None and (len(ident) != 2 or any(type(n) is not int for n in ident)):
+            raise bad(f"{key} is not a [device, inode] pair")
+    for key in ("reason", "trialReason"):
+        if journal.get(key) is not None and journal[key] not in REASONS:
+            raise bad(f"{key} {journal[key]!r:.40} is no reason code")
+    if journal.get("corePidFile") not in (None, core_pid_file):
+        raise bad(f"corePidFile is not the configured {core_pid_file}")
+    if journal.get("executionNumber", 1) < 1 or journal.get("recoveries", 0) < 0:
+        raise bad("a negative count")
 
 
 def crash_point(step: str) -> None:
@@ -4364,9 +4418,17 @@ class Agent:
 
     def read_journal_or(self, default: dict) -> dict:
         try:
-            return self.state.journal() or default
+            return self.load_journal() or default
         except JournalCorrupt:
             return default
+
+    def load_journal(self) -> Optional[dict]:
+        """The update in flight, checked whole (check_journal); JournalCorrupt when it cannot be
+        read or trusted."""
+        journal = self.state.journal()
+        if journal is not None:
+            check_journal(journal, self.root, self.state.staging, self.ota["corePidFile"])
+        return journal
 
     def prove_new_agent(self, journal: dict) -> int:
         """This process is the new agent on trial, started from staging by the old agent: connect,
@@ -4528,7 +4590,7 @@ class Agent:
     def recover(self) -> None:
         """At start: finish whatever update a crash interrupted, as STEPS says for its step."""
         try:
-            journal = self.state.journal()
+            journal = self.load_journal()
         except JournalCorrupt as err:
             self.recover_without_journal(err)
             return

@@ -313,6 +313,14 @@ def test_a_tree_deeper_than_the_recursion_limit_is_refused_and_removed(tmp_path)
         g.unpack(gzip_bytes(tmp_path, "deep.tar.gz", buf.getvalue()), str(tmp_path / "s"))
     assert not (tmp_path / "s").exists()
     deep = tmp_path / "tree"
+    try:
+        walk_a_deep_tree(tmp_path, deep, depth)
+    finally:  # a tree this deep also defeats pytest's own clean-up of old temporary directories
+        g.remove_tree(str(deep))
+        g.remove_tree(str(tmp_path / "copy"))
+
+
+def walk_a_deep_tree(tmp_path, deep, depth: int) -> None:
     path = str(deep)
     os.mkdir(path)
     for _ in range(depth):  # os.makedirs recurses too

@@ -208,3 +208,48 @@ def test_a_download_left_by_a_power_cut_after_the_job_ended_is_removed_at_start(
         assert not left.exists() and unrelated.exists()
     finally:
         device.stop()
+
+
+def lie(change):
+    def corrupt(raw: bytes) -> bytes:
+        journal = json.loads(raw)
+        change(journal)
+        return json.dumps(journal).encode()
+    return corrupt
+
+
+LIES = {
+    "live outside the root": lie(lambda j: j.update(live="/etc")),
+    "stage elsewhere": lie(lambda j: j.update(stage="/", new="/new", old="/old")),
+    "a number as a path": lie(lambda j: j.update(live=5)),
+    "an unknown field": lie(lambda j: j.update(program="/bin/sh")),
+    "a reason that is no code": lie(lambda j: j.update(reason="rm -rf /")),
+    "a newer format": lie(lambda j: j.update(format=99)),
+}
+
+
+@pytest.mark.parametrize("lie_name", list(LIES))
+def test_a_journal_that_lies_is_handled_as_a_corrupt_one(cloud, tmp_path, lie_name):
+    """A journal is trusted whole or not at all: a planted one that names paths outside the
+    root's trees and this job's staging, has fields of the wrong type or unknown ones, a reason
+    that is no code, or a newer format, removes and runs nothing: JOURNAL_CORRUPT, both trees
+    kept, the live core started."""
+    device = Device(cloud, tmp_path)
+    try:
+        device.release_core("1.11.6")
+        device.start(crash_at="after_swap")
+        job = device.update_job()
+        assert device.wait_exit(60) == 99, device.log()[-3000:]
+        journal = device.root / "ota-state/journal.json"
+        journal.write_bytes(LIES[lie_name](journal.read_bytes()))
+        live = device.dev.tree_digest("ggc")
+        device.start()
+        ex = device.wait_status(job)
+        assert ex["status"] == "FAILED" and details(ex)["reason"] == "JOURNAL_CORRUPT", device.log()[-3000:]
+        assert device.dev.tree_digest("ggc") == live
+        assert len(list((device.root / "ota-state/kept").iterdir())) == 1
+        if lie_name == "a newer format":
+            assert "written by a newer agent" in device.log()
+        assert device.proc.poll() is None
+    finally:
+        device.stop()

@@ -173,3 +173,15 @@ def test_planted_symlinks_are_never_followed(tmp_path):
     g.write_pid(str(pid_file), 4242)
     assert victim.read_text() == "precious" and not victim.is_symlink()
     assert pid_file.read_text() == "4242\n" and json.loads(journal.read_text()) == {"a": 1}
+
+
+def test_history_is_never_written_through_a_planted_symlink(tmp_path):
+    state = g.State(str(tmp_path / "state"))
+    state.ensure()
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    os.symlink(victim, tmp_path / "state/history.jsonl.tmp")
+    state.add_history({"jobId": "j1", "executionNumber": 1, "result": "SUCCEEDED"})
+    assert victim.read_text() == "precious"
+    assert state.history()[-1]["jobId"] == "j1"
+    assert not os.path.lexists(tmp_path / "state/history.jsonl.tmp")
