@@ -383,6 +383,9 @@ def default_root(executable: str) -> str:
     return DEFAULT_ROOT
 
 
+HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?|\[?[0-9A-Fa-f:.]{2,45}\]?")
+
+
 def _file_uri(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{what} must be a file:// URI")
@@ -447,8 +450,10 @@ def load_config(root: str, path: Optional[str] = None) -> Config:
     if not match:
         raise ConfigError(f"coreThing.thingArn {arn!r} is not a thing ARN")
     host = _require(core, "iotHost", "coreThing")
-    if not isinstance(host, str) or not host:
-        raise ConfigError("coreThing.iotHost must be a host name")
+    if not isinstance(host, str) or not HOST_NAME.fullmatch(host):
+        # it goes into a proxy's CONNECT request and the TLS handshake: no CR, LF, space or colon
+        raise ConfigError(f"coreThing.iotHost {one_log_line(str(host))[:100]!r} must be a host name "
+                          "(letters, digits, dots and hyphens) or an IP address")
     port = core.get("iotMqttPort", 8883)
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         raise ConfigError("coreThing.iotMqttPort must be a port number")
