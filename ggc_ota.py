@@ -515,7 +515,7 @@ URL_QUERY = re.compile(r"(https?://[^\s?#\"']+)\?[^\s\"']*", re.IGNORECASE)
 # A presigned URL's parameters, wherever they appear: http.client's errors carry the path and
 # query without the scheme, so the URL pattern alone does not catch them.
 AMZ_PARAMETER = re.compile(r"(X-Amz-[A-Za-z0-9-]+=)[^&\s\"'#]*", re.IGNORECASE)
-LOG_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
+LOG_CONTROL_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # C0, DEL, C1, Unicode line breaks
 MAX_LOG_RECORD = 4096  # characters of one log message; the rest is cut, with a note
 
 
@@ -526,17 +526,26 @@ def redact(text: str) -> str:
 def one_log_line(text: str) -> str:
     """What a log record may say: redacted, control characters escaped (a newline from outside,
     in a job id or an archive member's name, cannot forge a line of its own), and bounded."""
-    text = LOG_CONTROL_CHAR.sub(lambda m: f"\\x{ord(m.group()):02x}", redact(text))
+    text = LOG_CONTROL_CHAR.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256
+                                else f"\\u{ord(m.group()):04x}", redact(text))
     if len(text) > MAX_LOG_RECORD:
         text = text[:MAX_LOG_RECORD] + f"... ({len(text) - MAX_LOG_RECORD} more characters)"
     return text
 
 
 class RedactingFilter(logging.Filter):
+    """Every record, its traceback included, goes through one_log_line: a traceback is appended
+    to its message on the same line (its lines joined by " | "), so text from outside in an
+    exception cannot forge a line, and a presigned URL in one is redacted."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
+        if record.exc_info or record.exc_text:
+            trace = record.exc_text or logging.Formatter().formatException(record.exc_info)  # type: ignore[arg-type]
+            message += " | " + " | ".join(line.strip() for line in trace.splitlines() if line.strip())
+            record.exc_info, record.exc_text = None, None
         clean = one_log_line(message)
-        if clean != message:
+        if clean != record.msg or record.args:
             record.msg, record.args = clean, None
         return True
 

@@ -67,3 +67,28 @@ def test_a_record_is_one_bounded_line(tmp_path):
     lines = log_file.read_text().splitlines()
     assert len(lines) == 2 and "\\x0a2026" in lines[0] and "\\x1b" in lines[0]
     assert len(lines[1]) < g.MAX_LOG_RECORD + 200 and "more characters" in lines[1]
+
+
+def test_a_traceback_is_one_line_escaped_redacted_and_capped(tmp_path):
+    """log.exception's traceback went around the filter: an exception from outside could forge
+    a line in the log file and syslog, and a presigned URL in it reached the log."""
+    log_file = tmp_path / "ggc_ota.txt"
+    g.setup_logging(str(log_file), "INFO", to_stderr=False)
+    evil = ("refused\n2026-01-01 00:00:00,000 INFO [MainThread] job x: SUCCEEDED\x85\u2028"
+            "https://bucket.s3.amazonaws.com/a?X-Amz-Signature=secret " + "y" * 10_000)
+    try:
+        raise ValueError(evil)
+    except ValueError:
+        g.log.exception("job x failed on an unexpected error")
+    g.log.info("after")
+    lines = log_file.read_text().splitlines()
+    assert len(lines) == 2, lines
+    assert "job x failed on an unexpected error | Traceback" in lines[0] and "ValueError: refused" in lines[0]
+    assert " | 2026-01-01 00:00:00,000 INFO" in lines[0]  # the forged line stays inside the real one
+    assert not any(ch in lines[0] for ch in "\x85\u2028\x1b")
+    assert "secret" not in lines[0] and "<redacted>" in lines[0] and "more characters" in lines[0]
+    assert lines[1].endswith("INFO [MainThread] after")
+
+
+def test_c1_controls_and_unicode_line_breaks_are_escaped():
+    assert g.one_log_line("a\x9b31mb\x85c\u2028d\x1be") == "a\\x9b31mb\\x85c\\u2028d\\x1be"

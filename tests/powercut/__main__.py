@@ -66,20 +66,25 @@ def main(argv: list) -> int:
 
 
 def mutant_sweeps(args) -> int:
-    """Each sync call removed alone: the strict sweep (cuts right before every sync call left) of a
-    core update and of a self-update. Then all of them removed: the quick sweep must fail."""
+    """Each sync call removed alone: the strict sweep (cuts right before every sync call left) of
+    the kind of update that runs it (a rollback for restore_old, a core update for the rest).
+    Then all of them removed: the quick sweep of every kind and model must fail."""
     from tests.conftest import REPO
     from tests.powercut.mutants import sync_sites, write_mutant
     source = REPO / "ggc_ota.py"
     sites = sync_sites(source.read_text())
     chosen = [(i, s) for i, s in enumerate(sites) if not args.site or i in args.site]
-    kinds, models = args.kind or ["core", "agent"], args.model or ["strict"]
+    models = args.model or ["strict"]
+
+    def kinds_for(site) -> list:  # the kind of update that runs the site's code
+        return args.kind or (["rollback"] if site.function.startswith("restore_old") else ["core"])
+
     report = []
     with tempfile.TemporaryDirectory(prefix="powercut-mutants-") as workdir:
         jobs = []
         for i, site in chosen:
             mutant = write_mutant(source, Path(workdir) / f"ggc_ota-without-{i}.py", [site])
-            jobs += [(k, m, None, 0, f"{workdir}/site{i}", str(mutant), True) for k in kinds for m in models]
+            jobs += [(k, m, None, 0, f"{workdir}/site{i}", str(mutant), True) for k in kinds_for(site) for m in models]
         everything = write_mutant(source, Path(workdir) / "ggc_ota-without-all.py", sites)
         jobs += [(k, m, QUICK_CUTS, 0, f"{workdir}/all", str(everything), False) for k in KINDS for m in MODELS]
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
