@@ -1742,6 +1742,11 @@ JOB_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # AWS IoT's job ids
 UNREADABLE_REPLY = "UnreadableReply"  # our code for a reply that cannot be parsed (not AWS's)
 
 
+def valid_execution_number(value: Any) -> bool:
+    """An execution number as AWS gives it: a positive integer (not a bool, a list or a string)."""
+    return type(value) is int and 1 <= value <= 2 ** 53
+
+
 def valid_job_id(value: Any) -> bool:
     return isinstance(value, str) and JOB_ID.fullmatch(value) is not None
 
@@ -1873,6 +1878,10 @@ class JobsClient:
                 if not isinstance(item, dict) or not valid_job_id(item.get("jobId")):
                     log.warning("jobs: ignoring a summary with an invalid jobId: %.100r", item)
                     continue
+                if not valid_execution_number(item.get("executionNumber", 1)):
+                    log.warning("jobs: ignoring job %s: its summary has no valid executionNumber (%.40r)",
+                                item["jobId"], item.get("executionNumber"))
+                    continue
                 queued = item.get("queuedAt")
                 out.append(dict(item, queuedAt=queued if isinstance(queued, (int, float)) else 0))
             return sorted(out, key=lambda i: (i["queuedAt"], i["jobId"]))
@@ -1893,7 +1902,9 @@ class JobsClient:
         if execution is None:
             return None
         if not isinstance(execution, dict) or execution.get("jobId") != job_id:
-            raise MqttProtocolError(f"the reply to describing job {job_id} is about another job")
+            raise JobsRejected(UNREADABLE_REPLY, f"the reply to describing job {job_id} is about another job")
+        if not valid_execution_number(execution.get("executionNumber", 1)):
+            raise JobsRejected(UNREADABLE_REPLY, f"the reply to describing job {job_id} has no valid executionNumber")
         return execution
 
     def update(self, job_id: str, status: str, details: Optional[Dict[str, str]] = None,
@@ -3975,7 +3986,9 @@ class Agent:
 
     def on_notify(self, payload: dict) -> None:
         jobs = payload.get("jobs") if isinstance(payload.get("jobs"), dict) else {}
-        summaries = [j for items in jobs.values() if isinstance(items, list) for j in items if isinstance(j, dict)]
+        summaries = [j for items in jobs.values() if isinstance(items, list) for j in items
+                     if isinstance(j, dict) and valid_job_id(j.get("jobId"))
+                     and valid_execution_number(j.get("executionNumber", 1))]
         pending = {j.get("jobId") for j in summaries}
         self.notified_jobs = {(j.get("jobId"), j.get("executionNumber")) for j in summaries}
         if self.current is not None and self.current not in pending:
@@ -4071,6 +4084,7 @@ class Agent:
 
     def next_job(self, summaries: List[dict]) -> Optional[dict]:
         assert self.jobs is not None
+        skipped: List[str] = []
         for summary in summaries:
             key = (summary["jobId"], summary.get("executionNumber", 1))
             if key in self.not_ours or self.state.handled(*key):
@@ -4080,8 +4094,9 @@ class Agent:
             except JobsRejected as err:
                 if err.code != UNREADABLE_REPLY:
                     raise
-                log.warning("leaving job %s alone: its description cannot be read (%s)", key[0], err)
-                self.not_ours.add(key)
+                # one job the cloud describes oddly must not hold up the ones behind it
+                log.warning("job %s: %s; taking the next job, and this one again later", key[0], err)
+                skipped.append(key[0])
                 continue
             if execution is None:
                 continue
@@ -4091,6 +4106,8 @@ class Agent:
                 self.not_ours.add(key)
                 continue
             return execution
+        if skipped:  # the main loop's backoff asks again (2 s, then up to a minute)
+            raise MqttError(f"the description of job {', '.join(skipped)[:200]} could not be used")
         return None
 
     def fresh_url(self, job_id: str) -> str:

@@ -171,3 +171,36 @@ def test_an_unsafe_state_directory_is_refused_at_start(cloud, tmp_path, problem)
         state.symlink_to(tmp_path / "elsewhere")
     out = device.run("--root", str(device.root), "--foreground", timeout=60)
     assert out.returncode == 1 and "state directory" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_job_the_cloud_describes_oddly_does_not_hold_up_the_jobs_behind_it(device, cloud):
+    """Every describe of job A names another job: A is taken up again later, with a warning,
+    and job B, queued behind it, runs (A used to block the queue for good)."""
+    device.release_core("1.11.6")
+    first = device.update_job()
+    cloud.jobs.inject_reply(device.thing, "describe", lambda reply: (
+        {**reply, "execution": {**reply["execution"], "jobId": "SomeOtherJob"}}
+        if reply.get("execution", {}).get("jobId") == first else reply), count=10**6)
+    second = device.update_job()
+    device.start()
+    assert device.wait_status(second, timeout=90)["status"] == "SUCCEEDED", device.log()[-3000:]
+    assert f"the reply to describing job {first} is about another job; taking the next job" in device.log()
+    assert device.execution(first)["status"] == "QUEUED" and device.proc.poll() is None
+
+
+@pytest.mark.parametrize("number", [[1], "1", True, 0, None])
+def test_a_summary_with_an_odd_execution_number_is_skipped(device, cloud, number):
+    """`"executionNumber": [1]` in a summary (or in a notify) made every sync fail: such a summary
+    is skipped with a warning, and the jobs behind it run."""
+    device.release_core("1.11.6")
+    cloud.jobs.inject_reply(device.thing, "get", lambda reply: {
+        **reply, "queuedJobs": [{"jobId": "OddJob", "queuedAt": 1, "executionNumber": number}] + reply["queuedJobs"]},
+        count=10**6)
+    device.start()
+    device.wait_log("connected to", timeout=30)
+    odd = {"jobId": "OddJob", "queuedAt": 1, "executionNumber": number}
+    cloud._publish(f"$aws/things/{device.thing}/jobs/notify", {"timestamp": 1, "jobs": {"QUEUED": [odd]}})
+    job = device.update_job()
+    assert device.wait_status(job, timeout=90)["status"] == "SUCCEEDED", device.log()[-3000:]
+    assert "ignoring job OddJob: its summary has no valid executionNumber" in device.log()
+    assert device.proc.poll() is None
