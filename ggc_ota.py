@@ -1003,7 +1003,8 @@ def mqtt_settings(cfg: Config) -> MqttSettings:
                         backoff_cap=float(cfg.ota["reconnectMaxSeconds"]), proxy=proxy)
 
 
-def open_tunnel(proxy: Proxy, host: str, port: int, timeout: float) -> socket.socket:
+def open_tunnel(proxy: Proxy, host: str, port: int, timeout: float,
+                on_socket: Optional[Callable[[socket.socket], None]] = None) -> socket.socket:
     """A TCP connection to host:port through the proxy's HTTP CONNECT (with TLS to the proxy for
     an https proxy, and Basic authentication when it has a user). The caller's TLS runs inside,
     end to end (wrap_tls). ProxyFailed with the proxy's status line when it refuses."""
@@ -1012,6 +1013,8 @@ def open_tunnel(proxy: Proxy, host: str, port: int, timeout: float) -> socket.so
         sock = socket.create_connection((proxy.host, proxy.port), timeout=timeout)
     except OSError as err:
         raise ProxyFailed(f"cannot reach the proxy {proxy.shown()}: {err.strerror or err}") from None
+    if on_socket is not None:
+        on_socket(sock)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if proxy.scheme == "https":
@@ -1997,6 +2000,7 @@ class Download:
         self.url_refreshes = 0
         self._aborted = False
         self._conn: Any = None  # the request under way, for abort()
+        self._expired = False  # the watchdog shut the request before its body began
         self._have = 0  # bytes in the partial file, all of them in _digest
         self._digest: Any = None
         self._last_report = 0.0
@@ -2084,17 +2088,29 @@ class Download:
         headers = {"User-Agent": f"ggc-ota/{__version__}"}
         if self._have:
             headers["Range"] = f"bytes={self._have}-"
+        # Every step before the body (TCP connect, the proxy's CONNECT, each TLS handshake, the
+        # response headers) ends within read_timeout as a whole: a server or proxy that drips
+        # keeps every single read alive, so the watchdog shuts the socket instead.
+        watchdog = threading.Timer(self.read_timeout, self._expire)
+        watchdog.daemon = True
+        self._expired = False
         try:
             try:
+                watchdog.start()
                 conn.request("GET", target, headers=headers)
                 resp = conn.getresponse()
             except ssl.SSLCertVerificationError as err:
                 raise DownloadError(f"{redact_url(self.url)}: server certificate refused: "
                                     f"{err.verify_message or err}") from None
-            except ProxyFailed as err:
-                raise _Transient(str(err)) from None
-            except (OSError, http.client.HTTPException) as err:
+            except (OSError, http.client.HTTPException, ProxyFailed) as err:
+                if self._expired:
+                    raise _Transient(f"no response from {parts.hostname} within {self.read_timeout:.0f} s "
+                                     "(connect, proxy, TLS and headers)", stalled=True) from None
+                if isinstance(err, ProxyFailed):
+                    raise _Transient(str(err)) from None
                 raise _Transient(f"cannot reach {parts.hostname}: {err}") from None
+            finally:
+                watchdog.cancel()
             self._check_response(resp)
             self._stream(resp)
         finally:
@@ -2124,10 +2140,19 @@ class Download:
             raise DownloadError(f"the server has {self._have + int(length)} bytes, the job document says "
                                 f"{self.size}", "SIZE_MISMATCH")
 
+    def _expire(self) -> None:
+        """The watchdog: the request outlived its deadline before its body began."""
+        self._expired = True
+        self._shut_socket()
+
     def abort(self) -> None:
-        """From another thread (SIGTERM): end the request under way at once; a read blocked on a
-        silent server returns, and the download stops (its partial file is kept)."""
+        """From another thread (SIGTERM): end the request under way at once, in whatever step it
+        is (a proxy's CONNECT and the TLS handshakes included); a read blocked on a silent server
+        returns, and the download stops (its partial file is kept)."""
         self._aborted = True
+        self._shut_socket()
+
+    def _shut_socket(self) -> None:
         conn = self._conn
         sock = getattr(conn, "sock", None) if conn is not None else None
         if sock is not None:
@@ -2206,7 +2231,10 @@ def tunneled_https(proxy: Proxy, host: str, port: int, **kw: Any) -> Any:
             self.proxy = proxy
 
         def connect(self) -> None:
-            sock = open_tunnel(self.proxy, self.host, self.port, self.timeout or 60.0)
+            # self.sock is the raw socket from the first moment, so that abort() and the
+            # download's watchdog can shut it while the proxy's reply or a handshake drips in
+            sock = open_tunnel(self.proxy, self.host, self.port, self.timeout or 60.0,
+                               on_socket=lambda raw: setattr(self, "sock", raw))
             self.sock = wrap_tls(self._context, sock, self.host)  # type: ignore[attr-defined]
 
     return TunneledHTTPS(proxy, host, port, **kw)

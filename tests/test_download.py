@@ -188,3 +188,96 @@ def test_abort_ends_a_blocked_read_at_once(cloud, tmp_path, artifact):
     assert not worker.is_alive() and time.monotonic() - started < 3
     assert errors and errors[0].value.reason == "CANCELED"
     assert 0 < (tmp_path / "out.part").stat().st_size < SIZE  # kept for the resume
+
+
+class Dripper:
+    """A raw server on loopback that accepts, optionally does TLS, reads what it is sent, then
+    drips `reply` one byte every `every` seconds for as long as the client listens."""
+
+    def __init__(self, reply: bytes, every: float = 0.5, tls=None) -> None:
+        import socket
+        import threading
+        self.reply, self.every, self.tls = reply, every, tls
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn) -> None:
+        import time
+        try:
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            conn.recv(4096)
+            for byte in self.reply:
+                conn.sendall(bytes([byte]))
+                time.sleep(self.every)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_response_headers_that_drip_are_a_stall(cloud, tmp_path):
+    """A store that sends its headers one byte every half second keeps each read alive: the
+    request has read_timeout for everything before the body, then it is retried, then
+    DOWNLOAD_FAILED (the first request used to be held for good)."""
+    import ssl
+    import time
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(str(cloud.pki.server.cert), str(cloud.pki.server.key))
+    drip = Dripper(b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"a" * 1000, tls=tls)
+    try:
+        dl = g.Download(url=f"https://localhost:{drip.port}/a?X-Amz-Signature=s", dest=str(tmp_path / "out"),
+                        sha256="0" * 64, size=10, context=g.https_context([str(cloud.pki.ca_path)]),
+                        read_timeout=2, retries=1, retry_base=0.01, retry_cap=0.05)
+        started = time.monotonic()
+        with pytest.raises(g.DownloadError, match="no response from localhost within 2 s") as err:
+            dl.run()
+        assert err.value.reason == "DOWNLOAD_FAILED" and time.monotonic() - started < 12
+        assert drip.connections == 2  # retried once
+    finally:
+        drip.close()
+
+
+def test_a_proxy_that_drips_its_connect_reply_is_stopped_by_abort_and_by_the_deadline(cloud, tmp_path):
+    """The abort path had no socket to shut while the proxy's CONNECT reply dripped in: SIGTERM
+    could not stop the agent. Now abort() ends it at once, and the deadline ends it anyway."""
+    import threading
+    import time
+    drip = Dripper(b"HTTP/1.1 200 Connection established\r\n" + b"X: " + b"a" * 1000)
+    proxy = g.parse_proxy(f"http://127.0.0.1:{drip.port}", None, None, None, "test")
+    try:
+        def download(timeout: float):
+            return g.Download(url="https://localhost:1/a", dest=str(tmp_path / "out"), sha256="0" * 64, size=10,
+                              context=g.https_context([str(cloud.pki.ca_path)]), read_timeout=timeout, retries=0,
+                              proxy=proxy)
+        dl = download(60)
+        errors = []
+        worker = threading.Thread(target=lambda: errors.append(pytest.raises(g.DownloadError, dl.run)))
+        worker.start()
+        time.sleep(1.5)
+        started = time.monotonic()
+        dl.abort()
+        worker.join(10)
+        assert not worker.is_alive() and time.monotonic() - started < 3
+        assert errors and errors[0].value.reason == "CANCELED"
+        started = time.monotonic()
+        with pytest.raises(g.DownloadError, match="within 2 s"):
+            download(2).run()
+        assert time.monotonic() - started < 8
+    finally:
+        drip.close()
