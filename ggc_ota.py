@@ -1035,7 +1035,7 @@ def open_tunnel(proxy: Proxy, host: str, port: int, timeout: float,
         status = reply.split(b"\r\n", 1)[0].decode("latin-1")
         fields = status.split()
         if len(fields) < 2 or not fields[0].startswith("HTTP/") or not fields[1].startswith("2"):
-            raise ProxyFailed(f"the proxy {proxy.shown()} refused CONNECT {host}:{port}: {status[:200]}")
+            raise ProxyFailed(f"the proxy {proxy.shown()} refused CONNECT {host}:{port}: {one_log_line(status[:200])}")
         return sock
     except (ProxyFailed, OSError) as err:
         sock.close()
@@ -5011,8 +5011,8 @@ def print_checks(checks: List[Check], as_json: bool) -> int:
     if as_json:
         print(json.dumps({"ok": ok, "checks": [c._asdict() for c in checks]}, indent=2))
     else:
-        for c in checks:
-            print(f"{'OK  ' if c.ok else 'FAIL'} {c.name}: {c.message}")
+        for c in checks:  # a message can quote the network (a proxy's status line): escaped for the terminal
+            print(f"{'OK  ' if c.ok else 'FAIL'} {c.name}: {one_log_line(str(c.message))}")
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -5024,12 +5024,13 @@ def print_status(report: dict, as_json: bool) -> None:
     print(f"core: {report['coreVersion'] or 'not installed'}; agent: {report['agentVersion']}"
           f" ({'running, pid ' + report['agentRunning'] if report['agentRunning'] else 'not running'})")
     flight = report["updateInFlight"]
-    print("update in flight: " + (describe_flight(flight) if flight else "none"))
+    print("update in flight: " + (one_log_line(describe_flight(flight)) if flight else "none"))
     print(f"history ({len(report['history'])}):")
     for h in report["history"][-20:]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(h.get("finishedAt", 0)))
-        print(f"  {when}Z {h.get('jobId')} {h.get('component')} {h.get('fromVersion')} -> {h.get('toVersion')}: "
-              f"{h.get('result')}" + (f" ({h.get('reason')})" if h.get("reason") else ""))
+        print(one_log_line(f"  {when}Z {h.get('jobId')} {h.get('component')} {h.get('fromVersion')} -> "
+                           f"{h.get('toVersion')}: {h.get('result')}" + (f" ({h.get('reason')})" if h.get("reason")
+                                                                          else "")))
 
 
 def describe_flight(flight: dict) -> str:

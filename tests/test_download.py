@@ -281,3 +281,18 @@ def test_a_proxy_that_drips_its_connect_reply_is_stopped_by_abort_and_by_the_dea
         assert time.monotonic() - started < 8
     finally:
         drip.close()
+
+
+def test_what_a_proxy_says_is_escaped_before_it_is_printed(cloud, tmp_path, capsys):
+    """A proxy's status line with ESC and BEL reached the operator's terminal through --dry-run."""
+    hostile = Dripper(b"HTTP/1.1 403 \x1b[2J\x1b]0;owned\x07Forbidden\r\n\r\n", every=0)
+    try:
+        proxy = g.parse_proxy(f"http://127.0.0.1:{hostile.port}", None, None, None, "test")
+        with pytest.raises(g.ProxyFailed) as err:
+            g.open_tunnel(proxy, "localhost", 8883, 5)
+        assert "\x1b" not in str(err.value) and "\x07" not in str(err.value) and "\\x1b[2J" in str(err.value)
+        g.print_checks([g.Check("proxy", False, "raw \x1b[31mred\x07 " + str(err.value))], as_json=False)
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\x07" not in out and out.startswith("FAIL proxy: raw \\x1b[31mred\\x07")
+    finally:
+        hostile.close()
