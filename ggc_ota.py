@@ -329,11 +329,17 @@ def parse_proxy(url: Any, username: Any, password: Any, no_proxy: Any, source: s
     import urllib.parse
     if not isinstance(url, str) or not url:
         raise ConfigError(f"{source}: the proxy URL must be a string such as http://host:3128")
+    def invalid(why: str) -> ConfigError:  # never quoting the URL: part of a password would show
+        return ConfigError(f"{source}: the proxy URL is not valid ({why}); a user name or password in it must be "
+                           "percent-encoded (/ # ? @ : % as %2F %23 %3F %40 %3A %25)")
+
     try:
         parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
         port = parts.port
-    except ValueError as err:
-        raise ConfigError(f"{source}: the proxy URL is not valid ({err})") from None
+    except ValueError:
+        raise invalid("its host or port cannot be read") from None
+    if "@" in parts.path + parts.query + parts.fragment:
+        raise invalid("an @ after the host")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{source}: the proxy URL must be http:// or https:// with a host")
     user = username if isinstance(username, str) and username else urllib.parse.unquote(parts.username or "")

@@ -156,3 +156,17 @@ def test_the_client_id_is_the_thing_name_with_ota_unless_set(tmp_path):
     (tmp_path / "config/config.json").write_text(json.dumps(cfg))
     with pytest.raises(g.ConfigError, match="clientId"):
         g.load_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("url", ["http://user:S3cr/et@proxy:3128", "http://user:S3cr?et@proxy:3128",
+                                 "http://user:S3cr#et@proxy:3128", "http://user:1234#et@proxy:3128"])
+def test_a_proxy_password_with_an_unescaped_character_is_an_error_that_never_shows_it(url):
+    with pytest.raises(g.ConfigError) as err:
+        g.parse_proxy(url, None, None, None, "coreThing.networkProxy.proxy.url")
+    assert "S3cr" not in str(err.value) and "1234" not in str(err.value) and "percent-encoded" in str(err.value)
+
+
+def test_a_percent_encoded_proxy_password_is_read():
+    proxy = g.parse_proxy("http://user:S3cr%2Fet%23%40@proxy:3128", None, None, None, "test")
+    assert (proxy.host, proxy.port, proxy.username, proxy.password) == ("proxy", 3128, "user", "S3cr/et#@")
+    assert "S3cr" not in proxy.shown()
