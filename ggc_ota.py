@@ -3053,6 +3053,15 @@ def proc_stat(pid: int) -> Optional[List[str]]:
     return None if fields[0] == "Z" else fields
 
 
+def boot_ticks() -> float:
+    """Now, in the clock of process start times: clock ticks since boot."""
+    try:
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0]) * os.sysconf("SC_CLK_TCK") - 1
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def process_start_time(pid: int) -> str:
     """The kernel's start time of a process (field 22 of its stat), which tells a process from a
     later one that reuses its pid; "" when it is gone."""
@@ -3887,6 +3896,7 @@ class Agent:
         self.current_canceled = threading.Event()
         self.trial: Optional[dict] = None        # this process is a new agent on trial (its journal)
         self.in_place_trial: Optional[dict] = None  # the same, exec'd in place by an agent of format 1
+        self.post_update_began = 0.0  # clock ticks since boot when the core's post-update step began
         self.unsaved: Dict[str, dict] = {}  # statuses the disk could not take
         self.exe_id = path_id(running_agent_file())  # which agent file this process runs
 
@@ -4337,6 +4347,7 @@ class Agent:
             self.report(job_id, "IN_PROGRESS", {"phase": STEP_BY_NAME["post_update"].phase, "version": doc.version})
             journal["step"] = "post_update"  # from here the new software may be running
             self.state.write_journal(journal)
+            self.post_update_began = boot_ticks()
             self.hook("core", "post", journal)
             crash_point("after_post_update")
             journal["step"] = "health_check"
@@ -4358,7 +4369,7 @@ class Agent:
         if os.path.lexists(script):
             self.run_health_script(script, journal)
         elif journal.get("corePidFile"):
-            self.watch_core_daemon(journal["corePidFile"])
+            self.watch_core_daemon(journal["corePidFile"], self.post_update_began)
         else:
             log.warning("job %s: no health check: neither %s nor the core's PID file %s exists",
                         journal["jobId"], script, self.ota["corePidFile"])
@@ -4378,20 +4389,28 @@ class Agent:
                 raise HealthCheckFailed(f"{HEALTH_SCRIPT} did not pass within {timeout:.0f} s: {failure}")
             time.sleep(HEALTH_RETRY_SECONDS)
 
-    def watch_core_daemon(self, pid_file: str) -> None:
+    def watch_core_daemon(self, pid_file: str, not_before: float) -> None:
+        """The core daemon named by `pid_file` must come up and live healthCheckSeconds. Only a
+        process started after the post-update step began (`not_before`, in the kernel's clock
+        ticks since boot) counts: a stale PID file whose pid was reused by another process, or
+        the old core's, proves nothing."""
         seconds, timeout = float(self.ota["healthCheckSeconds"]), float(self.ota["healthCheckTimeout"])
         start = time.monotonic()
         watched: Optional[Tuple[int, str]] = None
+        stale = None
         while True:
             pid = read_pid(pid_file)
             started = process_start_time(pid) if pid else ""
+            if started and int(started) < not_before:
+                stale, started = pid, ""
             if watched is None and started:
                 watched, start = (pid or 0, started), time.monotonic()
             elif watched is not None and (pid, started) != watched:
                 raise HealthCheckFailed(f"the core daemon (pid {watched[0]}) died "
                                         f"{time.monotonic() - start:.1f} s after it started")
             if watched is None and time.monotonic() - start > timeout:
-                raise HealthCheckFailed(f"the core daemon did not start within {timeout:.0f} s ({pid_file})")
+                raise HealthCheckFailed(f"the core daemon did not start within {timeout:.0f} s ({pid_file}"
+                                        + (f" names pid {stale}, a process older than the update)" if stale else ")"))
             if watched is not None and time.monotonic() - start >= seconds:
                 log.info("health check: the core daemon (pid %d) ran for %.0f s", watched[0], seconds)
                 return

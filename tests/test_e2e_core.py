@@ -1,6 +1,8 @@
 """End to end: the real agent process, the look-alike cloud, core updates."""
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from tests.agent_harness import Device, details, device  # noqa: F401 (device is a fixture)
@@ -302,9 +304,15 @@ def health_script(device, body: str) -> None:
     os.chmod(script, 0o700)
 
 
-@pytest.mark.parametrize("case", ["daemon-lives", "daemon-dies", "script-passes", "script-fails", "script-hangs"])
+@pytest.mark.parametrize("case", ["daemon-lives", "daemon-dies", "script-passes", "script-fails", "script-hangs",
+                                  "stale-pid-file"])
 def test_health_check_before_commit(cloud, tmp_path, case):
-    device = health_device(cloud, tmp_path, corePidFile=str(tmp_path / "greengrass.lab/greengrassd.pid"))
+    pid_file = tmp_path / "greengrass.lab/greengrassd.pid"
+    if case == "stale-pid-file":  # names a live process that is not the new core (a reused pid)
+        pid_file = tmp_path / "stale.pid"
+        other = subprocess.Popen(["sleep", "60"])
+        pid_file.write_text(str(other.pid))
+    device = health_device(cloud, tmp_path, corePidFile=str(pid_file))
     try:
         before = device.dev.tree_digest("ggc")
         if case == "daemon-dies":
@@ -325,8 +333,13 @@ def test_health_check_before_commit(cloud, tmp_path, case):
         assert (device.dev.lab / "greengrassd.version").read_text().strip() == "1.11.5"  # the old core runs again
         if case == "daemon-dies":
             assert "died" in details(ex)["message"]
+        if case == "stale-pid-file":
+            assert "a process older than the update" in details(ex)["message"]
     finally:
         device.stop()
+        if case == "stale-pid-file":
+            other.kill()
+            other.wait()
 
 
 def test_without_script_or_pid_file_the_health_check_is_skipped_with_a_warning(cloud, device):
