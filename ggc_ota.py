@@ -2310,6 +2310,7 @@ class _ArchiveChecker:
         self.max_bytes = max_bytes
         self.kinds: Dict[str, str] = {}  # member path -> file, dir or symlink
         self.parents: set = set()        # every directory some member lies below
+        self.through: Dict[str, str] = {}  # a path a symlink's target resolves `..` after -> that link
         self.total = 0
 
     def check(self, info: tarfile.TarInfo) -> str:
@@ -2322,6 +2323,8 @@ class _ArchiveChecker:
         kind = self._kind(rel, info)
         if kind != "dir" and rel in self.parents:
             raise UnsafeArchive(f"a member lies below the {'regular file' if kind == 'file' else kind} {rel}")
+        if kind == "symlink":
+            self._check_link_chain(rel, info.linkname)
         parts = rel.split("/")
         for i in range(1, len(parts)):
             parent = "/".join(parts[:i])
@@ -2332,6 +2335,28 @@ class _ArchiveChecker:
             self.parents.add(parent)
         self.kinds[rel] = kind
         return rel
+
+    def _check_link_chain(self, rel: str, target: str) -> None:
+        """No `..` resolved after a link, in any order: the kernel takes `..` from where a
+        symlink points, not from where its name lies, so d/e/a -> .. and x -> d/e/a/../../../etc
+        each stay inside the tree as text while x resolves to <root>/../etc. A link's target may
+        pass through or end at another link otherwise (library chains, lib -> usr/lib): each
+        link's own target is checked to stay inside its subtree."""
+        if rel in self.through:
+            raise UnsafeArchive(f"the symlink {self.through[rel]} resolves `..` through the symlink {rel}")
+        where = rel.split("/")[:-1]
+        parts = [p for p in target.split("/") if p not in ("", ".")]
+        for i, part in enumerate(parts):
+            if part == "..":
+                where = where[:-1]
+                continue
+            where = where + [part]
+            if ".." not in parts[i + 1:]:
+                continue
+            path = "/".join(where)
+            if self.kinds.get(path) == "symlink":
+                raise UnsafeArchive(f"the symlink {rel} resolves `..` through the symlink {path}")
+            self.through.setdefault(path, rel)
 
     def _kind(self, rel: str, info: tarfile.TarInfo) -> str:
         if info.isreg():

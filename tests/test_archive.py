@@ -92,6 +92,11 @@ HOSTILE = {
     "symlink-out-of-subtree": [member("greengrass/ggc/escape", tarfile.SYMTYPE, linkname="../../etc")],
     "symlink-to-a-sibling-subtree": [member("greengrass/ggc/x", tarfile.SYMTYPE, linkname="../ota")],
     "subtree-is-a-symlink": [member("greengrass/ggc", tarfile.SYMTYPE, linkname="ota")],
+    # links through links: each stays inside as text, but `..` after the link a escapes
+    "link-chain": [member("greengrass/ggc/d/e/a", tarfile.SYMTYPE, linkname=".."),
+                   member("greengrass/ggc/x", tarfile.SYMTYPE, linkname="d/e/a/../../../etc")],
+    "link-chain-reversed": [member("greengrass/ggc/x", tarfile.SYMTYPE, linkname="d/e/a/../../../etc"),
+                            member("greengrass/ggc/d/e/a", tarfile.SYMTYPE, linkname="..")],
     # a refusal late in the archive, after good members were already written
     "late": [member(f"greengrass/ggc/ok{i}", data=b"y" * 5000) for i in range(50)] + [member("/etc/evil")],
 }
@@ -336,3 +341,16 @@ def walk_a_deep_tree(tmp_path, deep, depth: int) -> None:
     g.remove_tree(str(deep))
     g.remove_tree(str(tmp_path / "copy"))
     assert not deep.exists() and not (tmp_path / "copy").exists()
+
+
+def test_links_to_links_and_through_directory_links_without_dotdot_are_kept(tmp_path):
+    """Library chains and directory links are ordinary in a release: only `..` resolved after a
+    link is refused."""
+    art = build_raw_artifact(tmp_path / "ok.tar.gz", [
+        member("greengrass/ggc/usr/lib/libx.so.1.2", data=b"elf"),
+        member("greengrass/ggc/usr/lib/libx.so.1", tarfile.SYMTYPE, linkname="libx.so.1.2"),
+        member("greengrass/ggc/usr/lib/libx.so", tarfile.SYMTYPE, linkname="libx.so.1"),
+        member("greengrass/ggc/lib", tarfile.SYMTYPE, linkname="usr/lib"),
+        member("greengrass/ggc/bin/tool", tarfile.SYMTYPE, linkname="../lib/libx.so")])
+    g.unpack(str(art.path), str(tmp_path / "st"))
+    assert (tmp_path / "st/greengrass/ggc/bin/tool").read_bytes() == b"elf"
