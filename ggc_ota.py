@@ -79,6 +79,8 @@ REASONS = {
     "SCRIPT_INVALID": Reason("FAILED", "no", "a managed-respawn script is missing or unsafe (the message names it)"),
     "DISK_FULL": Reason("FAILED", "-", "not enough room (the check before the update), or the disk filled up"),
     "STATE_DIR_ELSEWHERE": Reason("FAILED", "no", "the state directory is not on the root's filesystem"),
+    "STATE_DIR_UNSAFE": Reason("FAILED", "-", "the state directory, or one on its way, may be written by another "
+                               "user, or was replaced while the agent ran"),
     "DOWNLOAD_FAILED": Reason("FAILED", "no", "the artifact could not be fetched (the message says why)"),
     "URL_EXPIRED": Reason("FAILED", "no", "the presigned URL kept being refused, even fresh ones"),
     "SIZE_MISMATCH": Reason("FAILED", "no", "the server's artifact has another size than the document says"),
@@ -458,7 +460,7 @@ def load_config(root: str, path: Optional[str] = None) -> Config:
     host = _require(core, "iotHost", "coreThing")
     if not isinstance(host, str) or not HOST_NAME.fullmatch(host):
         # it goes into a proxy's CONNECT request and the TLS handshake: no CR, LF, space or colon
-        raise ConfigError(f"coreThing.iotHost {one_log_line(str(host))[:100]!r} must be a host name "
+        raise ConfigError(f"coreThing.iotHost {str(host)[:100]!r} must be a host name "
                           "(letters, digits, dots and hyphens) or an IP address")
     port = core.get("iotMqttPort", 8883)
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
@@ -3227,16 +3229,40 @@ class State:
         self.downloads = os.path.join(directory, "downloads")
         self.staging = os.path.join(directory, "staging")
         self._lock_fd: Optional[int] = None
+        self._identity: Optional[Tuple[int, int]] = None  # (device, inode) of the directory, from ensure()
 
     def ensure(self) -> None:
         """Create the state directory; refuse one that is a symlink, or that anyone but this
-        agent's user may write: the agent runs as root and trusts what it finds there."""
+        agent's user may write, or that lies in a directory anyone else may write, all the way
+        up: the agent runs as root and trusts what it finds there."""
         for d in (self.dir, self.outbox, self.downloads, self.staging):
             os.makedirs(d, mode=0o700, exist_ok=True)
+        self.verify()
+        st = os.lstat(self.dir)
+        self._identity = (st.st_dev, st.st_ino)
+
+    def verify(self) -> None:
+        """The checks of ensure(), again (before each step of an update that trusts the state
+        directory: unpack, the journal, the swap): STATE_DIR_UNSAFE when the directory, one of
+        its own, or one on its way is not (or no longer) safe, or the directory was swapped."""
+        for d in (self.dir, self.outbox, self.downloads, self.staging):
             st = os.lstat(d)
             if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
                 raise OtaError(f"the state directory {d} is a symlink, not this user's, or writable by others: "
                                "fix it (chmod 700, chown) or set otaAgent.stateDir", "STATE_DIR_UNSAFE")
+        st = os.lstat(self.dir)
+        if self._identity is not None and (st.st_dev, st.st_ino) != self._identity:
+            raise OtaError(f"the state directory {self.dir} was replaced while the agent ran", "STATE_DIR_UNSAFE")
+        directory = os.path.dirname(os.path.abspath(self.dir))
+        while True:  # no one but this agent's user (or root) may replace a directory on its way
+            up = os.stat(directory)
+            if up.st_uid not in (0, os.geteuid()) or (up.st_mode & 0o022 and not up.st_mode & stat.S_ISVTX):
+                raise OtaError(f"{directory}, on the way to the state directory {self.dir}, may be written by "
+                               "another user, who could swap the state directory: fix its owner or mode, or set "
+                               "otaAgent.stateDir", "STATE_DIR_UNSAFE")
+            if directory == os.path.dirname(directory):
+                return
+            directory = os.path.dirname(directory)
 
     @staticmethod
     def job_path(directory: str, job_id: str, suffix: str = "") -> str:
@@ -3642,6 +3668,7 @@ def copy_kept(live: str, new: str, keep: List[str], prefix: str) -> List[str]:
 
 def swap_in(state: State, journal: dict) -> None:
     """Put the staged tree at the live path; the old tree ends at journal['old']."""
+    state.verify()
     live, new, old = journal["live"], journal["new"], journal["old"]
     journal["step"] = "swapping"
     state.write_journal(journal)
@@ -4306,6 +4333,7 @@ class Agent:
         return dest
 
     def unpack(self, job_id: str, doc: UpdateDocument, artifact: str) -> str:
+        self.state.verify()
         stage = State.job_path(self.state.staging, job_id)
         remove_tree(stage)
         os.makedirs(stage)
@@ -4333,6 +4361,7 @@ class Agent:
 
     # ---- applying: journaled from the first script on ------------------------------------------
     def new_journal(self, job_id: str, number: int, doc: UpdateDocument, stage: str, record: dict) -> dict:
+        self.state.verify()
         live = os.path.join(self.root, SOFTWARE[doc.software].tree)
         journal = {"jobId": job_id, "executionNumber": number, "software": doc.software,
                    "fromVersion": record.get("fromVersion"), "toVersion": doc.version, "startedAt": record["startedAt"],

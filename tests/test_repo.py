@@ -104,7 +104,7 @@ def test_every_reason_the_code_names_is_registered():
     and trial_failed(), and journal["reason"] = "X". Each must be a registered code (or one of
     the start-up errors that never reach a job)."""
     import ggc_ota as g
-    startup_only = {"CONFIG_INVALID", "NOT_ROOT", "ALREADY_RUNNING", "STATE_DIR_UNSAFE", "INVALID_JOB_ID",
+    startup_only = {"CONFIG_INVALID", "NOT_ROOT", "ALREADY_RUNNING", "INVALID_JOB_ID",
                     "MQTT_ERROR", "MQTT_PROTOCOL_ERROR", "MQTT_CONNECT_REFUSED", "MQTT_TLS_AUTH", "MQTT_TIMEOUT",
                     "MQTT_SUBSCRIBE_REFUSED", "MQTT_NOT_CONNECTED", "PROXY_FAILED"}
     code = re.compile(r"^[A-Z][A-Z0-9_]{3,}$")

@@ -185,3 +185,31 @@ def test_history_is_never_written_through_a_planted_symlink(tmp_path):
     assert victim.read_text() == "precious"
     assert state.history()[-1]["jobId"] == "j1"
     assert not os.path.lexists(tmp_path / "state/history.jsonl.tmp")
+
+
+def test_the_state_directorys_parents_are_checked_and_a_swap_is_caught(tmp_path):
+    """With a stateDir under a directory another user may write, that user could swap in a
+    directory of their own while the agent runs: every ancestor is checked (sticky ones, as
+    /tmp, excepted), at start and again before unpack, the journal and the swap."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(g.OtaError, match="on the way to the state directory") as err:
+        g.State(str(shared / "s")).ensure()
+    assert err.value.reason == "STATE_DIR_UNSAFE"
+    os.chmod(shared, 0o1777)  # sticky: others cannot rename what is not theirs
+    g.State(str(shared / "s")).ensure()
+    os.chmod(shared, 0o755)
+    os.chown(shared, 4242, 4242)  # another user's directory
+    with pytest.raises(g.OtaError, match="on the way"):
+        g.State(str(shared / "s")).ensure()
+    os.chown(shared, 0, 0)
+    state = g.State(str(shared / "s"))
+    state.ensure()
+    state.verify()
+    os.rename(shared / "s", shared / "s.theirs")
+    os.mkdir(shared / "s", 0o700)
+    for sub in ("outbox", "downloads", "staging"):
+        os.mkdir(shared / "s" / sub, 0o700)
+    with pytest.raises(g.OtaError, match="was replaced while the agent ran"):
+        state.verify()
