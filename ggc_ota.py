@@ -2018,7 +2018,7 @@ class Download:
         return self.dest + ".part"
 
     def run(self) -> None:
-        """Fetch and verify; on success `dest` holds the artifact (fsynced), else it is absent."""
+        """Fetch and verify; on success `dest` holds the artifact (not synced), else it is absent."""
         if not self.url.lower().startswith("https://"):
             raise DownloadError(f"the artifact URL must be https, not {redact_url(self.url)}")
         resumed = os.path.exists(self.partial)
@@ -2029,8 +2029,10 @@ class Download:
                 raise
             log.warning("download: hash mismatch after resuming an earlier partial file; starting over")
             self._fetch()  # _fetch removed the partial file: this run starts from byte 0
+        # Not synced, nor is the partial file: the artifact is hashed again before any reuse, a
+        # power cut that loses it (or its name) costs a download, never an update, and the tree
+        # unpacked from it is made durable on its own (the power-cut sweep: docs/powercut.md).
         os.replace(self.partial, self.dest)
-        fsync_dir(os.path.dirname(self.dest) or ".")
 
     def _fetch(self) -> None:
         self._resume_state()
@@ -2199,11 +2201,6 @@ class Download:
                 if isinstance(err, OSError) and err.errno == errno.ENOSPC:
                     raise OtaError(f"the disk filled up at byte {self._have} of {self.size}", "DISK_FULL") from None
                 raise _Transient(f"connection lost at byte {self._have} of {self.size}: {err}") from None
-            finally:
-                try:
-                    os.fsync(f.fileno())
-                except OSError:
-                    pass
 
     def _report_progress(self, final: bool = False) -> None:
         """Call `progress` at most every `progress_interval` seconds, and once at the end."""
@@ -3379,9 +3376,10 @@ class State:
         write_json_atomic(self.journal_path, journal)
 
     def clear_journal(self) -> None:
+        """Not synced: a journal that a power cut brings back is at `committed` or `rolled_back`,
+        and finishing it again reports nothing twice (the history says it was handled)."""
         if os.path.exists(self.journal_path):
             os.unlink(self.journal_path)
-            fsync_dir(self.dir)
 
     # ---- outbox: the latest status of each job not yet acknowledged by the cloud -----------------
     def queue_status(self, entry: dict) -> None:
@@ -4349,6 +4347,11 @@ class Agent:
             raise DiskFull(f"the artifact unpacks to more than the {max(0, room)} bytes free "
                            f"(beyond minFreeBytes): {err}") from None
         os.rename(check_layout(os.path.join(stage, "unpacked"), doc.software), os.path.join(stage, "new"))
+        # the job's staging directory and the new tree's name in it, durable before the journal
+        # names them: where a directory sync persists only that directory (POSIX's letter), the
+        # old tree would land after the swap in a directory no durable name leads to
+        fsync_dir(stage)
+        fsync_dir(self.state.staging)
         crash_point("after_unpack")
         return stage
 

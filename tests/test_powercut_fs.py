@@ -182,3 +182,17 @@ def test_strict_a_file_renamed_over_lives_on_in_the_durable_namespace():
     assert names(fs.durable_image()) == {"/journal": b"step 1"}
     fs.fsync(1, False, "/")
     assert names(fs.durable_image()) == {"/journal": b"step 2"}
+
+
+def test_posix_a_directory_sync_persists_only_that_directorys_operations():
+    fs = Model("posix")
+    fs.create("/x", "d", 0o755, 0, 0)
+    fs.create("/y", "d", 0o755, 0, 0)
+    fs.fsync(1, False, "/")
+    write_file(fs, "/y/g", b"2", sync=True)
+    write_file(fs, "/x/f", b"1", sync=True)
+    fs.fsync(fs.lookup("/x").ino, False, "/x")  # /x/f only: /y/g, created before it, waits for /y
+    assert names(fs.durable_image()) == {"/x": "dir", "/y": "dir", "/x/f": b"1"}
+    fs.rename("/x/f", "/y/f")  # touches both: wholly durable when either is synced
+    fs.fsync(fs.lookup("/y").ino, False, "/y")
+    assert names(fs.durable_image()) == {"/x": "dir", "/y": "dir", "/y/g": b"2", "/y/f": b"1"}

@@ -24,7 +24,7 @@ def main(argv: list) -> int:
     parser = argparse.ArgumentParser(prog="./build.sh powercut")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_CUTS} even cut points per kind and model")
     parser.add_argument("--kind", action="append", choices=KINDS)
-    parser.add_argument("--model", action="append", choices=MODELS)
+    parser.add_argument("--model", action="append", choices=MODELS + ("posix",))
     parser.add_argument("--count", type=int, help="cut points per kind and model (default: every operation)")
     parser.add_argument("--second", type=int, default=None, help="runs cut again during the recovery")
     parser.add_argument("--jobs", type=int, default=2)

@@ -2,7 +2,7 @@
 mfusepy), mounted over a test device's root. Its durable image lives in a backing directory;
 a mount starts from that image, and the power going off writes the new durable image there.
 
-    python -m tests.powercut.fs BACKING MOUNTPOINT --model data|strict --control SOCKET
+    python -m tests.powercut.fs BACKING MOUNTPOINT --model data|strict|posix --control SOCKET
                                 [--kill-env KEY=VALUE]
 
 The control socket takes one JSON command a line and answers one JSON line:
@@ -324,7 +324,7 @@ def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.powercut.fs")
     parser.add_argument("backing")
     parser.add_argument("mountpoint")
-    parser.add_argument("--model", choices=("data", "strict"), default="data")
+    parser.add_argument("--model", choices=("data", "strict", "posix"), default="data")
     parser.add_argument("--control", required=True)
     parser.add_argument("--kill-env", default="")
     args = parser.parse_args(argv)

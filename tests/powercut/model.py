@@ -8,6 +8,9 @@ sees, what has been made durable, under one of two models (docs/powercut.md):
   is fsynced, and then together with every name operation before it (a journaling file system
   commits its log in order: the sync of one directory makes the whole log up to that operation
   durable, never a later one).
+- "posix" (POSIX's letter): data as above; a directory sync makes durable only the name
+  operations that touched that directory (a rename between two directories wholly), in order;
+  the others wait for a sync of their own directory.
 
 Both models keep inode attributes (mode, owner, times) at once, and an inode's identity (its
 number) across the cut, as a disk does. Un-synced data reverts whole to what was last synced
@@ -26,7 +29,7 @@ import stat
 import time
 from typing import Dict, List, Optional, Tuple
 
-MODELS = ("data", "strict")
+MODELS = ("data", "strict", "posix")
 ROOT_INO = 1
 
 
@@ -69,7 +72,7 @@ class Counters:
                 "fsyncdir": self.fsyncdir, "byCategory": self.by_category}
 
 
-KEPT_DIRS = ("deployment", "var")  # the agent's default keep list, inside the staged ggc/
+KEPT_PATHS = ("deployment", "var", "local.conf")  # the sweep's keep list, inside the staged ggc/
 
 
 def category(path: str, verb: str = "") -> str:
@@ -88,7 +91,7 @@ def category(path: str, verb: str = "") -> str:
         if parts[1] == "downloads":
             return "download"
         if parts[1] == "staging":
-            return "kept state" if len(parts) > 4 and parts[3] == "new" and parts[4] in KEPT_DIRS else "unpack"
+            return "kept state" if len(parts) > 4 and parts[3] == "new" and parts[4] in KEPT_PATHS else "unpack"
         return "journal and statuses"
     if parts and parts[0] in ("ggc", "ota"):
         return "swap"
@@ -201,23 +204,36 @@ class Model:
             if is_dir:
                 self.durable_dirs.setdefault(ino, {})
         elif kind == "del":
-            _, parent, name = op
-            self.durable_dirs.setdefault(parent, {}).pop(name, None)
-        elif kind == "rename":
-            _, p1, n1, p2, n2, exchange = op
+            _, parent, name, ino = op
+            entries = self.durable_dirs.setdefault(parent, {})
+            if entries.get(name) == ino:
+                del entries[name]
+        elif kind == "rename":  # by the inodes it moved, as the operation saw them
+            _, p1, n1, p2, n2, exchange, moving, there = op
             d1, d2 = self.durable_dirs.setdefault(p1, {}), self.durable_dirs.setdefault(p2, {})
-            a, b = d1.get(n1), d2.get(n2)
-            if a is None:
-                return
-            if exchange and b is not None:
-                d1[n1], d2[n2] = b, a
+            if exchange:
+                d1[n1], d2[n2] = there, moving
             else:
-                del d1[n1]
-                d2[n2] = a
+                if d1.get(n1) == moving:
+                    del d1[n1]
+                d2[n2] = moving
 
     def sync_dir(self, ino: int) -> None:
-        """fsync of a directory: strict model, the name log up to the last operation that touched it."""
+        """fsync of a directory. strict: the name log up to the last operation that touched it;
+        posix: only the operations that touched it (a rename wholly), in order."""
         if self.fail_syncs or self.model == "data":
+            return
+        if self.model == "posix":
+            # the operations on this directory, and every earlier one on a directory they touch
+            # (transitively): each directory's durable entries stay a snapshot of its own history
+            chosen, needed = set(), {ino}
+            for i in range(len(self.pending) - 1, -1, -1):
+                if self.pending[i][1] & needed:
+                    chosen.add(i)
+                    needed |= self.pending[i][1]
+            for i in sorted(chosen):
+                self._apply_durable(self.pending[i][0])
+            self.pending = [entry for i, entry in enumerate(self.pending) if i not in chosen]
             return
         last = max((i for i, (_, dirs) in enumerate(self.pending) if ino in dirs), default=-1)
         self._persist(last + 1)
@@ -295,8 +311,8 @@ class Model:
         if is_dir and node.entries:
             raise OSError(errno.ENOTEMPTY, path)
         self.tick(f"{'rmdir' if is_dir else 'unlink'} {path}", path)
+        self._name_op(("del", parent.ino, name, node.ino), (parent.ino,))
         self._drop_name(parent, name)
-        self._name_op(("del", parent.ino, name), (parent.ino,))
 
     def rename(self, old: str, new: str, flags: int = 0) -> None:
         exchange, noreplace = bool(flags & 2), bool(flags & 1)
@@ -340,7 +356,8 @@ class Model:
                 p2.nlink += 1
         now = time.time_ns()
         p1.mtime = p2.mtime = p1.ctime = p2.ctime = moving.ctime = now
-        self._name_op(("rename", p1.ino, n1, p2.ino, n2, exchange), (p1.ino, p2.ino))
+        self._name_op(("rename", p1.ino, n1, p2.ino, n2, exchange, moving.ino, there.ino if there else None),
+                      (p1.ino, p2.ino))
 
     def _is_under(self, node: Node, ancestor: Node) -> bool:
         """Whether directory `node` is `ancestor` or inside it (a rename that would make a loop)."""

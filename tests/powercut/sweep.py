@@ -34,7 +34,7 @@ from tests.conftest import REPO
 from tests.powercut.fs import device_processes, kill_marked
 
 KINDS = ("core", "rollback", "agent")
-MODELS = ("data", "strict")
+MODELS = ("data", "strict")  # and "posix", on request (./build.sh powercut --model posix)
 OLD_CORE, NEW_CORE = "1.11.5", "1.11.6"
 NEW_AGENT = "9.0.0"
 MARKER_KEY = "GGC_OTA_POWERCUT_DEVICE"
@@ -145,12 +145,15 @@ def tree_state(path: Path) -> Dict[str, str]:
     return out
 
 
+KEPT = ("deployment", "var", "local.conf")  # the sweep's keep list, inside ggc/
+
+
 def kept_state(root: Path) -> Dict[str, str]:
-    return {k: v for k, v in tree_state(root / "ggc").items() if k.split("/")[0] in ("deployment", "var")}
+    return {k: v for k, v in tree_state(root / "ggc").items() if k.split("/")[0] in KEPT}
 
 
 def software_only(tree: Dict[str, str]) -> Dict[str, str]:
-    return {k: v for k, v in tree.items() if k.split("/")[0] not in ("deployment", "var")}
+    return {k: v for k, v in tree.items() if k.split("/")[0] not in KEPT}
 
 
 @dataclass
@@ -193,8 +196,11 @@ class Rig:
         self.boots = 0
         with Mount(self.backing, self.root, model, self.marker) as m:
             # progress reports on a timer would make two runs of an update differ in their operations
-            self.device = Device(cloud, workdir, ota={"healthCheckSeconds": 0.5, "progressInterval": 60},
+            self.device = Device(cloud, workdir, ota={"healthCheckSeconds": 0.5, "progressInterval": 60,
+                                                      "keep": ["ggc/deployment", "ggc/var", "ggc/local.conf"]},
                                  agent=agent)
+            # a kept path that is a single file (the trees above are directories)
+            (self.root / "ggc/local.conf").write_text(f"local settings of {self.device.thing}\n")
             if kind == "agent":
                 new_agent = release_agent(self.device, NEW_AGENT, source=agent)
                 self.artifact = next(r for r in cloud.greengrass.releases if r.version == NEW_AGENT)
@@ -447,8 +453,8 @@ def run_sweep(cloud, workdir: Path, kind: str, model: str, count: Optional[int] 
     rig = Rig(cloud, workdir, kind, model, agent=agent)
     ref = rig.reference()
     total = ref["ops"] + 3  # a few past the end: the last clean-up is tried too
-    if syncs:
-        points = [i + 1 for i, name in enumerate(rig.names) if name.startswith(("fsync", "fdatasync"))]
+    if syncs:  # right before each sync call, and once the update is over (what is still not durable then)
+        points = [i + 1 for i, name in enumerate(rig.names) if name.startswith(("fsync", "fdatasync"))] + [total]
     else:
         points = sample(total, count) if count else list(range(1, total + 1))
     outcomes = []
