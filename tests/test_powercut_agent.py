@@ -9,7 +9,7 @@ import pytest
 from tests.powercut.__main__ import QUICK_CUTS, QUICK_SECOND
 from tests.powercut.sweep import fuse_available, run_sweep
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 @pytest.mark.parametrize("model", ["data", "strict"])

@@ -44,17 +44,8 @@ def main(argv: list) -> int:
 def shut_down() -> None:
     """The agent is gone: end what the device still runs (daemons the scripts started), as a
     shutdown does, so that nothing of the device outlives its init."""
-    from tests.powercut.fs import parents
-    mine = {os.getpid()}
-    family = parents()
-    grew = True
-    while grew:
-        grew = False
-        for pid, ppid in family.items():
-            if ppid in mine and pid not in mine:
-                mine.add(pid)
-                grew = True
-    for pid in mine - {os.getpid()}:
+    from tests.powercut.fs import with_descendants
+    for pid in with_descendants({os.getpid()}) - {os.getpid()}:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

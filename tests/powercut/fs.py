@@ -70,8 +70,14 @@ def device_processes(marker: bytes) -> set:
     """Every process of the device: the marked ones (its init, the agent) and all their
     descendants (scripts run with a clean environment; their daemons reparent to the init,
     a child subreaper)."""
-    tree = set(processes_with(marker))
-    family = parents()
+    tree = with_descendants(set(processes_with(marker)))
+    tree.discard(os.getpid())
+    return tree
+
+
+def with_descendants(roots: set) -> set:
+    """`roots` and every process below them."""
+    tree, family = set(roots), parents()
     grew = True
     while grew:
         grew = False
@@ -79,7 +85,6 @@ def device_processes(marker: bytes) -> set:
             if ppid in tree and pid not in tree:
                 tree.add(pid)
                 grew = True
-    tree.discard(os.getpid())
     return tree
 
 
