@@ -173,21 +173,25 @@ def test_a_drip_is_a_stall_and_ends_the_download(cloud, tmp_path, artifact):
 
 
 def test_abort_ends_a_blocked_read_at_once(cloud, tmp_path, artifact):
-    import threading
-    import time
     key, data, stored = artifact
     stored.faults.throttle_bps = 20_000
-    dl = make(cloud, tmp_path, key, data, read_timeout=60)
+    abort_after(make(cloud, tmp_path, key, data, read_timeout=60), 1.5)
+    assert 0 < (tmp_path / "out.part").stat().st_size < SIZE  # kept for the resume
+
+
+def abort_after(dl, seconds: float) -> None:
+    """Run `dl` on a thread, abort it after `seconds`: it must end CANCELED within 3 s."""
+    import threading
+    import time
     errors = []
     worker = threading.Thread(target=lambda: errors.append(pytest.raises(g.DownloadError, dl.run)))
     worker.start()
-    time.sleep(1.5)
+    time.sleep(seconds)
     started = time.monotonic()
     dl.abort()
     worker.join(10)
     assert not worker.is_alive() and time.monotonic() - started < 3
     assert errors and errors[0].value.reason == "CANCELED"
-    assert 0 < (tmp_path / "out.part").stat().st_size < SIZE  # kept for the resume
 
 
 class Dripper:
@@ -256,7 +260,6 @@ def test_response_headers_that_drip_are_a_stall(cloud, tmp_path):
 def test_a_proxy_that_drips_its_connect_reply_is_stopped_by_abort_and_by_the_deadline(cloud, tmp_path):
     """The abort path had no socket to shut while the proxy's CONNECT reply dripped in: SIGTERM
     could not stop the agent. Now abort() ends it at once, and the deadline ends it anyway."""
-    import threading
     import time
     drip = Dripper(b"HTTP/1.1 200 Connection established\r\n" + b"X: " + b"a" * 1000)
     proxy = g.parse_proxy(f"http://127.0.0.1:{drip.port}", None, None, None, "test")
@@ -265,16 +268,7 @@ def test_a_proxy_that_drips_its_connect_reply_is_stopped_by_abort_and_by_the_dea
             return g.Download(url="https://localhost:1/a", dest=str(tmp_path / "out"), sha256="0" * 64, size=10,
                               context=g.https_context([str(cloud.pki.ca_path)]), read_timeout=timeout, retries=0,
                               proxy=proxy)
-        dl = download(60)
-        errors = []
-        worker = threading.Thread(target=lambda: errors.append(pytest.raises(g.DownloadError, dl.run)))
-        worker.start()
-        time.sleep(1.5)
-        started = time.monotonic()
-        dl.abort()
-        worker.join(10)
-        assert not worker.is_alive() and time.monotonic() - started < 3
-        assert errors and errors[0].value.reason == "CANCELED"
+        abort_after(download(60), 1.5)
         started = time.monotonic()
         with pytest.raises(g.DownloadError, match="within 2 s"):
             download(2).run()
