@@ -2865,14 +2865,22 @@ def check_script(path: str) -> None:
         raise ScriptInvalid(f"{name} has mode {stat.S_IMODE(st.st_mode):04o}: group/other may write or execute it")
     if not st.st_mode & stat.S_IXUSR:
         raise ScriptInvalid(f"{name} is not executable by its owner")
+    unsafe = unsafe_ancestor(path, owners=(0,))  # no one but root may replace it, or a directory on its way
+    if unsafe is not None:
+        raise ScriptInvalid(f"{unsafe} (on the way to {name}) is writable by others than root")
+
+
+def unsafe_ancestor(path: str, owners: Tuple[int, ...]) -> Optional[str]:
+    """The first directory above `path`, up to /, that someone other than `owners` owns or may
+    write (a sticky one, as /tmp, excepted: others cannot rename what is not theirs there); None
+    when there is none. Whoever could write one could swap what lies below it."""
     directory = os.path.dirname(os.path.abspath(path))
-    while True:  # no one but root may replace the script, or a directory on its way
-        dst = os.stat(directory)
-        sticky = dst.st_mode & stat.S_ISVTX
-        if dst.st_uid != 0 or (dst.st_mode & 0o022 and not sticky):
-            raise ScriptInvalid(f"{directory} (on the way to {name}) is writable by others than root")
+    while True:
+        st = os.stat(directory)
+        if st.st_uid not in owners or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+            return directory
         if directory == os.path.dirname(directory):
-            return
+            return None
         directory = os.path.dirname(directory)
 
 
@@ -3250,16 +3258,11 @@ class State:
         st = os.lstat(self.dir)
         if self._identity is not None and (st.st_dev, st.st_ino) != self._identity:
             raise OtaError(f"the state directory {self.dir} was replaced while the agent ran", "STATE_DIR_UNSAFE")
-        directory = os.path.dirname(os.path.abspath(self.dir))
-        while True:  # no one but this agent's user (or root) may replace a directory on its way
-            up = os.stat(directory)
-            if up.st_uid not in (0, os.geteuid()) or (up.st_mode & 0o022 and not up.st_mode & stat.S_ISVTX):
-                raise OtaError(f"{directory}, on the way to the state directory {self.dir}, may be written by "
-                               "another user, who could swap the state directory: fix its owner or mode, or set "
-                               "otaAgent.stateDir", "STATE_DIR_UNSAFE")
-            if directory == os.path.dirname(directory):
-                return
-            directory = os.path.dirname(directory)
+        unsafe = unsafe_ancestor(self.dir, owners=(0, os.geteuid()))
+        if unsafe is not None:
+            raise OtaError(f"{unsafe}, on the way to the state directory {self.dir}, may be written by another "
+                           "user, who could swap the state directory: fix its owner or mode, or set "
+                           "otaAgent.stateDir", "STATE_DIR_UNSAFE")
 
     @staticmethod
     def job_path(directory: str, job_id: str, suffix: str = "") -> str:
@@ -5110,9 +5113,10 @@ def print_status(report: dict, as_json: bool) -> None:
     print(f"history ({len(report['history'])}):")
     for h in report["history"][-20:]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(h.get("finishedAt", 0)))
-        print(one_log_line(f"  {when}Z {h.get('jobId')} {h.get('component')} {h.get('fromVersion')} -> "
-                           f"{h.get('toVersion')}: {h.get('result')}" + (f" ({h.get('reason')})" if h.get("reason")
-                                                                          else "")))
+        reason = f" ({h.get('reason')})" if h.get("reason") else ""
+        line = (f"  {when}Z {h.get('jobId')} {h.get('component')} {h.get('fromVersion')} -> {h.get('toVersion')}: "
+                f"{h.get('result')}{reason}")
+        print(one_log_line(line))  # the history can quote what the network said
 
 
 def describe_flight(flight: dict) -> str:

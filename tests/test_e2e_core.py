@@ -305,7 +305,7 @@ def health_script(device, body: str) -> None:
 
 
 @pytest.mark.parametrize("case", ["daemon-lives", "daemon-dies", "script-passes", "script-fails", "script-hangs",
-                                  "stale-pid-file"])
+                                  pytest.param("stale-pid-file", marks=pytest.mark.frozen)])
 def test_health_check_before_commit(cloud, tmp_path, case):
     pid_file = tmp_path / "greengrass.lab/greengrassd.pid"
     if case == "stale-pid-file":  # names a live process that is not the new core (a reused pid)
