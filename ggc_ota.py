@@ -13,9 +13,14 @@ One module, standard library only, CPython 3.8+. It reads top to bottom in secti
     archive       safe unpacking of the gzip tar artifact into staging, and its layout check
     checks        the job document, the platform, the scripts, free disk
     hooks         the four managed-respawn scripts, with a timeout, in their own process group
-    state         lock, journal, outbox of status updates, history (the state directory)
-    swap          journaled swap of the installed tree, and recovery after a crash
-    agent loop    jobs taken one at a time; core updates, self-updates, rollback
+    state         lock, outbox of status updates, history (the state directory)
+    swap          the typed journal, the swap of the installed tree, the restore
+    processes     starting programs and agents, the daemon, a new agent's self-test
+    engine        the steps table, plans of steps, the runner, rollback, recovery
+    trial         both sides of a self-update's trial
+    prepare       what comes before anything is touched (also the dry-run's rehearsal)
+    cloud side    the event loop, the outbox, the intake of jobs (the transport passed in)
+    agent         the process: lock, recovery, one job at a time, the hand-over
     dry-run       the offline preflight and rehearsal, and --status
     CLI           the command line
 
@@ -57,57 +62,81 @@ __version__ = "0.1.0"
 
 # ============================================================================================
 # errors: every failure the agent reports carries a short machine reason code, which goes
-# straight into statusDetails.reason of the job it was working on.
+# straight into statusDetails.reason of the job it was working on. REASONS decides what a
+# failure does: the status the job ends with (or IN_PROGRESS: transient, the job is taken up
+# again), whether rolledBack can be "true", and where it can arise. classify() names the
+# reason of any error; nothing else decides.
 # ============================================================================================
 
 
-class Reason(collections.namedtuple("Reason", ["status", "rolled_back", "meaning"])):
-    """What a reason code in statusDetails.reason says: the status the job ends with, whether
-    the software was rolled back ("yes", "no": nothing was touched, "-": see the message), and
-    what happened."""
+class Reason(collections.namedtuple("Reason", ["status", "rolled_back", "where", "meaning"])):
+    """What a reason code says. `status`: what the job ends with (FAILED, REJECTED, CANCELED:
+    history only), IN_PROGRESS for transient trouble (nothing is reported; the job stays
+    IN_PROGRESS and is taken up again), "-" for a start-up error that never reaches a job.
+    `rolled_back`: statusDetails.rolledBack is "true" (yes), "false" (no: nothing was touched,
+    or the rollback failed), or "true" only when the update had begun changing the device (-).
+    `where`: job, start-up, or both."""
 
     __slots__ = ()
 
+    @property
+    def transient(self) -> bool:
+        return self.status == "IN_PROGRESS"
 
-# Every reason code that can reach statusDetails.reason (or the history). README's table of
-# reasons is this one (tests/test_repo.py checks that they agree, and that the code names no
-# other). Transient trouble (the link down, a lost reply, throttling, the agent stopping) has no
-# code here: it never ends a job, which stays IN_PROGRESS and is taken up again.
+
+# Every reason code the agent knows. README's table of reasons is this one (tests/test_repo.py
+# checks that they agree, and that the code names no other).
 REASONS = {
-    "INVALID_DOCUMENT": Reason("REJECTED", "no", "the job document is malformed (the message names the field)"),
-    "PLATFORM_MISMATCH": Reason("REJECTED", "no", "the update is for another architecture or operating system"),
-    "SCRIPT_INVALID": Reason("FAILED", "no", "a managed-respawn script is missing or unsafe (the message names it)"),
-    "DISK_FULL": Reason("FAILED", "-", "not enough room (the check before the update), or the disk filled up"),
-    "STATE_DIR_ELSEWHERE": Reason("FAILED", "no", "the state directory is not on the root's filesystem"),
-    "STATE_DIR_UNSAFE": Reason("FAILED", "-", "the state directory, or one on its way, may be written by another "
-                               "user, or was replaced while the agent ran"),
-    "DOWNLOAD_FAILED": Reason("FAILED", "no", "the artifact could not be fetched (the message says why)"),
-    "URL_EXPIRED": Reason("FAILED", "no", "the presigned URL kept being refused, even fresh ones"),
-    "SIZE_MISMATCH": Reason("FAILED", "no", "the server's artifact has another size than the document says"),
-    "HASH_MISMATCH": Reason("FAILED", "no", "the artifact's sha256 is not the document's"),
-    "UNSAFE_ARCHIVE": Reason("FAILED", "no", "the artifact is not a safe gzip tar archive (see Archive)"),
-    "BAD_ARTIFACT_LAYOUT": Reason("FAILED", "no", "the archive does not hold greengrass/ggc or greengrass/ota"),
-    "NEW_AGENT_BROKEN": Reason("FAILED", "-", "the new agent failed its self-test from staging, or could not be "
-                                              "started after the swap (then rolled back)"),
-    "JOBS_REJECTED": Reason("FAILED", "no", "the cloud refused a request for good (the message has its code)"),
-    "HOOK_FAILED": Reason("FAILED", "yes", "a script exited non-zero (its last lines are in the message)"),
-    "HOOK_TIMEOUT": Reason("FAILED", "yes", "a script ran past scriptTimeout and was stopped"),
-    "HEALTH_CHECK_FAILED": Reason("FAILED", "yes", "the new core did not pass the health check"),
-    "NEW_AGENT_CRASHED": Reason("FAILED", "yes", "the new agent on trial exited or was killed"),
-    "NEW_AGENT_NO_CONNECTION": Reason("FAILED", "yes", "the new agent on trial did not connect in time"),
-    "NEW_AGENT_TIMEOUT": Reason("FAILED", "yes", "the new agent on trial connected, then did not finish its trial"),
-    "NEW_AGENT_NO_REPORT": Reason("FAILED", "yes", "the new agent on trial could not report to the cloud"),
-    "INTERRUPTED": Reason("FAILED", "yes", "the agent stopped during the update (found at the next start)"),
-    "JOURNAL_CORRUPT": Reason("FAILED", "no", "the update journal was unreadable: nothing was deleted, the "
-                                              "staged trees were kept (the message says where)"),
-    "ROLLBACK_FAILED": Reason("FAILED", "no", "the rollback itself failed: the device needs attention"),
-    "INTERNAL_ERROR": Reason("FAILED", "-", "anything unexpected (the message says what)"),
-    "CANCELED": Reason("CANCELED", "-", "the job was canceled in the cloud (history only; nothing is reported)"),
+    "INVALID_DOCUMENT": Reason("REJECTED", "no", "job", "the job document is malformed (the message names the field)"),
+    "PLATFORM_MISMATCH": Reason("REJECTED", "no", "job", "the update is for another architecture or operating system"),
+    "SCRIPT_INVALID": Reason("FAILED", "no", "job", "a managed-respawn script is missing or unsafe (the message "
+                                                    "names it)"),
+    "DISK_FULL": Reason("FAILED", "-", "job", "not enough room (the check before the update), or the disk filled up"),
+    "STATE_DIR_ELSEWHERE": Reason("FAILED", "no", "job", "the state directory is not on the root's filesystem"),
+    "STATE_DIR_UNSAFE": Reason("FAILED", "-", "job, start-up", "the state directory, or one on its way, may be "
+                               "written by another user, or was replaced while the agent ran"),
+    "CONFIG_INVALID": Reason("FAILED", "no", "job, start-up", "the configuration is invalid (the message names the key "
+                                                              "or file)"),
+    "DOWNLOAD_FAILED": Reason("FAILED", "no", "job", "the artifact could not be fetched (the message says why)"),
+    "URL_EXPIRED": Reason("FAILED", "no", "job", "the presigned URL kept being refused, even fresh ones"),
+    "SIZE_MISMATCH": Reason("FAILED", "no", "job", "the server's artifact has another size than the document says"),
+    "HASH_MISMATCH": Reason("FAILED", "no", "job", "the artifact's sha256 is not the document's"),
+    "UNSAFE_ARCHIVE": Reason("FAILED", "no", "job", "the artifact is not a safe gzip tar archive (see Archive)"),
+    "BAD_ARTIFACT_LAYOUT": Reason("FAILED", "no", "job", "the archive does not hold greengrass/ggc or greengrass/ota"),
+    "NEW_AGENT_BROKEN": Reason("FAILED", "-", "job", "the new agent failed its self-test from staging, or could not "
+                                                     "be started after the swap (then rolled back)"),
+    "JOBS_REJECTED": Reason("FAILED", "no", "job", "the cloud refused a request for good (the message has its code)"),
+    "HOOK_FAILED": Reason("FAILED", "yes", "job", "a script exited non-zero (its last lines are in the message)"),
+    "HOOK_TIMEOUT": Reason("FAILED", "yes", "job", "a script ran past scriptTimeout and was stopped"),
+    "HEALTH_CHECK_FAILED": Reason("FAILED", "yes", "job", "the new core did not pass the health check"),
+    "NEW_AGENT_CRASHED": Reason("FAILED", "yes", "job", "the new agent on trial exited or was killed"),
+    "NEW_AGENT_NO_CONNECTION": Reason("FAILED", "yes", "job", "the new agent on trial did not connect in time"),
+    "NEW_AGENT_TIMEOUT": Reason("FAILED", "yes", "job", "the new agent on trial connected, then did not finish its "
+                                                        "trial"),
+    "NEW_AGENT_NO_REPORT": Reason("FAILED", "yes", "job", "the new agent on trial could not report to the cloud"),
+    "INTERRUPTED": Reason("FAILED", "yes", "job", "the agent stopped during the update (found at the next start)"),
+    "JOURNAL_CORRUPT": Reason("FAILED", "no", "job", "the update journal was unreadable: nothing was deleted, the "
+                                                     "staged trees were kept (the message says where)"),
+    "ROLLBACK_FAILED": Reason("FAILED", "no", "job", "the rollback itself failed: the device needs attention"),
+    "INVALID_JOB_ID": Reason("FAILED", "no", "job", "a job id that is not an AWS job id was about to name a file "
+                                                    "(the intake lets none through)"),
+    "INTERNAL_ERROR": Reason("FAILED", "-", "job, start-up", "anything unexpected (the message says what)"),
+    "CANCELED": Reason("CANCELED", "-", "job", "the job was canceled in the cloud (history only; nothing is "
+                                               "reported)"),
+    "LINK_DOWN": Reason("IN_PROGRESS", "-", "job, start-up", "the cloud could not be reached, or a reply was lost, "
+                        "before anything was changed: the job is taken up again when the cloud answers"),
+    "CLOUD_BUSY": Reason("IN_PROGRESS", "-", "job", "the cloud throttled a request (RequestThrottled, InternalError): "
+                                                    "as LINK_DOWN"),
+    "STOPPING": Reason("IN_PROGRESS", "-", "job", "the agent was told to stop before anything was changed: the "
+                                                  "download resumes at the next start"),
+    "NOT_ROOT": Reason("-", "-", "start-up", "the agent must run as root (the dry-run and --status need not)"),
+    "ALREADY_RUNNING": Reason("-", "-", "start-up", "another agent holds the state directory's lock (exit code 3)"),
 }
 
 
 class OtaError(Exception):
-    """Base of every error the agent raises on purpose."""
+    """Base of every error the agent raises on purpose. A subclass names its reason; this base
+    class takes the reason as its second argument."""
 
     reason = "INTERNAL_ERROR"
 
@@ -117,14 +146,51 @@ class OtaError(Exception):
             self.reason = reason
 
 
+class AgentStopping(BaseException):
+    """SIGTERM arrived while the agent could still stop without harm (before any change). Not
+    an Exception: no `except Exception` meant for failures may swallow it."""
+
+
+class AgentReplaced(BaseException):
+    """Another agent process now runs in place of this one (a self-update or its rollback
+    handed over): this process must exit with `code` and touch nothing more."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def classify(err: BaseException) -> str:
+    """The reason code of any error: the one it carries, DISK_FULL for a full disk, STOPPING for
+    a stop, INTERNAL_ERROR for anything unforeseen (a bug, or input nothing foresaw)."""
+    if isinstance(err, OtaError) and err.reason in REASONS:
+        return err.reason
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return "DISK_FULL"
+    if isinstance(err, AgentStopping):
+        return "STOPPING"
+    return "INTERNAL_ERROR"
+
+
+def rolled_back_value(code: str, touched: bool) -> str:
+    """statusDetails.rolledBack for a job that ended with `code`; `touched`: the update had begun
+    changing the device (its journal was written) and the rollback put the old software back."""
+    rule = REASONS[code].rolled_back
+    return "true" if rule == "yes" or (rule == "-" and touched) else "false"
+
+
+class JobCanceled(OtaError):
+    reason = "CANCELED"
+
+
 class MqttError(OtaError):
-    reason = "MQTT_ERROR"
+    """The link to the cloud: down, refused, or a reply lost. Transient in a job."""
+
+    reason = "LINK_DOWN"
 
 
 class MqttProtocolError(MqttError):
     """The peer sent bytes that are not valid MQTT 3.1.1; the connection is closed."""
-
-    reason = "MQTT_PROTOCOL_ERROR"
 
 
 CONNACK_CODES = {0: "connection accepted", 1: "unacceptable protocol version", 2: "client identifier rejected",
@@ -135,8 +201,6 @@ CONNACK_CODES = {0: "connection accepted", 1: "unacceptable protocol version", 2
 class MqttConnectRefused(MqttError):
     """CONNACK with a non-zero return code."""
 
-    reason = "MQTT_CONNECT_REFUSED"
-
     def __init__(self, code: int) -> None:
         self.code = code
         super().__init__(f"broker refused the connection: {CONNACK_CODES.get(code, 'unknown code')} "
@@ -146,29 +210,43 @@ class MqttConnectRefused(MqttError):
 class MqttAuthError(MqttError):
     """The TLS layer refused us: unknown server, wrong hostname, or our certificate refused."""
 
-    reason = "MQTT_TLS_AUTH"
+
+class CredentialsInvalid(MqttAuthError):
+    """The root CA, the certificate or its key cannot be loaded: the configuration is wrong."""
+
+    reason = "CONFIG_INVALID"
 
 
 class MqttTimeout(MqttError):
-    reason = "MQTT_TIMEOUT"
+    pass
 
 
 class MqttSubscribeRefused(MqttError):
-    reason = "MQTT_SUBSCRIBE_REFUSED"
+    pass
 
 
 class MqttNotConnected(MqttError):
-    reason = "MQTT_NOT_CONNECTED"
+    pass
 
 
 class ProxyFailed(MqttError):
     """The HTTP proxy refused the tunnel (its status line is in the message) or closed it."""
 
-    reason = "PROXY_FAILED"
-
 
 class ConfigError(OtaError):
     reason = "CONFIG_INVALID"
+
+
+class StateDirUnsafe(OtaError):
+    reason = "STATE_DIR_UNSAFE"
+
+
+class StateDirElsewhere(OtaError):
+    reason = "STATE_DIR_ELSEWHERE"
+
+
+class DiskFull(OtaError):
+    reason = "DISK_FULL"
 
 
 # ============================================================================================
@@ -285,18 +363,23 @@ OTA_AGENT_KEYS: Dict[str, Tuple[tuple, Any]] = {
 }
 
 
-class Software(collections.namedtuple("Software", ["tree", "pre_script", "post_script", "daemon", "entry"])):
+class Software(collections.namedtuple("Software", ["tree", "pre_script", "post_script", "health_script", "daemon",
+                                                   "entry", "steps"])):
     """One kind of software an update installs: its tree under the root (and greengrass/<tree>
-    in the artifact), its two managed-respawn scripts, how it is stopped and started without
-    them (`daemon stop|start`, relative to the root; None: nothing to do), and the file the
-    tree must hold (relative to the tree; None: any directory)."""
+    in the artifact), its two managed-respawn scripts and its optional health-check script (in
+    <root>/usr/scripts), how it is stopped and started without them (`daemon stop|start`,
+    relative to the root; None: nothing to do), the file the tree must hold (relative to the
+    tree; None: any directory), and the plan of its update: the steps the engine runs (the
+    steps table in the engine section says what each does)."""
 
     __slots__ = ()
 
 
 SOFTWARE = {
-    "core": Software("ggc", "ggc_pre_update.sh", "ggc_post_update.sh", "ggc/core/greengrassd", None),
-    "ota_agent": Software("ota", "ota_pre_update.sh", "ota_post_update.sh", None, "ota_agent/ggc-ota"),
+    "core": Software("ggc", "ggc_pre_update.sh", "ggc_post_update.sh", "ggc_health_check.sh", "ggc/core/greengrassd",
+                     None, ("pre_update", "keep", "swap", "post_update", "health_check", "commit")),
+    "ota_agent": Software("ota", "ota_pre_update.sh", "ota_post_update.sh", None, None, "ota_agent/ggc-ota",
+                          ("pre_update", "new_agent_trial", "swap", "hand_over", "commit")),
 }
 ALL_SCRIPTS = tuple(name for kind in SOFTWARE.values() for name in (kind.pre_script, kind.post_script))
 
@@ -712,11 +795,11 @@ DEFAULT_MAX_PACKET = 256 * 1024  # AWS IoT's payload limit is 128 KB; a topic an
 
 class Packet(collections.namedtuple("Packet", [
         "type", "flags", "packet_id", "topic", "payload", "qos", "retain", "dup", "return_code",
-        "session_present", "codes", "topics", "client_id", "keepalive", "clean_session"],
-        defaults=[0, 0, "", b"", 0, False, False, 0, False, (), (), "", 0, True])):
-    """A decoded packet; only `type` is required. Fields not used by a type keep their
-    defaults: numbers 0, `topic`/`client_id` "", `payload` b"", flags False but `clean_session`
-    True. `codes` holds SUBACK's return codes, `topics` SUBSCRIBE's (topic, qos) pairs."""
+        "session_present", "codes"],
+        defaults=[0, 0, "", b"", 0, False, False, 0, False, ()])):
+    """A decoded packet from the broker; only `type` is required. Fields not used by a type keep
+    their defaults: numbers 0, `topic` "", `payload` b"", flags False. `codes` holds SUBACK's
+    return codes."""
 
     __slots__ = ()
 
@@ -761,11 +844,11 @@ def encode_string(text: str) -> bytes:
     return struct.pack("!H", len(data)) + data
 
 
-def _fixed(packet_type: int, flags: int, body: bytes) -> bytes:
+def encode_packet(packet_type: int, flags: int, body: bytes) -> bytes:
     return bytes([(packet_type << 4) | flags]) + encode_remaining_length(len(body)) + body
 
 
-def _check_packet_id(packet_id: int) -> None:
+def check_packet_id(packet_id: int) -> None:
     if not 1 <= packet_id <= 65535:
         raise MqttProtocolError(f"packet id {packet_id} outside 1..65535")
 
@@ -775,7 +858,7 @@ def encode_connect(client_id: str, keepalive: int, clean_session: bool = True) -
         raise MqttProtocolError("keepalive outside 0..65535")
     flags = 0x02 if clean_session else 0x00
     body = encode_string("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + encode_string(client_id)
-    return _fixed(CONNECT, 0, body)
+    return encode_packet(CONNECT, 0, body)
 
 
 def encode_publish(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0,
@@ -787,14 +870,14 @@ def encode_publish(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0,
     flags = (0x08 if dup else 0) | (qos << 1) | (0x01 if retain else 0)
     body = encode_string(topic)
     if qos:
-        _check_packet_id(packet_id)
+        check_packet_id(packet_id)
         body += struct.pack("!H", packet_id)
-    return _fixed(PUBLISH, flags, body + bytes(payload))
+    return encode_packet(PUBLISH, flags, body + bytes(payload))
 
 
 def _encode_id_only(packet_type: int, packet_id: int) -> bytes:
-    _check_packet_id(packet_id)
-    return _fixed(packet_type, REQUIRED_FLAGS[packet_type], struct.pack("!H", packet_id))
+    check_packet_id(packet_id)
+    return encode_packet(packet_type, REQUIRED_FLAGS[packet_type], struct.pack("!H", packet_id))
 
 
 def encode_puback(packet_id: int) -> bytes:
@@ -802,7 +885,7 @@ def encode_puback(packet_id: int) -> bytes:
 
 
 def encode_subscribe(packet_id: int, topics: List[Tuple[str, int]]) -> bytes:
-    _check_packet_id(packet_id)
+    check_packet_id(packet_id)
     if not topics:
         raise MqttProtocolError("SUBSCRIBE needs at least one topic filter")
     body = struct.pack("!H", packet_id)
@@ -810,14 +893,7 @@ def encode_subscribe(packet_id: int, topics: List[Tuple[str, int]]) -> bytes:
         if qos not in (0, 1, 2):
             raise MqttProtocolError(f"QoS {qos} does not exist")
         body += encode_string(topic) + bytes([qos])
-    return _fixed(SUBSCRIBE, 2, body)
-
-
-def encode_unsubscribe(packet_id: int, topics: List[str]) -> bytes:
-    _check_packet_id(packet_id)
-    if not topics:
-        raise MqttProtocolError("UNSUBSCRIBE needs at least one topic filter")
-    return _fixed(UNSUBSCRIBE, 2, struct.pack("!H", packet_id) + b"".join(encode_string(t) for t in topics))
+    return encode_packet(SUBSCRIBE, 2, body)
 
 
 def encode_pingreq() -> bytes:
@@ -828,7 +904,7 @@ def encode_disconnect() -> bytes:
     return bytes([DISCONNECT << 4, 0])
 
 
-class _Body:
+class PacketBody:
     """A cursor over a packet body that refuses to read past its end."""
 
     def __init__(self, data: bytes, name: str) -> None:
@@ -877,7 +953,7 @@ def decode_packet(packet_type: int, flags: int, body: bytes) -> Packet:
         raise MqttProtocolError(f"reserved packet type {packet_type}")
     if packet_type != PUBLISH and flags != REQUIRED_FLAGS[packet_type]:
         raise MqttProtocolError(f"{name} with reserved flags {flags:#x}")
-    b = _Body(body, name)
+    b = PacketBody(body, name)
     if packet_type == PUBLISH:
         qos = (flags >> 1) & 0x03
         if qos == 3:
@@ -891,7 +967,7 @@ def decode_packet(packet_type: int, flags: int, body: bytes) -> Packet:
         packet_id = 0
         if qos:
             packet_id = b.u16()
-            _check_packet_id(packet_id)
+            check_packet_id(packet_id)
         return Packet(PUBLISH, flags, packet_id, topic, b.rest(), qos, bool(flags & 1), dup)
     if packet_type == CONNACK:
         if len(body) != 2:
@@ -906,11 +982,11 @@ def decode_packet(packet_type: int, flags: int, body: bytes) -> Packet:
         if len(body) != 2:
             raise MqttProtocolError(f"{name} of length {len(body)}, not 2")
         packet_id = b.u16()
-        _check_packet_id(packet_id)
+        check_packet_id(packet_id)
         return Packet(packet_type, flags, packet_id)
     if packet_type == SUBACK:
         packet_id = b.u16()
-        _check_packet_id(packet_id)
+        check_packet_id(packet_id)
         codes = tuple(b.rest())
         if not codes:
             raise MqttProtocolError("SUBACK without return codes")
@@ -976,6 +1052,7 @@ class PacketReader:
 # ============================================================================================
 
 ALPN_AWS_IOT = "x-amzn-mqtt-ca"
+STOP_GRACE_SECONDS = 1.0  # a stop waits this long for the network thread before it shuts its socket
 
 
 class MqttSettings(collections.namedtuple("MqttSettings", [
@@ -1033,8 +1110,17 @@ def open_tunnel(proxy: Proxy, host: str, port: int, timeout: float,
             request += f"Proxy-Authorization: Basic {token}\r\n"
         sock.sendall((request + "\r\n").encode())
         reply = b""
+        deadline = time.monotonic() + timeout  # for the whole reply: a proxy may drip it
         while b"\r\n\r\n" not in reply:
-            data = sock.recv(1)  # byte by byte: nothing of the tunnel's own bytes may be consumed
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise socket.timeout("timed out")
+                sock.settimeout(left)
+                data = sock.recv(1)  # byte by byte: nothing of the tunnel's own bytes may be consumed
+            except socket.timeout:
+                raise ProxyFailed(f"the proxy {proxy.shown()} did not answer CONNECT {host}:{port} within "
+                                  f"{timeout:.0f} s") from None
             if not data:
                 raise ProxyFailed(f"the proxy {proxy.shown()} closed the connection after CONNECT {host}:{port}")
             reply += data
@@ -1044,6 +1130,7 @@ def open_tunnel(proxy: Proxy, host: str, port: int, timeout: float,
         fields = status.split()
         if len(fields) < 2 or not fields[0].startswith("HTTP/") or not fields[1].startswith("2"):
             raise ProxyFailed(f"the proxy {proxy.shown()} refused CONNECT {host}:{port}: {one_log_line(status[:200])}")
+        sock.settimeout(timeout)
         return sock
     except (ProxyFailed, OSError) as err:
         sock.close()
@@ -1104,14 +1191,20 @@ class TlsInTls:
         if data:
             self.outer.sendall(data)
 
-    def _feed(self, blocking: bool) -> bool:
+    def _feed(self, blocking: bool, deadline: Optional[float] = None) -> bool:
         """Move the outer socket's bytes into the inner session: what the outer one has already
-        decrypted, else (blocking) one recv under the socket's timeout. False: nothing came."""
+        decrypted, else (blocking) one recv, waiting no later than `deadline` (socket.timeout
+        then). False: nothing came."""
         if self.outer.pending():
             self._in.write(self.outer.recv(self.outer.pending()))
             return True
         if not blocking:
             return False
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("timed out")
+            self.outer.settimeout(left)
         data = self.outer.recv(65536)
         if data:
             self._in.write(data)
@@ -1119,33 +1212,48 @@ class TlsInTls:
             self._in.write_eof()
         return True
 
+    def _deadline(self) -> Optional[float]:
+        """One blocking call (a handshake, a recv, a send) ends within the socket's timeout as a
+        whole, as a plain SSLSocket's does, however the bytes trickle in: a proxy that drips a
+        TLS record one byte at a time would otherwise hold it for ever."""
+        timeout = self.outer.gettimeout()
+        return None if timeout is None else time.monotonic() + timeout
+
     def _run(self, step: Any, *args: Any) -> Any:
         """One inner-TLS step (handshake, write), feeding it the outer socket's bytes as it asks."""
-        while True:
-            try:
-                result = step(*args)
-                self._flush()
-                return result
-            except ssl.SSLWantReadError:
-                self._flush()
-                self._feed(blocking=True)
+        timeout, deadline = self.outer.gettimeout(), self._deadline()
+        try:
+            while True:
+                try:
+                    result = step(*args)
+                    self._flush()
+                    return result
+                except ssl.SSLWantReadError:
+                    self._flush()
+                    self._feed(blocking=True, deadline=deadline)
+        finally:
+            self.outer.settimeout(timeout)
 
     def _fill(self, blocking: bool) -> None:
-        while not self._plain and not self._eof:
-            try:
-                data = self._tls.read(65536)
-            except ssl.SSLWantReadError:
+        timeout, deadline = self.outer.gettimeout(), self._deadline()
+        try:
+            while not self._plain and not self._eof:
+                try:
+                    data = self._tls.read(65536)
+                except ssl.SSLWantReadError:
+                    self._flush()
+                    if not self._feed(blocking, deadline):
+                        return
+                    continue
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    data = b""
                 self._flush()
-                if not self._feed(blocking):
-                    return
-                continue
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                data = b""
-            self._flush()
-            if data:
-                self._plain += data
-            else:
-                self._eof = True
+                if data:
+                    self._plain += data
+                else:
+                    self._eof = True
+        finally:
+            self.outer.settimeout(timeout)
 
     def pending(self) -> int:
         """Bytes that a recv returns without waiting (what select on the fd cannot see)."""
@@ -1222,24 +1330,29 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext:
     try:
         ctx.load_verify_locations(cafile=settings.ca_path)
     except (OSError, ssl.SSLError) as err:
-        raise MqttAuthError(f"cannot load the root CA {settings.ca_path}: {err}", "CONFIG_INVALID") from None
+        raise CredentialsInvalid(f"cannot load the root CA {settings.ca_path}: {err}") from None
     try:
         ctx.load_cert_chain(settings.cert_path, settings.key_path)
     except (OSError, ssl.SSLError) as err:
-        raise MqttAuthError(f"cannot load the certificate {settings.cert_path} with key {settings.key_path}: "
-                            f"{err}", "CONFIG_INVALID") from None
+        raise CredentialsInvalid(f"cannot load the certificate {settings.cert_path} with key {settings.key_path}: "
+                                 f"{err}") from None
     if settings.wants_alpn():
         ctx.set_alpn_protocols([ALPN_AWS_IOT])
     return ctx
 
 
-def open_tls(settings: MqttSettings, ctx: ssl.SSLContext) -> ssl.SSLSocket:
+def open_tls(settings: MqttSettings, ctx: ssl.SSLContext,
+             on_socket: Optional[Callable[[socket.socket], None]] = None) -> ssl.SSLSocket:
+    """TCP (through the proxy's tunnel, if any), then TLS; each step under connect_timeout.
+    `on_socket` is given the TCP socket as soon as it exists, so that a stop can shut it."""
     hostname = settings.server_hostname or settings.host
     try:
         if settings.proxy is not None:
-            raw = open_tunnel(settings.proxy, settings.host, settings.port, settings.connect_timeout)
+            raw = open_tunnel(settings.proxy, settings.host, settings.port, settings.connect_timeout, on_socket)
         else:
             raw = socket.create_connection((settings.host, settings.port), timeout=settings.connect_timeout)
+            if on_socket is not None:
+                on_socket(raw)
     except socket.timeout:
         raise MqttTimeout(f"TCP connect to {settings.host}:{settings.port} timed out") from None
     except OSError as err:
@@ -1260,6 +1373,27 @@ def open_tls(settings: MqttSettings, ctx: ssl.SSLContext) -> ssl.SSLSocket:
             from None
     tls.settimeout(settings.io_timeout)
     return tls
+
+
+def shut_socket(fd: int, inode: int) -> None:
+    """Shut the socket behind descriptor `fd` (both ways): every blocking call on it returns at
+    once. Through a duplicate of the descriptor, checked to be that socket (`inode`): a
+    descriptor closed meanwhile may already name another file."""
+    try:
+        dup_fd = os.dup(fd)
+    except OSError:
+        return
+    try:
+        st = os.fstat(dup_fd)
+        if stat.S_ISSOCK(st.st_mode) and st.st_ino == inode:
+            dup, dup_fd = socket.socket(fileno=dup_fd), -1
+            with dup:
+                dup.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        if dup_fd >= 0:
+            os.close(dup_fd)
 
 
 def describe_tls_error(err: BaseException) -> str:
@@ -1284,7 +1418,7 @@ def retry_delay(attempt: int, base: float, cap: float, rng: random.Random) -> fl
     return window / 2 + rng.uniform(0, window / 2)
 
 
-class _Inflight:
+class Inflight:
     """A QoS 1 publish waiting for its PUBACK."""
 
     def __init__(self, packet_id: int, topic: str, payload: bytes) -> None:
@@ -1297,7 +1431,7 @@ class _Inflight:
         self.error: Optional[BaseException] = None
 
 
-class _Subscription:
+class Subscription:
     """A subscription, re-sent on every new connection."""
 
     def __init__(self, topic: str, qos: int) -> None:
@@ -1327,19 +1461,20 @@ class MqttClient:
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a SUBACK arrived, or the connection changed
-        self._inflight: Dict[int, _Inflight] = {}
-        self._subs: Dict[str, _Subscription] = {}
+        self.inflight: Dict[int, Inflight] = {}
+        self.subscriptions: Dict[str, Subscription] = {}
         self._sub_pending: Dict[int, List[str]] = {}
         self._outbox: List[bytes] = []
-        self._next_id = 0
-        self._generation = 0
+        self.next_id = 0
+        self.generation = 0
         self._connected = threading.Event()
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._thread: Optional[threading.Thread] = None
+        self.thread: Optional[threading.Thread] = None
         self._sock: Optional[ssl.SSLSocket] = None
+        self._raw: Optional[Tuple[int, int]] = None  # the TCP socket under _sock, from its first moment
         self.last_error: Optional[BaseException] = None
         self.connect_count = 0
         self._ctx: Optional[ssl.SSLContext] = None
@@ -1347,22 +1482,27 @@ class MqttClient:
     # ---- public API --------------------------------------------------------------------------
     def start(self) -> None:
         self._ctx = tls_context(self.settings)
-        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
+        self.thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Send DISCONNECT if connected, end the network thread, fail every waiting caller."""
+        """Send DISCONNECT if connected, end the network thread, fail every waiting caller. A
+        thread held in a connect, a handshake or a read (a proxy that drips) has its socket shut
+        under it."""
         self._stopping.set()
         self._wake()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self.thread is not None:
+            self.thread.join(min(timeout, STOP_GRACE_SECONDS))
+            if self.thread.is_alive():
+                self._shut_link()
+                self.thread.join(timeout)
         with self._lock:
-            for item in self._inflight.values():
+            for item in self.inflight.values():
                 item.error = MqttNotConnected("client stopped")
                 item.done.set()
-            self._inflight.clear()
-            for sub in self._subs.values():  # a subscribe() waiting for its SUBACK fails at once
-                if sub.acked_generation != self._generation or not self._connected.is_set():
+            self.inflight.clear()
+            for sub in self.subscriptions.values():  # a subscribe() waiting for its SUBACK fails at once
+                if sub.acked_generation != self.generation or not self._connected.is_set():
                     sub.error = MqttNotConnected("client stopped")
             self._changed.notify_all()
         fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
@@ -1373,10 +1513,10 @@ class MqttClient:
     def interrupt(self) -> None:
         """Fail every caller waiting for a PUBACK (the agent is stopping); the link stays up."""
         with self._lock:
-            for item in self._inflight.values():
+            for item in self.inflight.values():
                 item.error = MqttNotConnected("interrupted: the agent is stopping")
                 item.done.set()
-            self._inflight.clear()
+            self.inflight.clear()
 
     @property
     def connected(self) -> bool:
@@ -1395,16 +1535,16 @@ class MqttClient:
             raise MqttError("AWS IoT supports QoS 0 and 1 only")
         deadline = time.monotonic() + timeout
         with self._lock:
-            sub = self._subs.get(topic)
+            sub = self.subscriptions.get(topic)
             if sub is None or sub.qos != qos or sub.error is not None:
-                sub = self._subs[topic] = _Subscription(topic, qos)
+                sub = self.subscriptions[topic] = Subscription(topic, qos)
         self._wake()
         with self._changed:
             while True:
                 if sub.error is not None:
-                    self._subs.pop(topic, None)
+                    self.subscriptions.pop(topic, None)
                     raise sub.error
-                if sub.acked_generation == self._generation and self._connected.is_set():
+                if sub.acked_generation == self.generation and self._connected.is_set():
                     return sub.granted
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -1422,12 +1562,12 @@ class MqttClient:
         if qos != 1:
             raise MqttError("AWS IoT supports QoS 0 and 1 only")
         with self._lock:
-            item = _Inflight(self._allocate_id(), topic, bytes(payload))
-            self._inflight[item.packet_id] = item
+            item = Inflight(self.allocate_id(), topic, bytes(payload))
+            self.inflight[item.packet_id] = item
         self._wake()
         if not item.done.wait(timeout):
             with self._lock:
-                self._inflight.pop(item.packet_id, None)
+                self.inflight.pop(item.packet_id, None)
                 acked = item.done.is_set()  # the PUBACK came after the wait, before the lock
             if not acked:
                 raise MqttTimeout(f"no PUBACK for a message to {topic} within {timeout} s")
@@ -1437,7 +1577,7 @@ class MqttClient:
     def check_connection(self) -> None:
         """One TLS handshake and CONNECT/CONNACK, then DISCONNECT: raises what a session would.
         For a client that is not started (the dry-run's check)."""
-        if self._thread is not None:
+        if self.thread is not None:
             raise MqttError("check_connection is for a client that is not started")
         self._ctx = self._ctx or tls_context(self.settings)
         self._sock = open_tls(self.settings, self._ctx)
@@ -1453,14 +1593,14 @@ class MqttClient:
             sock.close()
 
     # ---- packet ids: 1..65535, wrapping, never one that is still in use ------------------------
-    def _allocate_id(self) -> int:
-        in_use = set(self._inflight) | set(self._sub_pending)
+    def allocate_id(self) -> int:
+        in_use = set(self.inflight) | set(self._sub_pending)
         if len(in_use) >= 65535:
             raise MqttError("all 65535 packet ids are in use")
         while True:
-            self._next_id = self._next_id % 65535 + 1
-            if self._next_id not in in_use:
-                return self._next_id
+            self.next_id = self.next_id % 65535 + 1
+            if self.next_id not in in_use:
+                return self.next_id
 
     # ---- the network thread --------------------------------------------------------------------
     def _wake(self) -> None:
@@ -1509,7 +1649,20 @@ class MqttClient:
             log.info("MQTT: reconnecting in %.1f s (attempt %d)", delay, attempt)
             self._stopping.wait(delay)
 
+    def _opening(self, raw: socket.socket) -> None:
+        """The TCP socket of the connection being opened (open_tls's on_socket), kept as its
+        descriptor and its inode: the TLS layers wrapped over it take the descriptor over."""
+        self._raw = (raw.fileno(), os.fstat(raw.fileno()).st_ino)
+        if self._stopping.is_set():
+            self._shut_link()
+
+    def _shut_link(self) -> None:
+        """Shut the connection's TCP socket under whatever waits on it."""
+        if self._raw is not None:
+            shut_socket(*self._raw)
+
     def _close_socket(self) -> None:
+        self._raw = None
         was_connected = self._connected.is_set()
         self._connected.clear()
         sock, self._sock = self._sock, None
@@ -1531,7 +1684,7 @@ class MqttClient:
 
     def _session(self) -> None:
         s = self.settings
-        sock = open_tls(s, self._ctx or tls_context(s))
+        sock = open_tls(s, self._ctx or tls_context(s), self._opening)
         self._sock = sock
         reader = PacketReader(s.max_packet)
         self._send(encode_connect(s.client_id, s.keepalive, clean_session=True))
@@ -1539,7 +1692,7 @@ class MqttClient:
         if connack.return_code != 0:
             raise MqttConnectRefused(connack.return_code)
         with self._lock:
-            self._generation += 1
+            self.generation += 1
             self.connect_count += 1
             self._connected.set()
             self._changed.notify_all()
@@ -1661,25 +1814,25 @@ class MqttClient:
 
     def _next_subscription_retry(self) -> float:
         with self._lock:
-            times = [sub.retry_at for sub in self._subs.values() if sub.retry_at is not None]
+            times = [sub.retry_at for sub in self.subscriptions.values() if sub.retry_at is not None]
         return min(times) if times else float("inf")
 
     def _flush_pending(self) -> None:
         """Send what callers queued: raw packets, new subscriptions, unsent QoS 1 publishes."""
         with self._lock:
             outbox, self._outbox = self._outbox, []
-            gen = self._generation
+            gen = self.generation
             now = time.monotonic()
-            for sub in self._subs.values():  # a refused re-subscription, due for another try
+            for sub in self.subscriptions.values():  # a refused re-subscription, due for another try
                 if sub.retry_at is not None and now >= sub.retry_at:
                     sub.retry_at, sub.error, sub.sent_generation = None, None, -1
-            subs = [sub for sub in self._subs.values() if sub.sent_generation != gen and sub.error is None]
-            sub_id = self._allocate_id() if subs else 0
+            subs = [sub for sub in self.subscriptions.values() if sub.sent_generation != gen and sub.error is None]
+            sub_id = self.allocate_id() if subs else 0
             if subs:
                 self._sub_pending[sub_id] = [sub.topic for sub in subs]
                 for sub in subs:
                     sub.sent_generation = gen
-            publishes = [item for item in self._inflight.values() if item.sent_generation != gen]
+            publishes = [item for item in self.inflight.values() if item.sent_generation != gen]
             packets = list(outbox)
             if subs:
                 packets.append(encode_subscribe(sub_id, [(sub.topic, sub.qos) for sub in subs]))
@@ -1701,7 +1854,7 @@ class MqttClient:
                 self._send(encode_puback(packet.packet_id))
         elif packet.type == PUBACK:
             with self._lock:
-                item = self._inflight.pop(packet.packet_id, None)
+                item = self.inflight.pop(packet.packet_id, None)
             if item is not None:
                 item.done.set()
         elif packet.type == SUBACK:
@@ -1719,7 +1872,7 @@ class MqttClient:
             if len(topics) != len(packet.codes):
                 raise MqttProtocolError(f"SUBACK with {len(packet.codes)} codes for {len(topics)} topics")
             for topic, code in zip(topics, packet.codes):
-                sub = self._subs.get(topic)
+                sub = self.subscriptions.get(topic)
                 if sub is None:
                     continue
                 if code == 0x80:
@@ -1734,7 +1887,7 @@ class MqttClient:
                                   "in %.0f s", topic, delay)
                 else:
                     sub.granted, sub.refusals = code, 0
-                    sub.acked_generation = self._generation
+                    sub.acked_generation = self.generation
             self._changed.notify_all()
 
 
@@ -1763,12 +1916,12 @@ def valid_job_id(value: Any) -> bool:
 
 
 class JobsRejected(OtaError):
-    """A /rejected reply: `code` is AWS's error code (VersionMismatch, TerminalStateReached, ...)."""
-
-    reason = "JOBS_REJECTED"
+    """A /rejected reply: `code` is AWS's error code (VersionMismatch, TerminalStateReached, ...).
+    Throttling and the cloud's own errors are transient (CLOUD_BUSY); any other refusal is for
+    good (JOBS_REJECTED)."""
 
     def __init__(self, code: str, message: str, execution_state: Optional[dict] = None) -> None:
-        super().__init__(f"{code}: {message}")
+        super().__init__(f"{code}: {message}", "CLOUD_BUSY" if code in RETRYABLE_JOBS_CODES else "JOBS_REJECTED")
         self.code = code
         self.execution_state = execution_state
 
@@ -1957,12 +2110,12 @@ def redact_url(url: str) -> str:
 
 
 def https_context(ca_files: List[str]) -> ssl.SSLContext:
-    """The download's TLS context (system_and_given_cas); DownloadError for a CA file that does
+    """The download's TLS context (system_and_given_cas); ConfigError for a CA file that does
     not load."""
     try:
         return system_and_given_cas(ca_files)
     except ssl.SSLError as err:
-        raise DownloadError(err.args[0], "CONFIG_INVALID") from None
+        raise ConfigError(err.args[0]) from None
 
 
 def sha256_of_file(path: str) -> Tuple[hashlib._Hash, int]:
@@ -2122,7 +2275,7 @@ class Download:
             finally:
                 watchdog.cancel()
             self._check_response(resp)
-            self._stream(resp)
+            self.stream_body(resp)
         finally:
             conn.close()
 
@@ -2171,7 +2324,7 @@ class Download:
             except OSError:
                 pass
 
-    def _stream(self, resp: http.client.HTTPResponse) -> None:
+    def stream_body(self, resp: http.client.HTTPResponse) -> None:
         """Write what arrives, one socket read at a time (read1: a server that sends one byte
         every few seconds cannot hold a read for long), checking between reads whether to stop.
         Less than STALL_BYTES in `read_timeout` seconds is a stall: the request is retried."""
@@ -2199,7 +2352,7 @@ class Download:
                         window_start, window_bytes = time.monotonic(), 0
             except (OSError, http.client.HTTPException) as err:
                 if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-                    raise OtaError(f"the disk filled up at byte {self._have} of {self.size}", "DISK_FULL") from None
+                    raise DiskFull(f"the disk filled up at byte {self._have} of {self.size}") from None
                 raise _Transient(f"connection lost at byte {self._have} of {self.size}: {err}") from None
 
     def _report_progress(self, final: bool = False) -> None:
@@ -2400,8 +2553,8 @@ class _GunzipStream:
         self._current = b""
         self._offset = 0
         self._ended = False
-        self._thread = threading.Thread(target=self._inflate_all, args=(path,), name="gunzip", daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=self._inflate_all, args=(path,), name="gunzip", daemon=True)
+        self.thread.start()
 
     def read(self, size: int = UNPACK_CHUNK) -> bytes:
         """Up to `size` bytes (fewer is fine for tarfile); b"" at the end."""
@@ -2413,12 +2566,12 @@ class _GunzipStream:
 
     def close(self) -> None:
         self._closing.set()
-        while self._thread.is_alive():
+        while self.thread.is_alive():
             try:
                 self._chunks.get(timeout=0.1)  # unblock a producer waiting for room
             except queue.Empty:
                 pass
-        self._thread.join()
+        self.thread.join()
 
     def _next_chunk(self) -> bytes:
         if self._ended:
@@ -2586,8 +2739,8 @@ class _FileWriter:
     def __init__(self) -> None:
         self._jobs: queue.Queue = queue.Queue(UNPACK_QUEUED)
         self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, name="unpack-writer", daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=self._run, name="unpack-writer", daemon=True)
+        self.thread.start()
 
     def submit(self, dest: str, data: bytes, mode: int) -> None:
         if self._error is not None:
@@ -2597,7 +2750,7 @@ class _FileWriter:
     def finish(self, check: bool = True) -> None:
         """Wait until every file is written; raise the first failure when `check`."""
         self._jobs.put(None)
-        self._thread.join()
+        self.thread.join()
         if check and self._error is not None:
             raise self._error
 
@@ -2743,10 +2896,6 @@ class PlatformMismatch(OtaError):
 
 class ScriptInvalid(OtaError):
     reason = "SCRIPT_INVALID"
-
-
-class DiskFull(OtaError):
-    reason = "DISK_FULL"
 
 
 MAX_ARTIFACT_BYTES = 64 * 2**30
@@ -2916,11 +3065,14 @@ class HookFailed(OtaError):
     reason = "HOOK_FAILED"
 
 
+class HookTimeout(HookFailed):
+    reason = "HOOK_TIMEOUT"
+
+
 class HealthCheckFailed(OtaError):
     reason = "HEALTH_CHECK_FAILED"
 
 
-HEALTH_SCRIPT = "ggc_health_check.sh"
 HEALTH_RETRY_SECONDS = 2.0
 
 
@@ -2930,27 +3082,81 @@ HOOK_TOKEN_ENV = "GGC_OTA_HOOK_RUN"
 HOOK_LINE_CHARS = 300
 
 
-def run_hook(argv: List[str], env_extra: Dict[str, str], timeout: float, cwd: str) -> None:
+HOOK_OUTPUT = "hook-output.log"  # in the state directory: where scripts (and what they leave running) write
+HOOK_OUTPUT_MAX = 1024 * 1024    # emptied past this, at each script's start and every check
+HOOK_OUTPUT_CHECK_SECONDS = 10.0
+
+
+def run_hook(argv: List[str], env_extra: Dict[str, str], timeout: float, cwd: str, output: str) -> None:
+    """Run a script (argv) with a fixed PATH, stdin from /dev/null, in a session of its own, its
+    stdout and stderr going to the file `output` (O_APPEND), which the agent reads line by line
+    into the log until the script exits. A process the script leaves running keeps that file and
+    may write on: nothing it can break (a pipe closed under it would kill it with SIGPIPE, the
+    core after its job reported SUCCEEDED); keep_trimming keeps the file small."""
     name = os.path.basename(argv[0]) + (" " + " ".join(argv[1:]) if argv[1:] else "")
     token = os.urandom(8).hex()  # every process the script starts inherits it, setsid or not
     env = {"PATH": HOOK_PATH, "HOME": "/", "LANG": "C", **env_extra, HOOK_TOKEN_ENV: token}
     log.info("hook: running %s", name)
     import subprocess
+    trim_hook_output(output)
+    keep_trimming(output)
+    out_fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=env, cwd=cwd)
-    except OSError as err:
-        raise HookFailed(f"{name} could not be started: {err.strerror or err}") from None
-    tail: collections.deque = collections.deque(maxlen=HOOK_TAIL_LINES)
-    code = _read_until_exit(proc, name, tail, time.monotonic() + timeout)
+        in_fd = os.open(output, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        os.close(out_fd)
+        raise
+    try:
+        os.lseek(in_fd, 0, os.SEEK_END)
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out_fd, stderr=subprocess.STDOUT,
+                                    start_new_session=True, env=env, cwd=cwd)
+        except OSError as err:
+            raise HookFailed(f"{name} could not be started: {err.strerror or err}") from None
+        finally:
+            os.close(out_fd)
+        tail: collections.deque = collections.deque(maxlen=HOOK_TAIL_LINES)
+        code = _read_until_exit(proc, in_fd, name, tail, time.monotonic() + timeout)
+    finally:
+        os.close(in_fd)
     if code is None:
         kill_processes(lambda: set(session_members(proc.pid)) | set(processes_with_env(HOOK_TOKEN_ENV, token)))
         proc.wait()
-        raise HookFailed(f"{name} did not finish within {timeout:.0f} s and was stopped{_said(tail)}",
-                         "HOOK_TIMEOUT")
+        raise HookTimeout(f"{name} did not finish within {timeout:.0f} s and was stopped{_said(tail)}")
     if code != 0:
         raise HookFailed(f"{name} {describe_exit(code)}{_said(tail)}")
     log.info("hook: %s succeeded", name)
+
+
+def trim_hook_output(path: str) -> None:
+    """Empty the scripts' output file once it passes HOOK_OUTPUT_MAX: its writers append
+    (O_APPEND), so each goes on at the new end."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        if os.fstat(fd).st_size > HOOK_OUTPUT_MAX:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
+TRIMMED: set = set()  # the output files a thread of this process keeps small
+
+
+def keep_trimming(path: str) -> None:
+    """While this agent runs, trim the scripts' output file every HOOK_OUTPUT_CHECK_SECONDS (a
+    process a script left running may write into it without end)."""
+    if path in TRIMMED:
+        return
+    TRIMMED.add(path)
+
+    def trim() -> None:
+        while True:
+            time.sleep(HOOK_OUTPUT_CHECK_SECONDS)
+            trim_hook_output(path)
+    threading.Thread(target=trim, name="hook-output", daemon=True).start()
 
 
 def in_own_scope(argv: List[str]) -> List[str]:
@@ -2970,42 +3176,37 @@ def _said(tail: collections.deque) -> str:
     return "; its last output: " + " | ".join(tail) if tail else ""
 
 
-def _read_until_exit(proc: subprocess.Popen, name: str, tail: collections.deque, deadline: float) -> Optional[int]:
-    """Log the script's output line by line, keeping only its last lines, until the script
-    exits (its exit code) or the deadline passes (None). A process the script left running may
-    hold the pipe open: after the script's exit a thread drains and discards what it writes
-    (closing the pipe would kill that process with SIGPIPE at its next write)."""
-    import subprocess
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
+def _read_until_exit(proc: subprocess.Popen, fd: int, name: str, tail: collections.deque,
+                     deadline: float) -> Optional[int]:
+    """Log what the script writes to its output file (read from `fd`) line by line, keeping only
+    its last lines, until the script exits (its exit code) or the deadline passes (None)."""
     pending = b""
     while True:
         code = proc.poll()
+        pending = _log_lines(pending + _read_new(fd), name, tail)
         if code is not None:
             break
         if time.monotonic() > deadline:
             return None
-        ready, _, _ = select.select([fd], [], [], 0.2)
-        if ready:
-            data = os.read(fd, 65536)
-            if not data:  # every writer closed the pipe: only the exit is left to wait for
-                try:
-                    code = proc.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    return None
-                break
-            pending = _log_lines(pending + data, name, tail)
-    ready, _, _ = select.select([fd], [], [], 0.2)  # what the script wrote just before it exited
-    if ready:
-        data = os.read(fd, 65536)
-        pending = _log_lines(pending + data + (b"" if data else b"\n"), name, tail)
-        if data:
-            threading.Thread(target=_discard, args=(proc,), name="hook-drain", daemon=True).start()
-            return code
+        time.sleep(0.1)
     if pending:
         _log_lines(pending + b"\n", name, tail)
-    proc.stdout.close()
     return code
+
+
+def _read_new(fd: int, limit: int = 1024 * 1024) -> bytes:
+    """What was appended to the file since the last read (at most `limit` bytes); from its start
+    again when it was emptied meanwhile."""
+    if os.lseek(fd, 0, os.SEEK_CUR) > os.fstat(fd).st_size:
+        os.lseek(fd, 0, os.SEEK_SET)
+    chunks, size = [], 0
+    while size < limit:
+        data = os.read(fd, 65536)
+        if not data:
+            break
+        chunks.append(data)
+        size += len(data)
+    return b"".join(chunks)
 
 
 def _log_lines(data: bytes, name: str, tail: collections.deque) -> bytes:
@@ -3018,13 +3219,6 @@ def _log_lines(data: bytes, name: str, tail: collections.deque) -> bytes:
             tail.append(line)
             log.info("hook %s: %s", name, line)
     return rest[-HOOK_LINE_CHARS * 4:]
-
-
-def _discard(proc: subprocess.Popen) -> None:
-    assert proc.stdout is not None
-    while proc.stdout.read1(65536):  # type: ignore[attr-defined]
-        pass
-    proc.stdout.close()
 
 
 def kill_processes(members_now: Callable[[], set], grace: float = 5.0) -> None:
@@ -3215,6 +3409,9 @@ class JournalCorrupt(OtaError):
     reason = "JOURNAL_CORRUPT"
 
 
+JOURNAL_MAX_BYTES = 64 * 1024
+
+
 JOURNAL_KEYS = ("jobId", "executionNumber", "software", "live", "new", "old", "stage", "liveId", "step")
 JOURNAL_MAX_BYTES = 64 * 1024
 
@@ -3253,16 +3450,16 @@ class State:
         for d in (self.dir, self.outbox, self.downloads, self.staging):
             st = os.lstat(d)
             if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-                raise OtaError(f"the state directory {d} is a symlink, not this user's, or writable by others: "
-                               "fix it (chmod 700, chown) or set otaAgent.stateDir", "STATE_DIR_UNSAFE")
+                raise StateDirUnsafe(f"the state directory {d} is a symlink, not this user's, or writable by "
+                                     "others: fix it (chmod 700, chown) or set otaAgent.stateDir")
         st = os.lstat(self.dir)
         if self._identity is not None and (st.st_dev, st.st_ino) != self._identity:
-            raise OtaError(f"the state directory {self.dir} was replaced while the agent ran", "STATE_DIR_UNSAFE")
+            raise StateDirUnsafe(f"the state directory {self.dir} was replaced while the agent ran")
         unsafe = unsafe_ancestor(self.dir, owners=(0, os.geteuid()))
         if unsafe is not None:
-            raise OtaError(f"{unsafe}, on the way to the state directory {self.dir}, may be written by another "
+            raise StateDirUnsafe(f"{unsafe}, on the way to the state directory {self.dir}, may be written by another "
                            "user, who could swap the state directory: fix its owner or mode, or set "
-                           "otaAgent.stateDir", "STATE_DIR_UNSAFE")
+                                 "otaAgent.stateDir")
 
     @staticmethod
     def job_path(directory: str, job_id: str, suffix: str = "") -> str:
@@ -3285,8 +3482,8 @@ class State:
         try:
             fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as err:
-            raise OtaError(f"cannot open the lock file {os.path.join(self.dir, 'lock')}: {err.strerror} "
-                           "(a symlink is refused)", "STATE_DIR_UNSAFE") from None
+            raise StateDirUnsafe(f"cannot open the lock file {os.path.join(self.dir, 'lock')}: {err.strerror} "
+                                 "(a symlink is refused)") from None
         deadline = time.monotonic() + wait
         said = False
         while True:
@@ -3449,133 +3646,190 @@ class State:
 
 # ============================================================================================
 # swap and journal: the installed tree (<root>/ggc or <root>/ota) is exchanged with the staged
-# one under a write-ahead journal. Each step is written (temp, fsync, rename, fsync the
-# directory) before it is done. Recovery decides by the identity (device, inode) of the tree
-# now in place, never by guesswork, is safe to run twice, rolls forward only past `committed`
-# and otherwise back. The old tree is deleted only after the commit. renameat2(RENAME_EXCHANGE)
-# swaps in one step where the kernel and filesystem allow it; two renames otherwise.
-# GGC_OTA_CRASH_AT=<step> makes the agent call os._exit at that step (tests only; inert unset).
+# one under a write-ahead journal (<stateDir>/journal.json), written whole (temp, fsync, rename,
+# fsync the directory) by the one agent that runs the update, before each step. Recovery decides
+# by the identity (device, inode) of the tree now in place, never by guesswork, is safe to run
+# twice, rolls forward only where the steps table says so, and otherwise back. The old tree is
+# deleted only after the commit. renameat2(RENAME_EXCHANGE) swaps in one step where the kernel
+# and filesystem allow it; two renames otherwise. GGC_OTA_CRASH_AT=<moment> makes the agent call
+# os._exit at that moment (tests only; inert unset).
 # ============================================================================================
 
 CRASH_ENV = "GGC_OTA_CRASH_AT"
 CRASH_EXIT = 99
 MAX_RECOVERIES = 3        # a crash loop inside recovery ends in ROLLBACK_FAILED, never loops
 MAX_TRIAL_STARTS = 2      # journal format 1 only: starts of an agent exec'd in place before rollback
-JOURNAL_FORMAT = 2        # 1: no "format" key; a self-update's new agent was tried in place, after the swap
+# 1: no "format" key; a self-update's new agent was tried in place, after the swap.
+# 2: the agent on trial wrote its progress into the journal; other names for some steps.
+# 3: one writer per file: the agent on trial writes trial.json; step names are the phases'.
+JOURNAL_FORMAT = 3
+# The names formats 1 and 2 gave some steps, and the name each has now; `swapped` was one step
+# for both kinds of software (core: before its post-update step; agent: before the hand-over).
+OLD_STEP_NAMES = {"trial": "new_agent_trial", "proven": "new_agent_trial", "swapping": "swap",
+                  "committed": "commit", "rolling_back": "roll_back"}
+OLD_SWAPPED = {"core": "post_update", "ota_agent": "hand_over"}
+NAMES_IN_FORMAT_2 = {"new_agent_trial": "trial", "keep": "pre_update", "swap": "swapping", "hand_over": "swapped",
+                     "commit": "committed", "roll_back": "rolling_back"}
+STEP_NAMES = ("pre_update", "keep", "new_agent_trial", "swap", "hand_over", "post_update", "health_check", "commit",
+              "roll_back", "rolled_back")
+NO_VALUE = type(None)
 
-# What recovery does after a crash at a step.
-ROLL_BACK, ROLL_FORWARD, CLOSE = "roll back", "roll forward", "report the rollback"
-
-
-class Step(collections.namedtuple("Step", ["name", "doing", "phase", "core", "ota_agent", "core_crashes",
-                                           "agent_crashes"])):
-    """One step of an update: its journal name, what happens at it, the phase reported when it
-    begins (None: nothing is reported), what recovery does after a crash at it for each kind of
-    software (None: the step does not occur for it), and the crash points (GGC_OTA_CRASH_AT)
-    that stop the agent while the journal is at this step, for each kind."""
-
-    __slots__ = ()
-
-
-# The steps of an update, in order. Each is written to the journal (durably) before it is done.
-# Before the journal exists (checking, download, unpack) nothing in the root has changed and a
-# restart simply takes the job again (crash points BEFORE_JOURNAL). The recovery, the reports,
-# the crash tests and docs/internals.md all read this table.
-STEPS = (
-    Step("pre_update", "the pre-update script runs (it stops the software)", "pre_update", ROLL_BACK, ROLL_BACK,
-         ("journal_written", "after_pre_update", "after_keep"), ("after_pre_update",)),
-    Step("trial", "the new agent runs from staging, under the old one, and must prove itself", "new_agent_trial",
-         None, ROLL_BACK, (), ("trial_started", "trial_connected")),
-    Step("proven", "the new agent connected, ran ota_post_update.sh and reported", "new_agent_verified", None,
-         ROLL_BACK, (), ("trial_proven",)),
-    Step("swapping", "the live tree and the staged one are exchanged", None, ROLL_BACK, ROLL_BACK,
-         ("swap_started", "mid_swap"), ("swap_started", "mid_swap")),
-    Step("swapped", "the new tree is live; the agent hands over to the new agent", None, ROLL_BACK, ROLL_FORWARD,
-         ("after_swap",), ("after_swap", "before_handover", "before_exec")),
-    Step("post_update", "the post-update script starts the new core", "post_update", ROLL_BACK, None,
-         ("after_post_update",), ()),
-    Step("health_check", "the new core must prove healthy before the commit", "health_check", ROLL_BACK, None,
-         ("after_health_check",), ()),
-    Step("committed", "the update is final: SUCCEEDED, the old tree deleted", None, ROLL_FORWARD, ROLL_FORWARD,
-         ("after_commit",), ("after_commit",)),
-    Step("rolling_back", "the old tree is put back and its post-update script runs", None, ROLL_BACK, ROLL_BACK,
-         ("mid_restore", "after_restore"), ("mid_restore", "after_restore")),
-    Step("rolled_back", "the old software runs again: FAILED is reported", None, CLOSE, CLOSE, (), ()),
+# Every field of a journal: (attribute, key on disk, types, default; REQUIRED: must be there).
+REQUIRED = object()
+JOURNAL_FIELDS: Tuple[Tuple[str, str, tuple, Any], ...] = (
+    ("job_id", "jobId", (str,), REQUIRED), ("execution_number", "executionNumber", (int,), REQUIRED),
+    ("software", "software", (str,), REQUIRED), ("step", "step", (str,), REQUIRED),
+    ("live", "live", (str,), REQUIRED), ("stage", "stage", (str,), REQUIRED),
+    ("live_id", "liveId", (list, NO_VALUE), REQUIRED), ("new_id", "newId", (list, NO_VALUE), None),
+    ("format", "format", (int,), 1), ("recoveries", "recoveries", (int,), 0),
+    ("from_version", "fromVersion", (str, NO_VALUE), None), ("to_version", "toVersion", (str,), ""),
+    ("started_at", "startedAt", (int, float), 0), ("core_pid_file", "corePidFile", (str, NO_VALUE), None),
+    ("exchange", "exchange", (bool, NO_VALUE), None), ("new_started", "newStarted", (bool,), False),
+    ("reason", "reason", (str, NO_VALUE), None), ("message", "message", (str,), ""),
+    ("starts", "starts", (int,), 0),
 )
-BEFORE_JOURNAL = ("after_download", "after_unpack")  # crash points with nothing changed yet
-STEP_BY_NAME = {step.name: step for step in STEPS}
+# What every format writes for a person to read, derived from `stage` (and checked against it).
+DERIVED_FIELDS: Dict[str, tuple] = {"new": (str,), "old": (str,)}
+# What format 2 also wrote (the trial's progress, rolledBack): read, checked, and kept as it is.
+LEGACY_FIELDS: Dict[str, tuple] = {"rolledBack": (str,), "trialConnected": (bool,), "trialReason": (str,),
+                                   "trialMessage": (str,)}
 
 
 class RollbackFailed(OtaError):
     reason = "ROLLBACK_FAILED"
 
 
-NO_VALUE = type(None)
-# Every field a journal may hold and its types; the paths are checked against the ones this agent
-# would have written for that job (check_journal). A journal is trusted as a whole or not at all.
-JOURNAL_FIELDS: Dict[str, tuple] = {
-    "jobId": (str,), "executionNumber": (int,), "software": (str,), "step": (str,), "live": (str,), "new": (str,),
-    "old": (str,), "stage": (str,), "liveId": (list, NO_VALUE), "newId": (list, NO_VALUE), "format": (int,),
-    "recoveries": (int,), "fromVersion": (str, NO_VALUE), "toVersion": (str,), "startedAt": (int, float),
-    "corePidFile": (str, NO_VALUE), "exchange": (bool,), "newStarted": (bool,), "reason": (str, NO_VALUE),
-    "message": (str,), "rolledBack": (str,), "starts": (int,), "trialConnected": (bool,), "trialReason": (str,),
-    "trialMessage": (str,),
-}
+class Journal:
+    """The update in flight. Typed: Journal.load checks every field and path before anything
+    trusts it, and reads every older format; to_disk writes the format the update began in."""
+
+    job_id: str
+    execution_number: int
+    software: str
+    step: str
+    live: str
+    stage: str
+    live_id: Optional[List[int]]
+    new_id: Optional[List[int]]
+    format: int
+    recoveries: int
+    from_version: Optional[str]
+    to_version: str
+    started_at: float
+    core_pid_file: Optional[str]
+    exchange: Optional[bool]
+    new_started: bool
+    reason: Optional[str]
+    message: str
+    starts: int
+
+    def __init__(self, **values: Any) -> None:
+        self.legacy: Dict[str, Any] = values.pop("legacy", {})
+        for attr, _, _, default in JOURNAL_FIELDS:
+            value = values.pop(attr, default)
+            if value is REQUIRED:
+                raise TypeError(f"a journal needs {attr}")
+            setattr(self, attr, value)
+        if values:
+            raise TypeError(f"no journal field {sorted(values)[0]}")
+
+    @property
+    def new(self) -> str:
+        """Where the new tree waits in staging (and where the old one ends, exchanged)."""
+        return os.path.join(self.stage, "new")
+
+    @property
+    def old(self) -> str:
+        """Where the old tree goes by the swap."""
+        return os.path.join(self.stage, "old")
+
+    def to_disk(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = dict(self.legacy)
+        for attr, key, _, default in JOURNAL_FIELDS:
+            value = getattr(self, attr)
+            if default is REQUIRED or value != default or attr == "format":
+                out[key] = value
+        out.update(new=self.new, old=self.old)
+        if self.format < 3:
+            out["step"] = NAMES_IN_FORMAT_2.get(self.step, self.step)
+            if self.format == 1:
+                del out["format"]
+        return out
+
+    @classmethod
+    def load(cls, raw: Any, root: str, staging: str, core_pid_file: str) -> Journal:
+        """The journal `raw` (parsed JSON), checked whole: every field has its type, every path
+        is the one this agent writes for that job (the live tree under the root, the staging of
+        that job), its reasons are known ones, its format one this agent knows. JournalCorrupt
+        otherwise: a planted or damaged journal never makes the agent remove, run or exec
+        anything else."""
+        def bad(why: str) -> JournalCorrupt:
+            return JournalCorrupt(f"the update journal is not one this agent wrote: {why}")
+
+        if not isinstance(raw, dict):
+            raise bad("not a JSON object")
+        fmt = raw.get("format", 1)
+        if type(fmt) is int and fmt > JOURNAL_FORMAT:
+            raise JournalCorrupt(f"the update journal was written by a newer agent (format {fmt}; this agent knows "
+                                 f"{JOURNAL_FORMAT} and older): run that agent version again to finish the update, "
+                                 "or check the trees by hand")
+        known = {key: (attr, kinds, default) for attr, key, kinds, default in JOURNAL_FIELDS}
+        values: Dict[str, Any] = {"legacy": {}}
+        older = type(fmt) is int and fmt < 3
+        for key, value in raw.items():
+            attr, kinds, _ = known.get(key, (None, DERIVED_FIELDS.get(key) or (LEGACY_FIELDS.get(key) if older
+                                                                                 else None), None))
+            if kinds is None:
+                raise bad(f"unknown field {key!r:.40}")
+            if type(value) not in kinds:  # exact types: True is no executionNumber
+                raise bad(f"{key} is a {type(value).__name__}")
+            if attr is not None:
+                values[attr] = value
+            elif key in LEGACY_FIELDS:
+                values["legacy"][key] = value
+        missing = [key for key, (_, _, default) in known.items() if default is REQUIRED and key not in raw]
+        if missing:
+            raise bad(f"without {', '.join(missing[:4])}")
+        job_id, software, step = values["job_id"], values["software"], values["step"]
+        if fmt < 3:
+            step = OLD_SWAPPED.get(software, step) if step == "swapped" else OLD_STEP_NAMES.get(step, step)
+            values["step"] = step
+        if not valid_job_id(job_id) or software not in SOFTWARE or step not in STEP_NAMES:
+            raise bad(f"job {job_id!r:.80}, software {software!r:.40}, step {raw['step']!r:.40}")
+        stage = os.path.join(staging, job_id)
+        expected = {"live": os.path.join(root, SOFTWARE[software].tree), "stage": stage,
+                    "new": os.path.join(stage, "new"), "old": os.path.join(stage, "old")}
+        for key, path in expected.items():
+            if key in raw and raw[key] != path:
+                raise bad(f"{key} is {raw[key]!r:.200}, not {path}")
+        for key in ("liveId", "newId"):
+            ident = raw.get(key)
+            if ident is not None and (len(ident) != 2 or any(type(n) is not int for n in ident)):
+                raise bad(f"{key} is not a [device, inode] pair")
+        for key in ("reason", "trialReason"):
+            if raw.get(key) is not None and raw[key] not in REASONS:
+                raise bad(f"{key} {raw[key]!r:.40} is no reason code")
+        if raw.get("corePidFile") not in (None, core_pid_file):
+            raise bad(f"corePidFile is not the configured {core_pid_file}")
+        if raw.get("executionNumber", 1) < 1 or raw.get("recoveries", 0) < 0:
+            raise bad("a negative count")
+        return cls(**values)
 
 
-def check_journal(journal: dict, root: str, staging: str, core_pid_file: str) -> None:
-    """Raise JournalCorrupt unless every field of `journal` has its type, every path in it is the
-    one this agent writes for that job (the live tree under the root, the staging of that job),
-    its reasons are known ones, and its format is one this agent knows: a planted or damaged
-    journal must never make the agent remove, run or exec anything else."""
-    def bad(why: str) -> JournalCorrupt:
-        return JournalCorrupt(f"the update journal is not one this agent wrote: {why}")
-
-    fmt = journal.get("format", 1)
-    if type(fmt) is int and fmt > JOURNAL_FORMAT:
-        raise JournalCorrupt(f"the update journal was written by a newer agent (format {fmt}; this agent knows "
-                             f"{JOURNAL_FORMAT} and older): run that agent version again to finish the update, "
-                             "or check the trees by hand")
-    for key, value in journal.items():
-        kinds = JOURNAL_FIELDS.get(key)
-        if kinds is None:
-            raise bad(f"unknown field {key!r:.40}")
-        if type(value) not in kinds:  # exact types: True is no executionNumber
-            raise bad(f"{key} is a {type(value).__name__}")
-    job_id, software = journal["jobId"], journal["software"]
-    if not valid_job_id(job_id) or software not in SOFTWARE or journal["step"] not in STEP_BY_NAME:
-        raise bad(f"job {job_id!r:.80}, software {software!r:.40}, step {journal['step']!r:.40}")
-    stage = os.path.join(staging, job_id)
-    expected = {"live": os.path.join(root, SOFTWARE[software].tree), "stage": stage,
-                "new": os.path.join(stage, "new"), "old": os.path.join(stage, "old")}
-    for key, path in expected.items():
-        if journal[key] != path:
-            raise bad(f"{key} is {journal[key]!r:.200}, not {path}")
-    for key in ("liveId", "newId"):
-        ident = journal.get(key)
-        if ident is not None and (len(ident) != 2 or any(type(n) is not int for n in ident)):
-            raise bad(f"{key} is not a [device, inode] pair")
-    for key in ("reason", "trialReason"):
-        if journal.get(key) is not None and journal[key] not in REASONS:
-            raise bad(f"{key} {journal[key]!r:.40} is no reason code")
-    if journal.get("corePidFile") not in (None, core_pid_file):
-        raise bad(f"corePidFile is not the configured {core_pid_file}")
-    if journal.get("executionNumber", 1) < 1 or journal.get("recoveries", 0) < 0:
-        raise bad("a negative count")
-
-
-def crash_point(step: str) -> None:
-    """Tests only (inert unless GGC_OTA_CRASH_AT is set): GGC_OTA_CRASH_AT=<step> exits with 99
-    at that step, <step>:hang stops there for good (for a SIGKILL from outside), <step>:SIGSEGV
-    (or another signal name) dies of that signal, <step>:ENOSPC (or another errno name) raises
-    that OSError there, as the next system call would."""
+def crash_point(moment: str) -> None:
+    """Tests only (inert unless GGC_OTA_CRASH_AT is set): GGC_OTA_CRASH_AT=<moment> exits with 99
+    at that moment (a step's name: as it begins, its journal written and its phase reported; or a
+    moment inside one, as the steps table lists), <moment>:hang stops there for good (for a
+    SIGKILL from outside), <moment>:SIGSEGV (or another signal name) dies of that signal,
+    <moment>:ENOSPC (or another errno name) raises that OSError there, as the next system call
+    would."""
     wanted = os.environ.get(CRASH_ENV)
     if not wanted:
         return
     name, _, how = wanted.partition(":")
-    if name != step:
+    if name != moment:
         return
-    log.warning("crash point %s: %s on purpose (%s is set)", step, how or "exiting", CRASH_ENV)
+    log.warning("crash point %s: %s on purpose (%s is set)", moment, how or "exiting", CRASH_ENV)
     for handler in log.handlers:
         handler.flush()
     if how == "hang":
@@ -3586,7 +3840,7 @@ def crash_point(step: str) -> None:
         os.kill(os.getpid(), getattr(signal, how))
         time.sleep(5)
     if how.startswith("E") and isinstance(getattr(errno, how, None), int):
-        raise OSError(getattr(errno, how), f"{os.strerror(getattr(errno, how))} (crash point {step})")
+        raise OSError(getattr(errno, how), f"{os.strerror(getattr(errno, how))} (crash point {moment})")
     os._exit(CRASH_EXIT)
 
 
@@ -3667,37 +3921,32 @@ def copy_kept(live: str, new: str, keep: List[str], prefix: str) -> List[str]:
     return copied
 
 
-def swap_in(state: State, journal: dict) -> None:
-    """Put the staged tree at the live path; the old tree ends at journal['old']."""
-    state.verify()
-    live, new, old = journal["live"], journal["new"], journal["old"]
-    journal["step"] = "swapping"
-    state.write_journal(journal)
-    crash_point("swap_started")
+def swap_trees(journal: Journal) -> None:
+    """Put the staged tree at the live path; the old tree ends at journal.old. Durable when it
+    returns. The journal must already say `swap`."""
+    live, new, old = journal.live, journal.new, journal.old
     if rename_exchange(new, live):
-        journal["exchange"] = True
+        journal.exchange = True
         crash_point("mid_swap")
         os.rename(new, old)
     else:
-        journal["exchange"] = False
+        journal.exchange = False
         os.rename(live, old)
         crash_point("mid_swap")
         os.rename(new, live)
     fsync_dir(os.path.dirname(live))
     fsync_dir(os.path.dirname(old))
-    journal["step"] = "swapped"
-    state.write_journal(journal)
 
 
-def restore_old(journal: dict) -> None:
-    """Put the old tree back at the live path, whatever step a crash interrupted."""
-    live, old_id = journal["live"], journal["liveId"]
+def restore_old(journal: Journal) -> None:
+    """Put the old tree back at the live path, whatever moment a crash interrupted."""
+    live, old_id = journal.live, journal.live_id
     if is_tree(live, old_id):
         return
-    source = next((p for p in (journal["old"], journal["new"]) if is_tree(p, old_id)), None)
+    source = next((p for p in (journal.old, journal.new) if is_tree(p, old_id)), None)
     if source is None:
         raise RollbackFailed(f"the old tree of {live} is nowhere to be found")
-    aside = journal["old"] + ".rejected"
+    aside = journal.old + ".rejected"
     if os.path.lexists(live):
         remove_tree(aside)
         os.rename(live, aside)
@@ -3708,81 +3957,25 @@ def restore_old(journal: dict) -> None:
 
 
 # ============================================================================================
-# the agent loop: on every connect and every notify it lists the pending executions with
-# `get`, describes them, finishes an IN_PROGRESS one of its own and takes its queued jobs one
-# at a time, oldest first. A job whose document has no softwareToUpdate is never touched. A
-# (jobId, executionNumber) already handled is never run again. Every status goes through the
-# outbox on disk, so none is lost while offline or across a crash.
+# agent processes: how this agent starts programs and other agents (a clean environment, the
+# right interpreter), starts itself as a daemon, hands its place to another agent file, and
+# tries a new agent's file before trusting it.
 # ============================================================================================
 
-CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-DETAILS_KEY = re.compile(r"[a-zA-Z0-9:_-]+")  # used with fullmatch
-UNDELIVERABLE = ("InvalidStateTransition", "TerminalStateReached", "ResourceNotFound", "InvalidRequest")
-RESYNC_SECONDS = 3600.0     # list the jobs again about this often (+-25%) even without a notification
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_RUNNING = 0, 1, 2, 3
 EXIT_RESTART = 75           # a frozen agent in the foreground after a self-update: start me again
 TRIAL_ENV = "GGC_OTA_TRIAL"  # set for a new agent on trial: <jobId>:<pid of the old agent>:<its start time>
-TRIAL_STDERR = "new-agent.stderr"
-TRIAL_GRACE_SECONDS = 5.0   # beyond newAgentTimeout, for the agent on trial to say why it gave up
 DAEMON_CHILD_FLAG = "--daemon-child"
 FRESH_ENV = "GGC_OTA_FRESH_INTERPRETER"
-RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 2.0, 60.0
-
-
-class JobCanceled(OtaError):
-    reason = "CANCELED"
-
-
-class AgentStopping(BaseException):
-    """SIGTERM arrived while the agent could still stop without harm (before any change). Not
-    an Exception: no `except Exception` meant for failures may swallow it."""
-
-
-class AgentReplaced(BaseException):
-    """Another agent process now runs in place of this one (a self-update or its rollback
-    handed over): this process must exit with `code` and touch nothing more."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def clean_details(details: Dict[str, Any]) -> Dict[str, str]:
-    """statusDetails AWS accepts: keys [a-zA-Z0-9:_-]+, values 1..1024 chars, no control chars."""
-    out = {}
-    for key, value in details.items():
-        if value is None or not DETAILS_KEY.fullmatch(key):
-            continue
-        text = redact(CONTROL_CHAR.sub(" ", str(value))).strip()[:1024]
-        if text:
-            out[key] = text
-    return out
-
-
-def version_key(version: str) -> tuple:
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.+-]", version))
-
-
-def installed_core_version(root: str) -> Optional[str]:
-    try:
-        names = [n for n in os.listdir(os.path.join(root, "ggc", "packages")) if VERSION_TEXT.fullmatch(n)]
-    except OSError:
-        return None
-    return max(names, key=version_key) if names else None
-
-
-def failure_reason(err: BaseException) -> str:
-    if isinstance(err, OtaError) and err.reason in REASONS:
-        return err.reason
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return "DISK_FULL"
-    return "INTERNAL_ERROR"
-
-
+JOURNAL_FORMAT_FLAG = "--journal-format"  # internal: print the journal format this agent writes
 # What the launchers of a frozen binary tell the process they start (staticx: STATICX_PROG_PATH,
 # ...; PyInstaller: _PYI_*, _MEIPASS2 in older releases). A program this agent starts, a new
 # agent binary above all, must not take them as its own.
 LAUNCHER_ENV_PREFIXES = ("STATICX_", "_PYI_", "_MEIPASS")
+
+
+class NewAgentBroken(OtaError):
+    reason = "NEW_AGENT_BROKEN"
 
 
 def child_environment(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -3802,37 +3995,6 @@ def child_environment(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
-def check_device(cfg: Config, doc: UpdateDocument, state: State) -> None:
-    """The device can take this update (the update's step, and the dry-run's rehearsal's): the
-    scripts (all four, whichever software: a rollback may need any of them), the state directory
-    on the root's filesystem, and free space for the download, the unpacked tree and the kept
-    state, beyond minFreeBytes."""
-    if cfg.managed_respawn:
-        for name in ALL_SCRIPTS:
-            check_script(os.path.join(cfg.root, "usr", "scripts", name))
-    elif SOFTWARE[doc.software].daemon:
-        daemon = SOFTWARE[doc.software].daemon
-        if not os.access(os.path.join(cfg.root, daemon), os.X_OK):
-            raise ScriptInvalid(f"{daemon} is missing or not executable (managedRespawn is false)")
-    staging = state.staging if os.path.isdir(state.staging) else os.path.dirname(state.dir.rstrip("/"))
-    if os.stat(staging).st_dev != os.stat(cfg.root).st_dev:
-        raise DiskFull("the state directory is not on the root's filesystem: staging cannot be renamed into place",
-                       "STATE_DIR_ELSEWHERE")
-    kept = sum(tree_size(os.path.join(cfg.root, rel)) for rel in cfg.ota["keep"])
-    downloads = state.downloads if os.path.isdir(state.downloads) else staging
-    check_free_space([(downloads, doc.size), (staging, 3 * doc.size + kept)], cfg.ota["minFreeBytes"])
-
-
-def artifact_download(cfg: Config, doc: UpdateDocument, dest: str, **hooks: Any) -> Download:
-    """The download of a job's artifact, as the update and the dry-run's rehearsal both make it:
-    the CAs (the system's, caPath, extraCaPath), otaAgent's read timeout, retries and progress
-    interval. `hooks`: fresh_url, progress, should_stop."""
-    ca_files = [cfg.ca_path] + ([cfg.ota["extraCaPath"]] if cfg.ota.get("extraCaPath") else [])
-    return Download(url=doc.url, dest=dest, sha256=doc.sha256, size=doc.size, context=https_context(ca_files),
-                    read_timeout=cfg.ota["downloadReadTimeout"], retries=cfg.ota["downloadRetries"],
-                    progress_interval=cfg.ota["progressInterval"], proxy=cfg.proxy, **hooks)
-
-
 def without_options(argv: List[str], names: Dict[str, bool]) -> List[str]:
     """`argv` without the options in `names` (name -> takes a value), in either form."""
     out: List[str] = []
@@ -3847,18 +4009,28 @@ def without_options(argv: List[str], names: Dict[str, bool]) -> List[str]:
     return out
 
 
-def is_trial_of(journal: dict) -> bool:
-    """Whether this process is the new agent that the agent which wrote `journal` started on
-    trial (GGC_OTA_TRIAL=<jobId>:<its pid>:<its start time>)."""
-    job_id, _, rest = os.environ.get(TRIAL_ENV, "").partition(":")
-    return bool(job_id) and job_id == journal.get("jobId") and bool(rest)
+def running_agent_file() -> str:
+    """The agent file this process runs: under staticx the real program (not the copy it
+    extracted to TMPDIR), for PyInstaller alone sys.executable, for the script itself."""
+    if getattr(sys, "frozen", False):
+        return os.environ.get("STATICX_PROG_PATH") or sys.executable
+    return os.path.abspath(sys.argv[0])
 
 
-def trial_supervisor() -> Tuple[int, str]:
-    """(pid, start time) of the agent that runs this trial, from GGC_OTA_TRIAL."""
-    _, _, rest = os.environ.get(TRIAL_ENV, "").partition(":")
-    pid, _, started = rest.partition(":")
-    return (int(pid) if pid.isdigit() else 0), started
+def agent_command(path: str, args: List[str]) -> List[str]:
+    """How to start the agent at `path`: a frozen binary runs itself; the script version runs
+    under the same interpreter as this one."""
+    if getattr(sys, "frozen", False):
+        return [path] + args
+    return [sys.executable, path] + args
+
+
+def write_pid(path: str, pid: Optional[int] = None) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open_new(tmp, 0o644) as f:
+        f.write(f"{pid or os.getpid()}\n")
+    os.replace(tmp, path)
 
 
 def start_daemon(command: List[str], pid_file: str, lock_fd: Optional[int] = None, timeout: float = 30.0) -> int:
@@ -3890,178 +4062,739 @@ def start_daemon(command: List[str], pid_file: str, lock_fd: Optional[int] = Non
             return child.pid
         if child.poll() is not None:
             err = (child.stderr.read() if child.stderr else b"").decode(errors="replace").strip().splitlines()
-            raise OtaError(f"the daemon exited with {child.returncode}: {err[-1] if err else 'no message'}",
-                           "ALREADY_RUNNING" if child.returncode == EXIT_RUNNING else "NEW_AGENT_CRASHED")
+            message = f"the daemon exited with {child.returncode}: {err[-1] if err else 'no message'}"
+            if child.returncode == EXIT_RUNNING:
+                raise AnotherAgent(message)
+            raise OtaError(message, "NEW_AGENT_CRASHED")
         time.sleep(0.05)
     stop_session(child)
     raise OtaError("the daemon did not write its PID file in time", "NEW_AGENT_CRASHED")
 
 
-def write_pid(path: str, pid: Optional[int] = None) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open_new(tmp, 0o644) as f:
-        f.write(f"{pid or os.getpid()}\n")
-    os.replace(tmp, path)
+def self_test(agent: str, root: str, config_path: str) -> int:
+    """The new agent must run from staging before it replaces this one: `--version`, then
+    `--check-config` with this device's config. Returns the journal format it writes (2 for an
+    agent that cannot say: the first release, which knows no other); NewAgentBroken otherwise."""
+    import subprocess
+    env = child_environment({CRASH_ENV: ""})
+    for args in (["--version"], ["--root", root, "--config", config_path, "--check-config"]):
+        try:
+            out = subprocess.run(agent_command(agent, args), stdin=subprocess.DEVNULL, capture_output=True,
+                                 timeout=60, env=env)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise NewAgentBroken(f"the new agent does not run: {err}") from None
+        if out.returncode != 0:
+            tail = (out.stderr or out.stdout).decode(errors="replace").strip().splitlines()[-1:]
+            raise NewAgentBroken(f"the new agent failed `{' '.join(args)}` with exit code {out.returncode}: "
+                                 f"{' '.join(tail)}")
+    try:  # whatever goes wrong here, format 2 is what every agent reads
+        out = subprocess.run(agent_command(agent, [JOURNAL_FORMAT_FLAG]), stdin=subprocess.DEVNULL,
+                             capture_output=True, timeout=10, env=env)
+        said = out.stdout.decode(errors="replace").strip()
+        fmt = int(said) if out.returncode == 0 and said.isdigit() else 2
+    except (OSError, subprocess.TimeoutExpired):
+        fmt = 2
+    return max(2, min(fmt, JOURNAL_FORMAT))
 
 
-def running_agent_file() -> str:
-    """The agent file this process runs: under staticx the real program (not the copy it
-    extracted to TMPDIR), for PyInstaller alone sys.executable, for the script itself."""
-    if getattr(sys, "frozen", False):
-        return os.environ.get("STATICX_PROG_PATH") or sys.executable
-    return os.path.abspath(sys.argv[0])
+def is_trial_of(job_id: str) -> bool:
+    """Whether this process is the new agent that the agent running job `job_id` started on
+    trial (GGC_OTA_TRIAL=<jobId>:<its pid>:<its start time>)."""
+    trial_job, _, rest = os.environ.get(TRIAL_ENV, "").partition(":")
+    return bool(trial_job) and trial_job == job_id and bool(rest)
 
 
-def agent_command(path: str, args: List[str]) -> List[str]:
-    """How to start the agent at `path`: a frozen binary runs itself; the script version runs
-    under the same interpreter as this one."""
-    if getattr(sys, "frozen", False):
-        return [path] + args
-    return [sys.executable, path] + args
+def trial_supervisor() -> Tuple[int, str]:
+    """(pid, start time) of the agent that runs this trial, from GGC_OTA_TRIAL."""
+    _, _, rest = os.environ.get(TRIAL_ENV, "").partition(":")
+    pid, _, started = rest.partition(":")
+    return (int(pid) if pid.isdigit() else 0), started
 
 
-class Agent:
-    def __init__(self, cfg: Config, argv: List[str], base_level: str, pid_file: Optional[str] = None,
-                 daemon: bool = False) -> None:
+# ============================================================================================
+# the engine: an update is a plan, the list of steps its SOFTWARE row names, each a row of the
+# steps table. One runner does every step the same way, in one order: the journal (durably),
+# the phase report, the crash point, the action; and when the action fails, what the step
+# says: roll back, roll forward (the next start finishes it), or stop and keep everything.
+# Recovery at start resumes the same plans from the journal's step, as the table says.
+# ============================================================================================
+
+ROLL_BACK, ROLL_FORWARD, STOP, REPORT = "roll back", "roll forward", "stop, keep everything", "report"
+
+
+class Step(collections.namedtuple("Step", ["name", "doing", "reports", "on_error", "after_crash", "inner"])):
+    """One step of an update. `name`: the journal's step, the phase reported as it begins (when
+    `reports`), and its crash point (GGC_OTA_CRASH_AT), reached once its journal is written and
+    its phase reported, before its action. `doing`: what its action does. `on_error`: what the
+    runner does when the action fails. `after_crash`: what recovery does when the journal names
+    this step at start. `inner`: the crash points inside its action."""
+
+    __slots__ = ()
+
+
+# The steps of every plan, in the order plans take them. The runner, the recovery, the crash
+# tests and docs/internals.md all read this table.
+STEPS = (
+    Step("pre_update", "the pre-update script stops the software", True, ROLL_BACK, ROLL_BACK, ()),
+    Step("keep", "the kept state (otaAgent.keep) is copied into the new tree", False, ROLL_BACK, ROLL_BACK, ()),
+    Step("new_agent_trial", "the new agent runs from staging, under the old one, and must prove itself: connect, "
+         "run ota_post_update.sh, report new_agent_verified", True, ROLL_BACK, ROLL_BACK,
+         ("trial_started", "new_agent_connected", "new_agent_verified")),
+    Step("swap", "the live tree and the staged one are exchanged", False, ROLL_BACK, ROLL_BACK, ("mid_swap",)),
+    Step("hand_over", "the new agent, now live, takes over from the old one", False, ROLL_BACK, ROLL_FORWARD,
+         ("before_exec",)),
+    Step("post_update", "the post-update script starts the new core", True, ROLL_BACK, ROLL_BACK, ()),
+    Step("health_check", "the new core must prove healthy", True, ROLL_BACK, ROLL_BACK, ()),
+    Step("commit", "the update is final: SUCCEEDED, the old tree deleted", False, ROLL_FORWARD, ROLL_FORWARD, ()),
+    Step("roll_back", "the old tree is put back and its post-update script runs", False, STOP, ROLL_BACK,
+         ("mid_restore", "after_restore")),
+    Step("rolled_back", "the old software runs again: FAILED is reported", False, STOP, REPORT, ()),
+)
+STEP_BY_NAME = {step.name: step for step in STEPS}
+ROLLBACK_PLAN = ("roll_back", "rolled_back")
+NEW_SOFTWARE_STARTED = ("post_update", "health_check")  # from these steps on the new software may run
+# The phases reported before the journal exists, each also a crash point as it begins: nothing
+# in the root has changed yet, and a restart takes the job again.
+BEFORE_JOURNAL = ("checking", "download", "unpack")
+
+
+def plan_of(software: str) -> Tuple[str, ...]:
+    """The steps of an update of `software`, from its SOFTWARE row."""
+    return SOFTWARE[software].steps
+
+
+class Hooks:
+    """The scripts of an update, as the configuration says: the managed-respawn scripts, or
+    `greengrassd stop|start` without them; and the core's health check."""
+
+    def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.pid_file = pid_file
-        self.daemon = daemon  # started by `ggc-ota` without --foreground: the PID file names this agent
-        self.ota = cfg.ota
         self.root = cfg.root
-        self.state = State(cfg.ota["stateDir"])
+        self.output = os.path.join(cfg.ota["stateDir"], HOOK_OUTPUT)
+
+    def run(self, software: str, which: str, journal: Journal) -> None:
+        """The pre-update (`which` "pre") or post-update ("post") script of `software`."""
+        env = {"GGC_OTA_JOB_ID": journal.job_id, "GGC_OTA_COMPONENT": software, "GGC_ROOT": self.root,
+               "GGC_OTA_OLD_VERSION": journal.from_version or "", "GGC_OTA_NEW_VERSION": journal.to_version}
+        kind = SOFTWARE[software]
+        if self.cfg.managed_respawn:
+            argv = [os.path.join(self.root, "usr", "scripts", kind.pre_script if which == "pre" else kind.post_script)]
+            check_script(argv[0])  # again, right before it runs: recovery and rollback included
+        elif kind.daemon is not None:
+            argv = [os.path.join(self.root, kind.daemon), "stop" if which == "pre" else "start"]
+            if which == "post":
+                argv = in_own_scope(argv)
+        else:
+            return
+        run_hook(argv, env, float(self.cfg.ota["scriptTimeout"]), self.root, self.output)
+
+    def check_health(self, software: str, journal: Journal, began: float) -> None:
+        """The update commits only when the new software is healthy: its health-check script,
+        when it exists, exits 0 within healthCheckTimeout (run again every 2 s until then); else
+        the core daemon of corePidFile, when the old core had one, comes up and stays alive for
+        healthCheckSeconds. With neither, the check is skipped with a warning."""
+        name = SOFTWARE[software].health_script
+        script = os.path.join(self.root, "usr", "scripts", name or "")
+        if name and os.path.lexists(script):
+            self.run_health_script(script, journal)
+        elif journal.core_pid_file:
+            self.watch_core_daemon(journal.core_pid_file, began)
+        else:
+            log.warning("job %s: no health check: neither %s nor the core's PID file %s exists",
+                        journal.job_id, script, self.cfg.ota["corePidFile"])
+
+    def run_health_script(self, script: str, journal: Journal) -> None:
+        timeout = float(self.cfg.ota["healthCheckTimeout"])
+        deadline = time.monotonic() + timeout
+        env = {"GGC_OTA_JOB_ID": journal.job_id, "GGC_ROOT": self.root, "GGC_OTA_NEW_VERSION": journal.to_version}
+        while True:
+            check_script(script)
+            try:
+                run_hook([script], env, max(1.0, deadline - time.monotonic()), self.root, self.output)
+                return
+            except HookFailed as err:
+                failure = err
+            if time.monotonic() + HEALTH_RETRY_SECONDS >= deadline:
+                raise HealthCheckFailed(f"{os.path.basename(script)} did not pass within {timeout:.0f} s: {failure}")
+            time.sleep(HEALTH_RETRY_SECONDS)
+
+    def watch_core_daemon(self, pid_file: str, not_before: float) -> None:
+        """The core daemon named by `pid_file` must come up and live healthCheckSeconds. Only a
+        process started after the post-update step began (`not_before`, in the kernel's clock
+        ticks since boot) counts: a stale PID file whose pid was reused by another process, or
+        the old core's, proves nothing."""
+        seconds, timeout = float(self.cfg.ota["healthCheckSeconds"]), float(self.cfg.ota["healthCheckTimeout"])
+        start = time.monotonic()
+        watched: Optional[Tuple[int, str]] = None
+        stale = None
+        while True:
+            pid = read_pid(pid_file)
+            started = process_start_time(pid) if pid else ""
+            if started and int(started) < not_before:
+                stale, started = pid, ""
+            if watched is None and started:
+                watched, start = (pid or 0, started), time.monotonic()
+            elif watched is not None and (pid, started) != watched:
+                raise HealthCheckFailed(f"the core daemon (pid {watched[0]}) died "
+                                        f"{time.monotonic() - start:.1f} s after it started")
+            if watched is None and time.monotonic() - start > timeout:
+                raise HealthCheckFailed(f"the core daemon did not start within {timeout:.0f} s ({pid_file}"
+                                        + (f" names pid {stale}, a process older than the update)" if stale else ")"))
+            if watched is not None and time.monotonic() - start >= seconds:
+                log.info("health check: the core daemon (pid %d) ran for %.0f s", watched[0], seconds)
+                return
+            time.sleep(0.2)
+
+
+class Engine:
+    """Runs the plan of an update under the journal, rolls it back when a step fails, and
+    finishes at start whatever update a crash interrupted. What it needs from the rest of the
+    agent comes in as callables: `finish(record, status, reason, message, rolled_back, version)`
+    ends a job (history and report), `report(job_id, status, details)` reports a phase,
+    `trial(journal)` tries a new agent (raising OtaError unless it proved itself), and
+    `restart_as(path)` makes the agent at `path` the running one (raising AgentReplaced)."""
+
+    def __init__(self, cfg: Config, state: State, report: Callable[[str, str, Dict[str, Any]], None],
+                 finish: Callable[..., None], trial: Callable[[Journal], None],
+                 restart_as: Callable[[str], None]) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.report = report
+        self.finish = finish
+        self.hooks = Hooks(cfg)
+        self.exe_id = path_id(running_agent_file())  # which agent file this process runs
+        self.new_began = 0.0  # clock ticks since boot when the new software's post-update step began
+        self.actions: Dict[str, Callable[[Journal], None]] = {
+            "pre_update": lambda j: self.hooks.run(j.software, "pre", j),
+            "keep": self.keep, "new_agent_trial": trial, "swap": self.swap, "hand_over": self.hand_over,
+            "post_update": self.post_update, "health_check": self.health_check, "commit": self.commit,
+            "roll_back": self.restore, "rolled_back": self.close,
+        }
+        self.restart_as = restart_as
+
+    # ---- the runner ----------------------------------------------------------------------------
+    def begin(self, job_id: str, number: int, doc: UpdateDocument, stage: str, record: dict,
+              journal_format: int = JOURNAL_FORMAT) -> None:
+        """Write the journal of a new update (in `journal_format`: one the new agent of a
+        self-update reads too) and run its plan."""
+        self.state.verify()
+        live = os.path.join(self.cfg.root, SOFTWARE[doc.software].tree)
+        pid_file = self.cfg.ota["corePidFile"]
+        journal = Journal(job_id=job_id, execution_number=number, software=doc.software, step="",
+                          live=live, stage=stage, live_id=path_id(live), new_id=path_id(os.path.join(stage, "new")),
+                          format=journal_format, from_version=record.get("fromVersion"), to_version=doc.version,
+                          started_at=record["startedAt"], core_pid_file=pid_file if os.path.exists(pid_file) else None)
+        self.run(journal, plan_of(doc.software))
+
+    def run(self, journal: Journal, plan: Tuple[str, ...], resume: bool = False) -> None:
+        """Do the steps of `plan` from the journal's step on (from the first when the journal
+        names none of them). `resume`: the journal already names this step (recovery), whose
+        journal, report and crash point were done before the crash: only its action runs."""
+        first = plan.index(journal.step) if journal.step in plan else 0
+        for index, name in enumerate(plan[first:]):
+            step = STEP_BY_NAME[name]
+            if index > 0 or not resume:
+                try:
+                    self.enter(journal, step)
+                except Exception as err:  # the step never began: the update rolls back from the one before
+                    if name in ROLLBACK_PLAN or (index == 0 and not resume):
+                        raise  # a rollback's own; or the plan's first, before which nothing has changed
+                    self.roll_back(journal, classify(err), str(err))
+                    return
+            try:
+                self.actions[name](journal)
+            except Exception as err:  # from the first step on, every failure is the step's to handle
+                if self.on_error(journal, step, err):
+                    continue
+                return
+
+    def enter(self, journal: Journal, step: Step) -> None:
+        """Journal, phase report, crash point: the same for every step. The journal of a step
+        of the plan is durable before its action (the commit's above all: SUCCEEDED is reported
+        only once no restart can roll the update back); a rollback's goes on when the disk is
+        full (its renames and scripts need no room, and it is safe to run twice)."""
+        journal.step = step.name
+        if step.name in ROLLBACK_PLAN:
+            self.write_journal_if_possible(journal)
+        else:
+            self.state.verify()
+            self.state.write_journal(journal.to_disk())
+        if step.reports:
+            self.report(journal.job_id, "IN_PROGRESS", {"phase": step.name, "version": journal.to_version})
+        crash_point(step.name)
+
+    def on_error(self, journal: Journal, step: Step, err: Exception) -> bool:
+        """What `step` says to do when its action raised `err`; True: the plan goes on."""
+        if step.on_error == ROLL_BACK:
+            self.roll_back(journal, classify(err), str(err))
+            return False
+        if step.on_error == ROLL_FORWARD:
+            log.error("job %s: %s failed (%s); the next start finishes it", journal.job_id, step.name, err)
+            return False
+        if step.name == "roll_back":  # STOP: the rollback failed; both trees stay where they are
+            log.critical("ROLLBACK FAILED for job %s: %s. The device needs attention.", journal.job_id, err)
+            journal.message = f"{journal.message}; rollback: {err}"
+            journal.reason = "ROLLBACK_FAILED"
+            return True
+        log.critical("job %s: %s failed: %s. The device needs attention.", journal.job_id, step.name, err)
+        return False
+
+    def roll_back(self, journal: Journal, reason: str, message: str) -> None:
+        """Old tree back in place, its post-update step run, FAILED reported. Never loops: a
+        failure here is ROLLBACK_FAILED, logged loudly, and the staged trees are kept."""
+        log.error("job %s: rolling back: %s", journal.job_id, message)
+        # Past the post-update step the new software may be running; kept in the journal, since
+        # a restart in the middle of the rollback no longer sees that step.
+        journal.new_started = journal.new_started or journal.step in NEW_SOFTWARE_STARTED
+        journal.reason = journal.reason or reason
+        journal.message = journal.message or message
+        self.run(journal, ROLLBACK_PLAN)
+
+    def write_journal_if_possible(self, journal: Journal) -> None:
+        """During a rollback: a full disk must not stop it. The renames and the
+        scripts need no room; a journal write that fails leaves the previous step on disk, and
+        recovery from it does the same again (every such step is safe to run twice)."""
+        try:
+            self.state.write_journal(journal.to_disk())
+        except OSError as err:
+            log.error("cannot write the journal (%s); going on", err)
+
+    # ---- the actions of the steps ----------------------------------------------------------------
+    def keep(self, journal: Journal) -> None:
+        copy_kept(journal.live, journal.new, self.cfg.ota["keep"], SOFTWARE[journal.software].tree)
+
+    def swap(self, journal: Journal) -> None:
+        swap_trees(journal)
+
+    def hand_over(self, journal: Journal) -> None:
+        """The proven new agent is live: make it the running agent (it commits when it starts).
+        Nothing to do when this process is that agent (its recovery resumes here)."""
+        installed = os.path.join(journal.live, SOFTWARE[journal.software].entry)
+        if not is_tree(installed, self.exe_id):
+            self.restart_as(installed)
+
+    def post_update(self, journal: Journal) -> None:
+        self.new_began = boot_ticks()
+        self.hooks.run(journal.software, "post", journal)
+
+    def health_check(self, journal: Journal) -> None:
+        self.hooks.check_health(journal.software, journal, self.new_began)
+
+    def commit(self, journal: Journal) -> None:
+        if not self.state.handled(journal.job_id, journal.execution_number):
+            self.finish(self.record_of(journal), "SUCCEEDED", None, version=journal.to_version)
+        self.clean_up(journal, keep_trees=False)
+
+    def restore(self, journal: Journal) -> None:
+        if journal.software == "core" and journal.new_started:
+            try:  # stop the new software before its tree goes away
+                self.hooks.run("core", "pre", journal)
+            except OtaError as err:
+                log.warning("rollback: stopping the new software failed (%s); restoring anyway", err)
+        restore_old(journal)
+        crash_point("after_restore")
+        self.hooks.run(journal.software, "post", journal)
+
+    def close(self, journal: Journal) -> None:
+        """FAILED, reported by the agent that runs again: for a self-update, the restored one."""
+        installed = os.path.join(journal.live, SOFTWARE["ota_agent"].entry)
+        if journal.software == "ota_agent" and journal.reason != "ROLLBACK_FAILED" \
+                and not is_tree(installed, self.exe_id):
+            try:  # this process runs the new agent: the restored old one reports
+                self.restart_as(installed)
+            except OtaError as err:
+                log.error("could not hand over to the restored agent (%s); reporting from this one", err)
+        reason = journal.reason or "INTERNAL_ERROR"
+        if not self.state.handled(journal.job_id, journal.execution_number):
+            self.finish(self.record_of(journal), "FAILED", reason, journal.message,
+                        rolled_back=rolled_back_value(reason, touched=True))
+        self.clean_up(journal, keep_trees=reason == "ROLLBACK_FAILED")
+
+    def clean_up(self, journal: Journal, keep_trees: bool) -> None:
+        """The update is over: its staging goes (or, when the rollback failed, is kept where no
+        cleanup reaches, for a person to look at), then the journal, then the download."""
+        if keep_trees and os.path.lexists(journal.stage):
+            kept = self.keep_aside(journal.job_id)
+            log.critical("job %s: the staged trees are kept in %s", journal.job_id, kept)
+        remove_tree(journal.stage)
+        self.state.clear_journal()
+        remove_job_files(self.state, journal.job_id)
+
+    def keep_aside(self, job_id: str) -> str:
+        """Move a job's staging to <stateDir>/kept/, where no cleanup reaches; returns where."""
+        kept_dir = os.path.join(self.state.dir, "kept")
+        os.makedirs(kept_dir, mode=0o700, exist_ok=True)
+        kept = os.path.join(kept_dir, f"{job_id}-{int(time.time())}")
+        os.rename(State.job_path(self.state.staging, job_id), kept)
+        fsync_dir(self.state.staging)
+        fsync_dir(kept_dir)
+        return kept
+
+    @staticmethod
+    def record_of(journal: Journal) -> dict:
+        return {"jobId": journal.job_id, "executionNumber": journal.execution_number, "component": journal.software,
+                "fromVersion": journal.from_version, "toVersion": journal.to_version, "startedAt": journal.started_at}
+
+    # ---- recovery at start ------------------------------------------------------------------------
+    def load_journal(self) -> Optional[Journal]:
+        """The update in flight, checked whole (Journal.load); JournalCorrupt when it cannot be
+        read or trusted."""
+        raw = self.state.journal()
+        if raw is None:
+            return None
+        return Journal.load(raw, self.cfg.root, self.state.staging, self.cfg.ota["corePidFile"])
+
+    def recover(self, journal: Journal) -> None:
+        """Finish the update `journal` names, as the steps table says for its step."""
+        step = STEP_BY_NAME[journal.step]
+        log.warning("recovery: found the journal of job %s at step %s", journal.job_id, journal.step)
+        plan = ROLLBACK_PLAN if journal.step in ROLLBACK_PLAN else plan_of(journal.software)
+        if step.after_crash == ROLL_FORWARD and (journal.step == "commit" or is_tree(journal.live, journal.new_id)):
+            self.run(journal, plan, resume=True)
+            return
+        if step.after_crash == REPORT:
+            self.run(journal, ROLLBACK_PLAN, resume=True)
+            return
+        journal.recoveries += 1
+        if not is_tree(journal.live, journal.live_id):
+            # the old tree is not live: whatever the step, the boot before this start may have
+            # started the new software from it, which must be stopped before its tree goes
+            journal.new_started = True
+        self.write_journal_if_possible(journal)
+        if journal.recoveries > MAX_RECOVERIES:
+            log.critical("ROLLBACK FAILED: recovery of job %s was interrupted %d times; giving up",
+                         journal.job_id, journal.recoveries - 1)
+            journal.reason, journal.message = "ROLLBACK_FAILED", "recovery kept being interrupted"
+            self.run(journal, ROLLBACK_PLAN[1:])
+            return
+        self.roll_back(journal, "INTERRUPTED", f"the agent stopped during the update (at step {journal.step})")
+
+    def recover_without_journal(self, err: JournalCorrupt) -> None:
+        """Nothing is deleted on doubt. With the journal unreadable, which tree is which cannot be
+        known: both stay where they are (the staged trees move to <stateDir>/kept/, where no
+        cleanup reaches), the live core is started, and each job that was staged ends FAILED
+        JOURNAL_CORRUPT, telling where the trees are."""
+        aside = self.state.set_aside_journal()
+        log.critical("%s; kept as %s. Both trees are left where they are: the device needs a look.", err, aside)
+        for name in sorted(os.listdir(self.state.staging)):
+            if not valid_job_id(name):
+                continue
+            kept = self.keep_aside(name)
+            software = "ota_agent" if any(os.path.isdir(os.path.join(kept, t, "ota_agent"))
+                                          for t in ("new", "old")) else "core"
+            if software == "core":
+                try:  # whichever core is live, it must run
+                    stand_in = Journal(job_id=name, execution_number=1, software="core", step="rolled_back",
+                                       live="", stage="", live_id=None)
+                    self.hooks.run("core", "post", stand_in)
+                except OtaError as hook_err:
+                    log.error("recovery: starting the live core failed: %s", hook_err)
+            record = {"jobId": name, "executionNumber": self.staged_execution(name), "component": software,
+                      "startedAt": int(time.time())}
+            self.finish(record, "FAILED", "JOURNAL_CORRUPT",
+                        f"the update journal was unreadable; the live tree was left as it was and the staged "
+                        f"trees were kept in {kept}", rolled_back=rolled_back_value("JOURNAL_CORRUPT", False))
+
+    def staged_execution(self, job_id: str) -> int:
+        """The execution number of a job from its last queued status, else 1."""
+        try:
+            entry = read_json(State.job_path(self.state.outbox, job_id, ".json"))
+        except OtaError:
+            entry = None
+        return 1 if not isinstance(entry, dict) else int(entry.get("executionNumber") or 1)
+
+
+def remove_job_files(state: State, job_id: str) -> None:
+    """A job's staging and download (the finished one and a partial one)."""
+    remove_tree(State.job_path(state.staging, job_id))
+    for suffix in (".tar.gz", ".tar.gz.part"):
+        path = State.job_path(state.downloads, job_id, suffix)
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+# ============================================================================================
+# the trial: a self-update's new agent runs from staging, under the old one, with the real
+# config, and must prove itself (connect, run ota_post_update.sh, report) before the swap. The
+# agent on trial tells the old one how it goes through a file only it writes, trial.json;
+# under a journal of format 2 (the first release runs the trial, or is the one tried), through
+# the journal's own fields, as format 2 had it.
+# ============================================================================================
+
+TRIAL_FILE = "trial.json"
+TRIAL_STDERR = "new-agent.stderr"
+TRIAL_GRACE_SECONDS = 5.0   # beyond newAgentTimeout, for the agent on trial to say why it gave up
+TRIAL_MAX_BYTES = 4096
+
+
+class TrialReport:
+    """The channel from the agent on trial to the agent that runs the trial: what it has done
+    (connected, verified) or why it gave up (a reason code and a message)."""
+
+    def __init__(self, state: State, journal: Journal) -> None:
+        self.state = state
+        self.journal = journal
+        self.path = os.path.join(state.dir, TRIAL_FILE)
+
+    def clear(self) -> None:
+        if os.path.lexists(self.path):
+            os.unlink(self.path)
+
+    def write(self, connected: bool = False, verified: bool = False, reason: Optional[str] = None,
+              message: str = "") -> None:
+        """The agent on trial's side. Not synced (format 3): a power cut ends the trial anyway,
+        and the old agent that restarts rolls back."""
+        if self.journal.format >= 3:
+            write_json_atomic(self.path, {"jobId": self.journal.job_id, "connected": connected, "verified": verified,
+                                          "reason": reason, "message": message}, durable=False)
+            return
+        raw = self.state.journal()
+        if not isinstance(raw, dict) or raw.get("jobId") != self.journal.job_id:
+            raise JournalCorrupt("the journal of the trial changed under the agent on trial")
+        raw["trialConnected"] = connected
+        if verified:
+            raw["step"] = "proven"
+        if reason:
+            raw.update(trialReason=reason, trialMessage=message)
+        self.state.write_journal(raw)
+
+    def read(self) -> dict:
+        """The old agent's side: {connected, verified, reason, message} as the trial last said,
+        every value checked; {} before it has said anything."""
+        if self.journal.format >= 3:
+            try:
+                with open(self.path, "rb") as f:
+                    said = json.loads(f.read(TRIAL_MAX_BYTES).decode("utf-8"))
+            except (OSError, ValueError):
+                return {}
+            if not isinstance(said, dict) or said.get("jobId") != self.journal.job_id:
+                return {}
+        else:
+            try:
+                raw = self.state.journal()
+            except JournalCorrupt:
+                return {}
+            if not isinstance(raw, dict) or raw.get("jobId") != self.journal.job_id:
+                return {}
+            said = {"connected": raw.get("trialConnected"), "verified": raw.get("step") == "proven",
+                    "reason": raw.get("trialReason"), "message": raw.get("trialMessage")}
+        reason = said.get("reason")
+        return {"connected": said.get("connected") is True, "verified": said.get("verified") is True,
+                "reason": reason if reason in REASONS else None, "message": str(said.get("message") or "")[:1024]}
+
+
+class TrialRun:
+    """The old agent's side of a trial: start the new agent from staging and watch it."""
+
+    def __init__(self, cfg: Config, state: State, argv: List[str], stopping: threading.Event,
+                 leave_cloud: Callable[[], None]) -> None:
+        self.cfg = cfg
+        self.state = state
         self.argv = argv
-        self.base_level = base_level
+        self.stopping = stopping
+        self.leave_cloud = leave_cloud  # the agent on trial connects with this agent's client id
+
+    def run(self, journal: Journal) -> None:
+        """Raise OtaError (NEW_AGENT_CRASHED, NEW_AGENT_NO_CONNECTION, NEW_AGENT_TIMEOUT, or the
+        trial's own reason) unless the new agent proved itself."""
+        log.info("job %s: trying the new agent from staging", journal.job_id)
+        report = TrialReport(self.state, journal)
+        report.clear()
+        self.leave_cloud()
+        child = self.spawn(os.path.join(journal.new, SOFTWARE["ota_agent"].entry), journal)
+        try:
+            crash_point("trial_started")
+            self.watch(child, report)
+        finally:
+            stop_session(child)
+            self.state.mark_lock_holder()
+            report.clear()
+        log.info("job %s: the new agent proved itself", journal.job_id)
+
+    def spawn(self, new_agent: str, journal: Journal) -> subprocess.Popen:
+        import subprocess
+        assert self.state.lock_fd is not None
+        args = without_options(self.argv, {"--root": True, "--config": True, "--pid-file": True,
+                                            "--foreground": False, DAEMON_CHILD_FLAG: False})
+        args += ["--root", self.cfg.root, "--config", self.cfg.path, "--foreground"]
+        me = os.getpid()
+        env = child_environment({TRIAL_ENV: f"{journal.job_id}:{me}:{process_start_time(me)}",
+                                 LOCK_FD_ENV: str(self.state.lock_fd)})
+        with open(os.path.join(self.state.dir, TRIAL_STDERR), "wb") as stderr:
+            return subprocess.Popen(agent_command(new_agent, args), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=stderr, env=env,
+                                    pass_fds=(self.state.lock_fd,), start_new_session=True)
+
+    def watch(self, child: subprocess.Popen, report: TrialReport) -> None:
+        """Wait for the agent on trial to exit, having said it was verified."""
+        ota = self.cfg.ota
+        connect_by = time.monotonic() + float(ota["newAgentTimeout"]) + TRIAL_GRACE_SECONDS
+        finish_by: Optional[float] = None
+        said: dict = {}
+        while child.poll() is None:
+            said = report.read() or said
+            if self.stopping.is_set():
+                raise AgentStopping()
+            if said.get("connected") and finish_by is None:  # the script, then a report (as long as a connect)
+                finish_by = time.monotonic() + float(ota["scriptTimeout"]) + float(ota["newAgentTimeout"]) \
+                    + TRIAL_GRACE_SECONDS
+            if finish_by is None and time.monotonic() > connect_by:
+                raise OtaError(f"the new agent did not connect within {ota['newAgentTimeout']} s",
+                               "NEW_AGENT_NO_CONNECTION")
+            if finish_by is not None and time.monotonic() > finish_by:
+                raise OtaError("the new agent connected but did not run ota_post_update.sh and report in time",
+                               "NEW_AGENT_TIMEOUT")
+            time.sleep(0.1)
+        said = report.read() or said
+        if child.returncode == 0 and said.get("verified"):
+            return
+        if said.get("reason"):
+            raise OtaError(said.get("message") or "the new agent's trial failed", said["reason"])
+        when = "after it connected" if said.get("connected") else "before it connected"
+        tail = last_line(os.path.join(self.state.dir, TRIAL_STDERR))
+        raise OtaError(f"the new agent {describe_exit(child.returncode)} {when}" + (f": {tail}" if tail else ""),
+                       "NEW_AGENT_CRASHED")
+
+
+# ============================================================================================
+# preparing an update: everything before anything is touched, the same for an update and for
+# the dry-run's rehearsal of one, which differs only in where it works (a scratch directory):
+# the platform, the device (scripts, state directory, free space), the artifact (size and
+# sha256), the unpack under the same free-space limit, the layout, a new agent's self-test.
+# ============================================================================================
+
+
+def check_device(cfg: Config, doc: UpdateDocument, state: State) -> None:
+    """The device can take this update: the scripts (all four, whichever software: a rollback
+    may need any of them), the state directory on the root's filesystem, and free space for the
+    download, the unpacked tree and the kept state, beyond minFreeBytes."""
+    if cfg.managed_respawn:
+        for name in ALL_SCRIPTS:
+            check_script(os.path.join(cfg.root, "usr", "scripts", name))
+    elif SOFTWARE[doc.software].daemon:
+        daemon = SOFTWARE[doc.software].daemon
+        if not os.access(os.path.join(cfg.root, daemon), os.X_OK):
+            raise ScriptInvalid(f"{daemon} is missing or not executable (managedRespawn is false)")
+    staging = staging_dir(state)
+    if os.stat(staging).st_dev != os.stat(cfg.root).st_dev:
+        raise StateDirElsewhere("the state directory is not on the root's filesystem: staging cannot be renamed "
+                                "into place")
+    kept = sum(tree_size(os.path.join(cfg.root, rel)) for rel in cfg.ota["keep"])
+    downloads = state.downloads if os.path.isdir(state.downloads) else staging
+    check_free_space([(downloads, doc.size), (staging, 3 * doc.size + kept)], cfg.ota["minFreeBytes"])
+
+
+def staging_dir(state: State) -> str:
+    """Where an update unpacks: the staging directory, or, before the agent first made it (a
+    dry-run on a fresh device), the directory it will be made in."""
+    return state.staging if os.path.isdir(state.staging) else os.path.dirname(state.dir.rstrip("/"))
+
+
+def artifact_download(cfg: Config, doc: UpdateDocument, dest: str, **hooks: Any) -> Download:
+    """The download of a job's artifact: the CAs (the system's, caPath, extraCaPath), otaAgent's
+    read timeout, retries and progress interval. `hooks`: fresh_url, progress, should_stop."""
+    ca_files = [cfg.ca_path] + ([cfg.ota["extraCaPath"]] if cfg.ota.get("extraCaPath") else [])
+    return Download(url=doc.url, dest=dest, sha256=doc.sha256, size=doc.size, context=https_context(ca_files),
+                    read_timeout=cfg.ota["downloadReadTimeout"], retries=cfg.ota["downloadRetries"],
+                    progress_interval=cfg.ota["progressInterval"], proxy=cfg.proxy, **hooks)
+
+
+def unpack_update(cfg: Config, doc: UpdateDocument, artifact: str, stage: str, state: State) -> str:
+    """Unpack the artifact into `stage`/unpacked, within the room the staging's filesystem has
+    beyond minFreeBytes (DISK_FULL past it), check its layout, and move the tree it installs to
+    `stage`/new. Returns that path."""
+    st = os.statvfs(staging_dir(state))
+    room = st.f_bavail * st.f_frsize - cfg.ota["minFreeBytes"]
+    try:
+        unpack(artifact, os.path.join(stage, "unpacked"), max_bytes=max(0, min(MAX_ARCHIVE_BYTES, room)),
+               sha256=doc.sha256)
+    except ArchiveTooLarge as err:
+        if room >= MAX_ARCHIVE_BYTES:
+            raise  # the archive's own cap, not the disk: unsafe
+        raise DiskFull(f"the artifact unpacks to more than the {max(0, room)} bytes free "
+                       f"(beyond minFreeBytes): {err}") from None
+    new = os.path.join(stage, "new")
+    os.rename(check_layout(os.path.join(stage, "unpacked"), doc.software), new)
+    return new
+
+
+def try_new_tree(cfg: Config, doc: UpdateDocument, new: str) -> int:
+    """A new agent must run from `new` before anything is touched (NEW_AGENT_BROKEN). Returns
+    the journal format the update is written in: the one both agents read."""
+    if doc.software != "ota_agent":
+        return JOURNAL_FORMAT
+    return self_test(os.path.join(new, SOFTWARE["ota_agent"].entry), cfg.root, cfg.path)
+
+
+def tree_size(path: str) -> int:
+    total = 0
+    for dirpath, _, files in walk_tree(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+# ============================================================================================
+# the cloud side: on every connect and every notify it lists the pending executions with
+# `get`, describes them, finishes an IN_PROGRESS one of its own and takes its queued jobs one
+# at a time, oldest first. A job whose document has no softwareToUpdate is never touched. A
+# (jobId, executionNumber) already handled is never run again. Every status goes through the
+# outbox on disk, so none is lost while offline or across a crash. The MQTT transport is
+# passed in (a real seam: tests give it a fake one).
+# ============================================================================================
+
+CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+DETAILS_KEY = re.compile(r"[a-zA-Z0-9:_-]+")  # used with fullmatch
+UNDELIVERABLE = ("InvalidStateTransition", "TerminalStateReached", "ResourceNotFound", "InvalidRequest")
+RESYNC_SECONDS = 3600.0     # list the jobs again about this often (+-25%) even without a notification
+RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 2.0, 60.0
+
+
+def clean_details(details: Dict[str, Any]) -> Dict[str, str]:
+    """statusDetails AWS accepts: keys [a-zA-Z0-9:_-]+, values 1..1024 chars, no control chars."""
+    out = {}
+    for key, value in details.items():
+        if value is None or not DETAILS_KEY.fullmatch(key):
+            continue
+        text = redact(CONTROL_CHAR.sub(" ", str(value))).strip()[:1024]
+        if text:
+            out[key] = text
+    return out
+
+
+class Cloud:
+    """The link to AWS IoT Jobs: the event loop, the outbox, the intake of jobs. `transport`
+    makes the MQTT client: (on_message, on_connect) -> an object with MqttClient's methods."""
+
+    def __init__(self, cfg: Config, state: State,
+                 transport: Optional[Callable[[Callable[[str, bytes], None], Callable[[], None]], Any]] = None,
+                 rng: Optional[random.Random] = None) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.transport = transport or (lambda on_message, on_connect: MqttClient(mqtt_settings(cfg), on_message,
+                                                                                 on_connect))
+        self.rng = rng or random.Random()
         self.events: queue.Queue = queue.Queue()  # (kind, payload) pairs for the main loop
         self.stopping = threading.Event()
         self.notified = threading.Event()  # a notify arrived and the loop has not synced since
         self.notified_jobs: Optional[set] = None  # the (jobId, executionNumber) pairs of the latest notify
-        self.rng = random.Random()
         self.deliver_after = 0.0  # monotonic time before which no status is sent (the cloud throttled)
         self.deliver_failures = 0
-        self.active_download: Optional[Download] = None
         self.current_since: Tuple[Optional[str], int] = (None, 0)  # the job in flight, since when
-        self.mqtt: Optional[MqttClient] = None
+        self.mqtt: Optional[Any] = None
         self.jobs: Optional[JobsClient] = None
         self.subscribed = False
         self.not_ours: set = set()
         self.current: Optional[str] = None
         self.current_canceled = threading.Event()
-        self.trial: Optional[dict] = None        # this process is a new agent on trial (its journal)
-        self.in_place_trial: Optional[dict] = None  # the same, exec'd in place by an agent of format 1
-        self.post_update_began = 0.0  # clock ticks since boot when the core's post-update step began
         self.unsaved: Dict[str, dict] = {}  # statuses the disk could not take
-        self.exe_id = path_id(running_agent_file())  # which agent file this process runs
 
-    # ---- life cycle ----------------------------------------------------------------------------
-    def start(self) -> None:
-        self.state.ensure()
-        self.state.lock(wait=LOCK_WAIT_SECONDS)
-        for warning in self.cfg.warnings:
-            log.warning("config: %s", warning)
-        log.info("ggc-ota %s starting for %s (root %s, client id %s%s)", __version__, self.cfg.thing_name, self.root,
-                 self.cfg.client_id, f", through the proxy {self.cfg.proxy.shown()}" if self.cfg.proxy else "")
-        if self.pid_file:
-            write_pid(self.pid_file)  # systemd's Type=forking waits for this
-        if os.path.lexists(self.state.current_path) and not os.environ.get(TRIAL_ENV):  # a crash left it
-            os.unlink(self.state.current_path)
-        self.recover()
-
-    def run(self) -> int:
-        try:
-            self.start()
-            if self.trial is not None:
-                return self.prove_new_agent(self.trial)
-            self.connect()
-            release_free_memory()
-            if self.in_place_trial is not None:
-                self.finish_self_update(self.in_place_trial)
-            self.loop()
-        except AgentReplaced as replaced:
-            log.info("%s", replaced)
-            return replaced.code
-        log.info("ggc-ota stopping")
-        self.disconnect()
-        return EXIT_OK
-
-    def loop(self) -> None:
-        """Wait for an event: connected (subscribe, deliver, sync), notify (sync, unless it names
-        only jobs already handled), and on a timer a resync (about hourly), or, while a status
-        waits in the outbox (the cloud throttled it), a delivery attempt with backoff. After a
-        request failed, a notify does not cut the backoff short: it makes the sync at its end."""
-        next_wake = time.monotonic() + self.resync_interval()
-        wait_again = RETRY_FIRST_SECONDS
-        backoff_until = 0.0  # after a failed request: until then, a notify only marks a sync as due
-        sync_due = False
-        while not self.stopping.is_set():
-            try:
-                kind, _ = self.events.get(timeout=max(0.1, next_wake - time.monotonic()))
-            except queue.Empty:
-                kind = "resync" if sync_due or not self.undelivered() else "deliver"
-            if kind == "notify" and time.monotonic() < backoff_until:
-                sync_due = True  # the backoff holds for every request, whatever wakes the loop
-                continue
-            try:
-                if kind == "connected":
-                    self.on_connected()
-                elif kind == "notify" and self.nothing_new(self.notified_jobs):
-                    self.notified.clear()
-                    self.flush_outbox()
-                elif kind in ("notify", "resync"):
-                    self.notified.clear()
-                    self.flush_outbox()
-                    self.sync()
-                elif kind == "deliver":
-                    self.flush_outbox()
-                if kind in ("connected", "notify", "resync", "deliver"):
-                    if self.undelivered():
-                        next_wake = max(time.monotonic() + wait_again, self.deliver_after)
-                        wait_again = min(wait_again * 2, RETRY_MAX_SECONDS)
-                    else:
-                        next_wake = time.monotonic() + self.resync_interval()
-                        wait_again = RETRY_FIRST_SECONDS
-                backoff_until, sync_due = 0.0, False  # a success ends the backoff (a due sync ran: connected, resync)
-            except AgentStopping:
-                break
-            except Exception as err:  # MqttError: a request or its reply was lost; else a bug
-                if isinstance(err, MqttError) or (isinstance(err, JobsRejected) and err.code in RETRYABLE_JOBS_CODES):
-                    log.warning("talking to the cloud failed: %s; trying again in %.0f s", err, wait_again)
-                else:
-                    log.exception("unexpected error; trying again in %.0f s", wait_again)
-                next_wake = time.monotonic() + wait_again
-                wait_again = min(wait_again * 2, RETRY_MAX_SECONDS)
-                backoff_until = next_wake
-
-    def resync_interval(self) -> float:
-        """About RESYNC_SECONDS, spread (+-25%) so that a fleet that connected together does not
-        list its jobs together ever after."""
-        return RESYNC_SECONDS * self.rng.uniform(0.75, 1.25)
-
-    def undelivered(self) -> bool:
-        """A status waits in the outbox (on disk or, the disk full, in memory)."""
-        return bool(self.unsaved) or bool(self.state.pending_statuses())
-
-    def nothing_new(self, keys: Optional[set]) -> bool:
-        """True when a notify's pending list names only executions this agent has handled or
-        left alone: listing the jobs again would tell nothing (a rollout's own IN_PROGRESS and
-        SUCCEEDED notifications, for one)."""
-        return keys is not None and all(key in self.not_ours or self.state.handled(*key) for key in keys)
-
-    def stop(self) -> None:
-        """SIGTERM: stop soon. A download stops at once (its partial file is kept for the resume);
-        a script or a swap in progress finishes first (each is bounded)."""
-        self.stopping.set()
-        self.events.put(("stop", None))
-        download = self.active_download
-        if download is not None:
-            download.abort()
-        if self.jobs is not None:
-            self.jobs.interrupt()
-        if self.mqtt is not None:
-            self.mqtt.interrupt()
-
+    # ---- the connection -------------------------------------------------------------------------
     def connect(self) -> None:
-        self.mqtt = MqttClient(mqtt_settings(self.cfg), self.on_message, self.on_connect)
+        self.mqtt = self.transport(self.on_message, self.on_connect)
         self.jobs = JobsClient(self.mqtt, self.cfg.thing_name, on_notify=self.on_notify)
         self.subscribed = False
         self.mqtt.start()
@@ -4072,6 +4805,18 @@ class Agent:
         if self.mqtt is not None:
             self.mqtt.stop()
         self.subscribed = False
+
+    def reconnect_if_left(self) -> None:
+        if self.mqtt is None or self.mqtt.stopped:
+            self.connect()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.events.put(("stop", None))
+        if self.jobs is not None:
+            self.jobs.interrupt()
+        if self.mqtt is not None:
+            self.mqtt.interrupt()
 
     # ---- callbacks from the MQTT network thread: never block ----------------------------------
     def on_connect(self) -> None:
@@ -4094,15 +4839,83 @@ class Agent:
             self.notified.set()
             self.events.put(("notify", None))
 
-    # ---- talking to the cloud --------------------------------------------------------------------
-    def on_connected(self) -> None:
+    # ---- the loop ---------------------------------------------------------------------------------
+    def loop(self, process: Callable[[dict], None]) -> None:
+        """Wait for an event: connected (subscribe, deliver, sync), notify (sync, unless it names
+        only jobs already handled), and on a timer a resync (about hourly), or, while a status
+        waits in the outbox (the cloud throttled it), a delivery attempt with backoff. After a
+        request failed, a notify does not cut the backoff short: it makes the sync at its end.
+        `process(execution)` takes one job."""
+        next_wake = time.monotonic() + self.resync_interval()
+        wait_again = RETRY_FIRST_SECONDS
+        backoff_until = 0.0  # after a failed request: until then, a notify only marks a sync as due
+        sync_due = False
+        while not self.stopping.is_set():
+            try:
+                kind, _ = self.events.get(timeout=max(0.1, next_wake - time.monotonic()))
+            except queue.Empty:
+                kind = "resync" if sync_due or not self.undelivered() else "deliver"
+            if kind == "notify" and time.monotonic() < backoff_until:
+                sync_due = True  # the backoff holds for every request, whatever wakes the loop
+                continue
+            try:
+                self.handle_event(kind, process)
+                if kind in ("connected", "notify", "resync", "deliver"):
+                    if self.undelivered():
+                        next_wake = max(time.monotonic() + wait_again, self.deliver_after)
+                        wait_again = min(wait_again * 2, RETRY_MAX_SECONDS)
+                    else:
+                        next_wake = time.monotonic() + self.resync_interval()
+                        wait_again = RETRY_FIRST_SECONDS
+                backoff_until, sync_due = 0.0, False  # a success ends the backoff (a due sync ran: connected, resync)
+            except AgentStopping:
+                break
+            except Exception as err:  # transient: a request or its reply was lost; else a bug
+                if REASONS[classify(err)].transient:
+                    log.warning("talking to the cloud failed: %s; trying again in %.0f s", err, wait_again)
+                else:
+                    log.exception("unexpected error; trying again in %.0f s", wait_again)
+                next_wake = time.monotonic() + wait_again
+                wait_again = min(wait_again * 2, RETRY_MAX_SECONDS)
+                backoff_until = next_wake
+
+    def handle_event(self, kind: str, process: Callable[[dict], None]) -> None:
+        if kind == "connected":
+            self.on_connected(process)
+        elif kind == "notify" and self.nothing_new(self.notified_jobs):
+            self.notified.clear()
+            self.flush_outbox()
+        elif kind in ("notify", "resync"):
+            self.notified.clear()
+            self.flush_outbox()
+            self.sync(process)
+        elif kind == "deliver":
+            self.flush_outbox()
+
+    def resync_interval(self) -> float:
+        """About RESYNC_SECONDS, spread (+-25%) so that a fleet that connected together does not
+        list its jobs together ever after."""
+        return RESYNC_SECONDS * self.rng.uniform(0.75, 1.25)
+
+    def undelivered(self) -> bool:
+        """A status waits in the outbox (on disk or, the disk full, in memory)."""
+        return bool(self.unsaved) or bool(self.state.pending_statuses())
+
+    def nothing_new(self, keys: Optional[set]) -> bool:
+        """True when a notify's pending list names only executions this agent has handled or
+        left alone: listing the jobs again would tell nothing (a rollout's own IN_PROGRESS and
+        SUCCEEDED notifications, for one)."""
+        return keys is not None and all(key in self.not_ours or self.state.handled(*key) for key in keys)
+
+    def on_connected(self, process: Callable[[dict], None]) -> None:
         assert self.jobs is not None
         if not self.subscribed:
             self.jobs.subscribe()
             self.subscribed = True
         self.flush_outbox()
-        self.sync()
+        self.sync(process)
 
+    # ---- statuses: the outbox -------------------------------------------------------------------
     def report(self, job_id: str, status: str, details: Dict[str, Any]) -> None:
         """Queue the status on disk and try to send it; an update never waits on the cloud. When
         the disk cannot take it (full), the status is kept in memory and sent all the same."""
@@ -4119,6 +4932,24 @@ class Agent:
             self.flush_outbox()
         except MqttError:
             pass  # kept; the main loop retries
+
+    def finish(self, record: dict, result: str, reason: Optional[str], message: str = "",
+               rolled_back: Optional[str] = None, version: Optional[str] = None) -> None:
+        """A job ends: its status (with reason, message, rolledBack or version) and its record in
+        the history."""
+        details: Dict[str, Any] = {"reason": reason, "message": message, "rolledBack": rolled_back,
+                                   "version": version}
+        self.report(record["jobId"], result, details)
+        record.update(result=result, reason=reason, finishedAt=int(time.time()))
+        if message:
+            record["message"] = redact(message)[:1024]
+        self.state.add_history(record)
+        if result == "SUCCEEDED":
+            log_event("job %s: %s", record["jobId"], result)
+        else:
+            log.error("job %s: %s (%s: %s)", record["jobId"], result, reason, message)
+            if log.getEffectiveLevel() > logging.ERROR:
+                log_event("job %s: %s (%s: %s)", record["jobId"], result, reason, message)
 
     def note_in_flight(self, job_id: str, details: Dict[str, str]) -> None:
         """<stateDir>/current.json: the job in flight and its latest phase, for --status (not
@@ -4147,7 +4978,7 @@ class Agent:
                 if err.code in UNDELIVERABLE:
                     log.warning("status %s of job %s can never be delivered (%s); dropping it",
                                 entry["status"], entry["jobId"], err.code)
-                elif err.code in RETRYABLE_JOBS_CODES:
+                elif REASONS[err.reason].transient:
                     delay = retry_delay(self.deliver_failures, RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS, self.rng)
                     self.deliver_failures += 1
                     self.deliver_after = time.monotonic() + delay
@@ -4168,7 +4999,8 @@ class Agent:
             else:
                 self.state.status_sent(entry)
 
-    def sync(self) -> None:
+    # ---- intake ----------------------------------------------------------------------------------
+    def sync(self, process: Callable[[dict], None]) -> None:
         """Take this thing's Greengrass update jobs, one at a time, oldest first."""
         assert self.jobs is not None and self.mqtt is not None
         while not self.stopping.is_set() and self.mqtt.connected:
@@ -4176,7 +5008,7 @@ class Agent:
             execution = self.next_job(in_progress + queued)
             if execution is None:
                 return
-            self.process(execution)
+            process(execution)
             release_free_memory()
 
     def next_job(self, summaries: List[dict]) -> Optional[dict]:
@@ -4220,560 +5052,114 @@ class Agent:
             raise JobCanceled(f"job {job_id} was canceled (or ended) in the cloud")
         self.current_canceled.clear()
 
-    # ---- one job --------------------------------------------------------------------------------
-    def process(self, execution: dict) -> None:
-        job_id, number = execution["jobId"], execution.get("executionNumber", 1)
-        record: Dict[str, Any] = {"jobId": job_id, "executionNumber": number, "startedAt": int(time.time())}
-        self.current = job_id
-        self.current_canceled.clear()
-        log_event("job %s: starting", job_id)
+
+def release_free_memory() -> None:
+    """Hand memory freed since start-up (compiling this module) or by a finished job back to
+    the system: glibc keeps freed heap pages in the process otherwise. Nothing elsewhere."""
+    trim = libc_function("malloc_trim")
+    if trim is not None:
+        trim(0)
+
+
+# ============================================================================================
+# the agent: one process that holds the lock, finishes at start what a crash interrupted, and
+# then takes jobs from the cloud one at a time: it prepares each (nothing touched) and hands
+# it to the engine. As the new agent on trial it proves itself instead, and exits.
+# ============================================================================================
+
+
+def version_key(version: str) -> tuple:
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.+-]", version))
+
+
+def installed_core_version(root: str) -> Optional[str]:
+    try:
+        names = [n for n in os.listdir(os.path.join(root, "ggc", "packages")) if VERSION_TEXT.fullmatch(n)]
+    except OSError:
+        return None
+    return max(names, key=version_key) if names else None
+
+
+class Agent:
+    def __init__(self, cfg: Config, argv: List[str], base_level: str, pid_file: Optional[str] = None,
+                 daemon: bool = False, transport: Optional[Callable[..., Any]] = None) -> None:
+        self.cfg = cfg
+        self.pid_file = pid_file
+        self.daemon = daemon  # started by `ggc-ota` without --foreground: the PID file names this agent
+        self.argv = argv
+        self.base_level = base_level
+        self.state = State(cfg.ota["stateDir"])
+        self.cloud = Cloud(cfg, self.state, transport)
+        self.trial_run = TrialRun(cfg, self.state, argv, self.cloud.stopping, self.cloud.disconnect)
+        self.engine = Engine(cfg, self.state, self.cloud.report, self.cloud.finish, self.trial_run.run,
+                             self.restart_as)
+        self.active_download: Optional[Download] = None
+        self.trial: Optional[Journal] = None           # this process is a new agent on trial (its journal)
+        self.in_place_trial: Optional[Journal] = None  # the same, exec'd in place by an agent of format 1
+
+    # ---- life cycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.state.ensure()
+        self.state.lock(wait=LOCK_WAIT_SECONDS)
+        for warning in self.cfg.warnings:
+            log.warning("config: %s", warning)
+        log.info("ggc-ota %s starting for %s (root %s, client id %s%s)", __version__, self.cfg.thing_name,
+                 self.cfg.root, self.cfg.client_id,
+                 f", through the proxy {self.cfg.proxy.shown()}" if self.cfg.proxy else "")
+        if self.pid_file:
+            write_pid(self.pid_file)  # systemd's Type=forking waits for this
+        if not os.environ.get(TRIAL_ENV):  # what a crash left: the job in flight, a trial's news
+            for path in (self.state.current_path, os.path.join(self.state.dir, TRIAL_FILE)):
+                if os.path.lexists(path):
+                    os.unlink(path)
+        self.recover()
+
+    def run(self) -> int:
         try:
-            doc = parse_document(execution.get("jobDocument"))
-            record.update(component=doc.software, toVersion=doc.version, fromVersion=self.installed(doc.software))
-            set_job_log_level(doc.log_level, self.base_level)
-            warning = check_platform(doc, *detect_platform(self.ota))
-            if warning:
-                log.warning("job %s: %s", job_id, warning)
-            self.report(job_id, "IN_PROGRESS", {"phase": "checking", "version": doc.version})
-            check_device(self.cfg, doc, self.state)
-            artifact = self.download(job_id, doc)
-            stage = self.unpack(job_id, doc, artifact)
-            self.ensure_not_canceled(job_id)
-            if doc.software == "core":
-                self.apply_core(job_id, number, doc, stage, record)
-            else:
-                self.apply_agent(job_id, number, doc, stage, record)
-        except (InvalidDocument, PlatformMismatch) as err:
-            log.error("job %s rejected: %s", job_id, err)
-            self.finish(record, "REJECTED", err.reason, str(err))
-        except JobCanceled as err:
-            log.warning("job %s abandoned: %s", job_id, err)
-            record.update(result="CANCELED", reason=err.reason, finishedAt=int(time.time()))
-            self.state.add_history(record)
-        except (MqttError, JobsRejected) as err:
-            if isinstance(err, JobsRejected) and err.code not in RETRYABLE_JOBS_CODES:
-                log.error("job %s: the cloud refused a request for good: %s", job_id, err)
-                if not self.state.has_journal():
-                    self.cleanup(job_id)
-                self.finish(record, "FAILED", "JOBS_REJECTED", f"the cloud refused a request: {err}",
-                            rolled_back="false")
-            else:
-                # The link, a lost reply, throttling: nothing is changed yet and nothing is reported;
-                # the job stays IN_PROGRESS, and the next sync takes it up again (the download resumes).
-                log.warning("job %s: %s; the job is taken up again when the cloud answers", job_id, err)
-                raise MqttError(str(err)) from None
-        except (OtaError, OSError) as err:
-            log.error("job %s failed before anything was changed: %s", job_id, err)
-            if not self.state.has_journal():
-                self.cleanup(job_id)  # first: on a full disk this frees the room to report
-            self.finish(record, "FAILED", failure_reason(err), str(err), rolled_back="false")
-        except AgentStopping:
-            log.info("job %s: stopping; the download resumes at the next start", job_id)
-            raise
-        except Exception as err:  # a bug, or input nothing above foresaw: this job ends, the agent goes on
-            log.exception("job %s failed on an unexpected error", job_id)
-            if not self.state.has_journal():
-                self.cleanup(job_id)
-            self.finish(record, "FAILED", "INTERNAL_ERROR", f"{type(err).__name__}: {err}", rolled_back="false")
-        finally:
-            self.current = None
-            set_log_level(self.base_level)
-            if os.path.lexists(self.state.current_path):
-                os.unlink(self.state.current_path)
-        if not self.state.has_journal():
-            self.cleanup(job_id)
-
-    def installed(self, software: str) -> Optional[str]:
-        return installed_core_version(self.root) if software == "core" else __version__
-
-    def finish(self, record: dict, result: str, reason: Optional[str], message: str = "",
-               rolled_back: Optional[str] = None, version: Optional[str] = None) -> None:
-        details: Dict[str, Any] = {"reason": reason, "message": message, "rolledBack": rolled_back,
-                                   "version": version}
-        self.report(record["jobId"], result, details)
-        record.update(result=result, reason=reason, finishedAt=int(time.time()))
-        if message:
-            record["message"] = redact(message)[:1024]
-        self.state.add_history(record)
-        if result == "SUCCEEDED":
-            log_event("job %s: %s", record["jobId"], result)
-        else:
-            log.error("job %s: %s (%s: %s)", record["jobId"], result, reason, message)
-            if log.getEffectiveLevel() > logging.ERROR:
-                log_event("job %s: %s (%s: %s)", record["jobId"], result, reason, message)
-
-    def download(self, job_id: str, doc: UpdateDocument) -> str:
-        dest = State.job_path(self.state.downloads, job_id, ".tar.gz")
-        if os.path.exists(dest) and sha256_of_file(dest)[0].hexdigest() == doc.sha256:
-            log.info("job %s: the artifact was downloaded before", job_id)
-            return dest
-
-        def progress(done: int, total: int) -> None:
-            percent = done * 100 // total
-            log.info("job %s: downloaded %d of %d bytes (%d%%)", job_id, done, total, percent)
-            self.report(job_id, "IN_PROGRESS", {"phase": "download", "progress": f"{percent}%",
-                                                "bytes": f"{done}/{total}", "version": doc.version})
-
-        def should_stop() -> bool:
-            if self.stopping.is_set():
-                raise AgentStopping()
-            if self.current_canceled.is_set():
-                self.ensure_not_canceled(job_id)  # raises JobCanceled when the cloud ended the job
-            return False
-
-        log.info("job %s: downloading %s (%d bytes)", job_id, redact_url(doc.url), doc.size)
-        self.active_download = artifact_download(self.cfg, doc, dest, fresh_url=lambda: self.fresh_url(job_id),
-                                                 progress=progress, should_stop=should_stop)
-        try:
-            if self.stopping.is_set():
-                raise AgentStopping()
-            self.active_download.run()
-        finally:
-            self.active_download = None
-        crash_point("after_download")
-        return dest
-
-    def unpack(self, job_id: str, doc: UpdateDocument, artifact: str) -> str:
-        self.state.verify()
-        stage = State.job_path(self.state.staging, job_id)
-        remove_tree(stage)
-        os.makedirs(stage)
-        self.report(job_id, "IN_PROGRESS", {"phase": "unpack", "version": doc.version})
-        st = os.statvfs(stage)
-        room = st.f_bavail * st.f_frsize - self.ota["minFreeBytes"]
-        try:
-            unpack(artifact, os.path.join(stage, "unpacked"), max_bytes=max(0, min(MAX_ARCHIVE_BYTES, room)),
-                   sha256=doc.sha256)
-        except ArchiveTooLarge as err:
-            if room >= MAX_ARCHIVE_BYTES:
-                raise  # the archive's own cap, not the disk: unsafe
-            raise DiskFull(f"the artifact unpacks to more than the {max(0, room)} bytes free "
-                           f"(beyond minFreeBytes): {err}") from None
-        os.rename(check_layout(os.path.join(stage, "unpacked"), doc.software), os.path.join(stage, "new"))
-        # the job's staging directory and the new tree's name in it, durable before the journal
-        # names them: where a directory sync persists only that directory (POSIX's letter), the
-        # old tree would land after the swap in a directory no durable name leads to
-        fsync_dir(stage)
-        fsync_dir(self.state.staging)
-        crash_point("after_unpack")
-        return stage
-
-    def cleanup(self, job_id: str) -> None:
-        remove_tree(State.job_path(self.state.staging, job_id))
-        for suffix in (".tar.gz", ".tar.gz.part"):
-            path = State.job_path(self.state.downloads, job_id, suffix)
-            if os.path.exists(path):
-                os.unlink(path)
-
-    # ---- applying: journaled from the first script on ------------------------------------------
-    def new_journal(self, job_id: str, number: int, doc: UpdateDocument, stage: str, record: dict) -> dict:
-        self.state.verify()
-        live = os.path.join(self.root, SOFTWARE[doc.software].tree)
-        journal = {"jobId": job_id, "executionNumber": number, "software": doc.software,
-                   "fromVersion": record.get("fromVersion"), "toVersion": doc.version, "startedAt": record["startedAt"],
-                   "live": live, "new": os.path.join(stage, "new"), "old": os.path.join(stage, "old"),
-                   "stage": stage, "liveId": path_id(live), "newId": path_id(os.path.join(stage, "new")),
-                   "step": "pre_update", "recoveries": 0, "format": JOURNAL_FORMAT,
-                   "corePidFile": self.ota["corePidFile"] if os.path.exists(self.ota["corePidFile"]) else None}
-        self.state.write_journal(journal)
-        return journal
-
-    def hook(self, software: str, which: str, journal: dict) -> None:
-        env = {"GGC_OTA_JOB_ID": journal["jobId"], "GGC_OTA_COMPONENT": software, "GGC_ROOT": self.root,
-               "GGC_OTA_OLD_VERSION": journal.get("fromVersion") or "", "GGC_OTA_NEW_VERSION": journal["toVersion"]}
-        kind = SOFTWARE[software]
-        if self.cfg.managed_respawn:
-            argv = [os.path.join(self.root, "usr", "scripts", kind.pre_script if which == "pre" else kind.post_script)]
-            check_script(argv[0])  # again, right before it runs: recovery and rollback included
-        elif kind.daemon is not None:
-            argv = [os.path.join(self.root, kind.daemon), "stop" if which == "pre" else "start"]
-            if which == "post":
-                argv = in_own_scope(argv)
-        else:
-            return
-        run_hook(argv, env, float(self.ota["scriptTimeout"]), self.root)
-
-    def apply_core(self, job_id: str, number: int, doc: UpdateDocument, stage: str, record: dict) -> None:
-        journal = self.new_journal(job_id, number, doc, stage, record)
-        self.report(job_id, "IN_PROGRESS", {"phase": STEP_BY_NAME["pre_update"].phase, "version": doc.version})
-        crash_point("journal_written")
-        try:
-            self.hook("core", "pre", journal)
-            crash_point("after_pre_update")
-            copy_kept(journal["live"], journal["new"], self.ota["keep"], "ggc")
-            crash_point("after_keep")
-            swap_in(self.state, journal)
-            crash_point("after_swap")
-            self.report(job_id, "IN_PROGRESS", {"phase": STEP_BY_NAME["post_update"].phase, "version": doc.version})
-            journal["step"] = "post_update"  # from here the new software may be running
-            self.state.write_journal(journal)
-            self.post_update_began = boot_ticks()
-            self.hook("core", "post", journal)
-            crash_point("after_post_update")
-            journal["step"] = "health_check"
-            self.state.write_journal(journal)
-            self.report(job_id, "IN_PROGRESS", {"phase": STEP_BY_NAME["health_check"].phase, "version": doc.version})
-            self.check_core_health(journal)
-            crash_point("after_health_check")
-        except Exception as err:  # from the first script on, every failure rolls back
-            self.roll_back(journal, failure_reason(err), str(err))
-            return
-        self.commit(journal)
-
-    def check_core_health(self, journal: dict) -> None:
-        """The update commits only when the new core is healthy: ggc_health_check.sh, when it
-        exists, exits 0 within healthCheckTimeout (run again every 2 s until then); else the
-        core daemon of corePidFile, when the old core had one, comes up and stays alive for
-        healthCheckSeconds. With neither, the check is skipped with a warning."""
-        script = os.path.join(self.root, "usr", "scripts", HEALTH_SCRIPT)
-        if os.path.lexists(script):
-            self.run_health_script(script, journal)
-        elif journal.get("corePidFile"):
-            self.watch_core_daemon(journal["corePidFile"], self.post_update_began)
-        else:
-            log.warning("job %s: no health check: neither %s nor the core's PID file %s exists",
-                        journal["jobId"], script, self.ota["corePidFile"])
-
-    def run_health_script(self, script: str, journal: dict) -> None:
-        timeout = float(self.ota["healthCheckTimeout"])
-        deadline = time.monotonic() + timeout
-        env = {"GGC_OTA_JOB_ID": journal["jobId"], "GGC_ROOT": self.root, "GGC_OTA_NEW_VERSION": journal["toVersion"]}
-        while True:
-            check_script(script)
-            try:
-                run_hook([script], env, max(1.0, deadline - time.monotonic()), self.root)
-                return
-            except HookFailed as err:
-                failure = err
-            if time.monotonic() + HEALTH_RETRY_SECONDS >= deadline:
-                raise HealthCheckFailed(f"{HEALTH_SCRIPT} did not pass within {timeout:.0f} s: {failure}")
-            time.sleep(HEALTH_RETRY_SECONDS)
-
-    def watch_core_daemon(self, pid_file: str, not_before: float) -> None:
-        """The core daemon named by `pid_file` must come up and live healthCheckSeconds. Only a
-        process started after the post-update step began (`not_before`, in the kernel's clock
-        ticks since boot) counts: a stale PID file whose pid was reused by another process, or
-        the old core's, proves nothing."""
-        seconds, timeout = float(self.ota["healthCheckSeconds"]), float(self.ota["healthCheckTimeout"])
-        start = time.monotonic()
-        watched: Optional[Tuple[int, str]] = None
-        stale = None
-        while True:
-            pid = read_pid(pid_file)
-            started = process_start_time(pid) if pid else ""
-            if started and int(started) < not_before:
-                stale, started = pid, ""
-            if watched is None and started:
-                watched, start = (pid or 0, started), time.monotonic()
-            elif watched is not None and (pid, started) != watched:
-                raise HealthCheckFailed(f"the core daemon (pid {watched[0]}) died "
-                                        f"{time.monotonic() - start:.1f} s after it started")
-            if watched is None and time.monotonic() - start > timeout:
-                raise HealthCheckFailed(f"the core daemon did not start within {timeout:.0f} s ({pid_file}"
-                                        + (f" names pid {stale}, a process older than the update)" if stale else ")"))
-            if watched is not None and time.monotonic() - start >= seconds:
-                log.info("health check: the core daemon (pid %d) ran for %.0f s", watched[0], seconds)
-                return
-            time.sleep(0.2)
-
-    def apply_agent(self, job_id: str, number: int, doc: UpdateDocument, stage: str, record: dict) -> None:
-        """The new agent replaces this one only once it has proved itself: it runs from staging,
-        under this agent, with the real config; it must connect, run ota_post_update.sh and
-        report. Until the swap the live tree is the old one, so a crash or a power cut at any
-        moment of the trial leaves the old agent to start, roll back and report."""
-        new_agent = os.path.join(stage, "new", SOFTWARE["ota_agent"].entry)
-        self.self_test(new_agent)
-        journal = self.new_journal(job_id, number, doc, stage, record)
-        self.report(job_id, "IN_PROGRESS", {"phase": STEP_BY_NAME["pre_update"].phase, "version": doc.version})
-        try:
-            self.hook("ota_agent", "pre", journal)
-            crash_point("after_pre_update")
-            self.try_new_agent(journal, new_agent)
-            swap_in(self.state, journal)
-            crash_point("after_swap")
-            self.hand_over(journal)
-        except Exception as err:  # from the first script on, every failure rolls back
-            self.roll_back(journal, failure_reason(err), str(err))
-            if self.mqtt is None or self.mqtt.stopped:
-                self.connect()
-
-    def try_new_agent(self, journal: dict, new_agent: str) -> None:
-        """Run the staged agent on trial and watch it; raises OtaError (NEW_AGENT_CRASHED,
-        NEW_AGENT_NO_CONNECTION, NEW_AGENT_TIMEOUT, or the trial's own reason) unless it proved
-        itself. This agent leaves the cloud meanwhile and returns to it only on failure."""
-        journal["step"] = "trial"
-        self.state.write_journal(journal)
-        self.report(journal["jobId"], "IN_PROGRESS", {"phase": STEP_BY_NAME["trial"].phase,
-                                                      "version": journal["toVersion"]})
-        log.info("job %s: trying the new agent from staging", journal["jobId"])
-        self.disconnect()
-        child = self.spawn_trial(new_agent, journal)
-        try:
-            crash_point("trial_started")
-            proven = self.watch_trial(child, journal)
-        finally:
-            stop_session(child)
-            self.state.mark_lock_holder()
-        journal.update(proven)
-        log.info("job %s: the new agent proved itself", journal["jobId"])
-
-    def spawn_trial(self, new_agent: str, journal: dict) -> subprocess.Popen:
-        import subprocess
-        assert self.state.lock_fd is not None
-        args = without_options(self.argv, {"--root": True, "--config": True, "--pid-file": True,
-                                            "--foreground": False, DAEMON_CHILD_FLAG: False})
-        args += ["--root", self.root, "--config", self.cfg.path, "--foreground"]
-        me = os.getpid()
-        env = child_environment({TRIAL_ENV: f"{journal['jobId']}:{me}:{process_start_time(me)}",
-                                 LOCK_FD_ENV: str(self.state.lock_fd)})
-        with open(os.path.join(self.state.dir, TRIAL_STDERR), "wb") as stderr:
-            return subprocess.Popen(agent_command(new_agent, args), stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=stderr, env=env,
-                                    pass_fds=(self.state.lock_fd,), start_new_session=True)
-
-    def watch_trial(self, child: subprocess.Popen, journal: dict) -> dict:
-        """Wait for the agent on trial to exit; returns the journal it left at step `proven`."""
-        connect_by = time.monotonic() + float(self.ota["newAgentTimeout"]) + TRIAL_GRACE_SECONDS
-        finish_by: Optional[float] = None
-        seen: dict = journal
-        while child.poll() is None:
-            seen = self.read_journal_or(seen)
-            if self.stopping.is_set():
-                raise AgentStopping()
-            if seen.get("trialConnected") and finish_by is None:  # the script, then a report (as long as a connect)
-                finish_by = time.monotonic() + float(self.ota["scriptTimeout"]) + float(self.ota["newAgentTimeout"]) \
-                    + TRIAL_GRACE_SECONDS
-            if finish_by is None and time.monotonic() > connect_by:
-                raise OtaError(f"the new agent did not connect within {self.ota['newAgentTimeout']} s",
-                               "NEW_AGENT_NO_CONNECTION")
-            if finish_by is not None and time.monotonic() > finish_by:
-                raise OtaError("the new agent connected but did not run ota_post_update.sh and report in time",
-                               "NEW_AGENT_TIMEOUT")
-            time.sleep(0.1)
-        seen = self.read_journal_or(seen)
-        if child.returncode == 0 and seen.get("step") == "proven" and seen.get("jobId") == journal["jobId"]:
-            return seen
-        if seen.get("trialReason"):
-            raise OtaError(str(seen.get("trialMessage") or "the new agent's trial failed"), str(seen["trialReason"]))
-        when = "after it connected" if seen.get("trialConnected") else "before it connected"
-        tail = last_line(os.path.join(self.state.dir, TRIAL_STDERR))
-        raise OtaError(f"the new agent {describe_exit(child.returncode)} {when}" + (f": {tail}" if tail else ""),
-                       "NEW_AGENT_CRASHED")
-
-    def read_journal_or(self, default: dict) -> dict:
-        try:
-            return self.load_journal() or default
-        except JournalCorrupt:
-            return default
-
-    def load_journal(self) -> Optional[dict]:
-        """The update in flight, checked whole (check_journal); JournalCorrupt when it cannot be
-        read or trusted."""
-        journal = self.state.journal()
-        if journal is not None:
-            check_journal(journal, self.root, self.state.staging, self.ota["corePidFile"])
-        return journal
-
-    def prove_new_agent(self, journal: dict) -> int:
-        """This process is the new agent on trial, started from staging by the old agent: connect,
-        run ota_post_update.sh, report, mark the journal `proven`, exit. The old agent does the
-        rest (swap, hand over), or the rollback when this fails."""
-        assert self.jobs is None
-        watch_process(*trial_supervisor(), "the agent that runs this trial")
-        self.connect()
-        assert self.mqtt is not None and self.jobs is not None
-        timeout = float(self.ota["newAgentTimeout"])
-        if not self.mqtt.wait_connected(timeout):
-            return self.trial_failed(journal, "NEW_AGENT_NO_CONNECTION", f"the new agent did not connect within "
-                                                                        f"{timeout:.0f} s")
-        journal["trialConnected"] = True
-        self.state.write_journal(journal)
-        crash_point("trial_connected")
-        try:
-            self.jobs.subscribe()
-            self.hook("ota_agent", "post", journal)
-            self.jobs.update(journal["jobId"], "IN_PROGRESS",
-                             clean_details({"phase": STEP_BY_NAME["proven"].phase, "version": journal["toVersion"]}))
-        except (JobsRejected, MqttError) as err:
-            return self.trial_failed(journal, "NEW_AGENT_NO_REPORT", f"the new agent could not report: {err}")
-        except OtaError as err:
-            return self.trial_failed(journal, err.reason, str(err))
-        journal["step"] = "proven"
-        self.state.write_journal(journal)
-        crash_point("trial_proven")
-        log.info("job %s: this new agent connected, ran ota_post_update.sh and reported", journal["jobId"])
-        self.disconnect()
+            self.start()
+            if self.trial is not None:
+                return self.prove_new_agent(self.trial)
+            self.cloud.connect()
+            release_free_memory()
+            if self.in_place_trial is not None:
+                self.finish_self_update(self.in_place_trial)
+            self.cloud.loop(self.process)
+        except AgentReplaced as replaced:
+            log.info("%s", replaced)
+            return replaced.code
+        log.info("ggc-ota stopping")
+        self.cloud.disconnect()
         return EXIT_OK
 
-    def trial_failed(self, journal: dict, reason: str, message: str) -> int:
-        log.error("job %s: the new agent's trial failed: %s", journal["jobId"], message)
-        journal.update(trialReason=reason, trialMessage=message)
-        self.state.write_journal(journal)
-        self.disconnect()
-        return EXIT_FAILED
-
-    def hand_over(self, journal: dict) -> None:
-        """The proven new agent is live: make it the running agent (it commits when it starts)."""
-        crash_point("before_handover")
-        self.restart_as(os.path.join(journal["live"], SOFTWARE["ota_agent"].entry))
-
-    def restart_as(self, path: str) -> None:
-        """Replace this agent with the one at `path` without nesting one process stack in
-        another. The script: exec (same PID). The frozen binary, whose launchers would stay
-        behind an exec: as a daemon, start a new daemon, name it in the PID file (systemd
-        follows the PID file when the old main process exits) and exit; in the foreground,
-        exit with 75 so that the init system (procd, runit, systemd Restart=) starts it.
-        Raises OtaError when the new agent cannot be started; returns never otherwise."""
-        if not getattr(sys, "frozen", False):
-            self.exec_agent(path)
-        self.disconnect()
-        if self.daemon and self.pid_file:
-            assert self.state.lock_fd is not None
-            pid = start_daemon(agent_command(path, self.argv), self.pid_file, self.state.lock_fd)
-            raise AgentReplaced(EXIT_OK, f"handed over to the agent {path} (pid {pid}); exiting")
-        raise AgentReplaced(EXIT_RESTART, f"exiting with {EXIT_RESTART} so that the init system starts {path}")
-
-    def self_test(self, agent: str) -> None:
-        """The new agent must run from staging before it replaces this one."""
-        import subprocess
-        for args in (["--version"], ["--root", self.root, "--config", self.cfg.path, "--check-config"]):
-            try:
-                out = subprocess.run(agent_command(agent, args), stdin=subprocess.DEVNULL, capture_output=True,
-                                     timeout=60, env=child_environment({CRASH_ENV: ""}))
-            except (OSError, subprocess.TimeoutExpired) as err:
-                raise OtaError(f"the new agent does not run: {err}", "NEW_AGENT_BROKEN") from None
-            if out.returncode != 0:
-                tail = (out.stderr or out.stdout).decode(errors="replace").strip().splitlines()[-1:]
-                raise OtaError(f"the new agent failed `{' '.join(args)}` with exit code {out.returncode}: "
-                               f"{' '.join(tail)}", "NEW_AGENT_BROKEN")
-
-    def exec_agent(self, path: str) -> None:
-        """Replace this process with the agent at `path` (same PID: systemd and procd see no exit).
-        Raises OtaError (NEW_AGENT_BROKEN) when the exec fails; returns never otherwise."""
-        log.info("restarting as %s", path)
-        self.disconnect()
-        for handler in log.handlers:
-            handler.flush()
-        env = child_environment()
-        if self.state.lock_fd is not None:
-            env[LOCK_FD_ENV] = str(self.state.lock_fd)
-        argv = agent_command(path, self.argv)
-        try:
-            crash_point("before_exec")
-            os.execve(argv[0], argv, env)
-        except OSError as err:
-            raise OtaError(f"could not start {path}: {err.strerror or err}", "NEW_AGENT_BROKEN") from None
-
-    def commit(self, journal: dict) -> None:
-        journal["step"] = "committed"
-        self.state.write_journal(journal)
-        crash_point("after_commit")
-        record = {k: journal.get(k) for k in ("jobId", "executionNumber", "fromVersion", "toVersion", "startedAt")}
-        record["component"] = journal["software"]
-        if not self.state.handled(journal["jobId"], journal["executionNumber"]):
-            self.finish(record, "SUCCEEDED", None, version=journal["toVersion"])
-        remove_tree(journal["stage"])
-        self.state.clear_journal()
-        self.cleanup(journal["jobId"])
-
-    def roll_back(self, journal: dict, reason: str, message: str) -> None:
-        """Old tree back in place, its post-update step run, FAILED reported. Never loops: a
-        failure here is ROLLBACK_FAILED, logged loudly, and the journal is closed."""
-        log.error("job %s: rolling back: %s", journal["jobId"], message)
-        # Past the post-update step the new software may be running; kept in the journal, since
-        # a restart in the middle of the rollback no longer sees that step.
-        journal["newStarted"] = bool(journal.get("newStarted")) or journal.get("step") in ("post_update",
-                                                                                          "health_check")
-        journal.update(step="rolling_back", reason=journal.get("reason") or reason,
-                       message=journal.get("message") or message)
-        self.write_journal_if_possible(journal)
-        rolled_back = "true"
-        if journal["software"] == "core" and journal["newStarted"]:
-            try:  # stop the new software before its tree goes away
-                self.hook("core", "pre", journal)
-            except OtaError as err:
-                log.warning("rollback: stopping the new software failed (%s); restoring anyway", err)
-        try:
-            restore_old(journal)
-            crash_point("after_restore")
-            self.hook(journal["software"], "post", journal)
-        except (OtaError, OSError) as err:
-            log.critical("ROLLBACK FAILED for job %s: %s. The device needs attention.", journal["jobId"], err)
-            journal["reason"], journal["message"] = "ROLLBACK_FAILED", f"{message}; rollback: {err}"
-            rolled_back = "false"
-        journal.update(step="rolled_back", rolledBack=rolled_back)
-        self.write_journal_if_possible(journal)
-        installed = os.path.join(journal["live"], SOFTWARE["ota_agent"].entry)
-        if journal["software"] == "ota_agent" and rolled_back == "true" and not is_tree(installed, self.exe_id):
-            try:  # this process runs the new agent: the restored old one reports
-                self.restart_as(installed)
-            except OtaError as err:
-                log.error("could not hand over to the restored agent (%s); reporting from this one", err)
-        self.close_rolled_back(journal)
-
-    def write_journal_if_possible(self, journal: dict) -> None:
-        """During a rollback: a full disk must not stop it. The renames and the scripts need no
-        room; a journal write that fails leaves the previous step on disk, and recovery from it
-        redoes the rollback (it is safe to run twice)."""
-        try:
-            self.state.write_journal(journal)
-        except OSError as err:
-            log.error("rollback: cannot write the journal (%s); going on", err)
-
-    def close_rolled_back(self, journal: dict) -> None:
-        record = {k: journal.get(k) for k in ("jobId", "executionNumber", "fromVersion", "toVersion", "startedAt")}
-        record["component"] = journal["software"]
-        if not self.state.handled(journal["jobId"], journal["executionNumber"]):
-            self.finish(record, "FAILED", journal.get("reason"), journal.get("message", ""),
-                        rolled_back=journal.get("rolledBack", "true"))
-        remove_tree(journal["stage"])
-        self.state.clear_journal()
-        self.cleanup(journal["jobId"])
+    def stop(self) -> None:
+        """SIGTERM: stop soon. A download stops at once (its partial file is kept for the resume);
+        a script or a swap in progress finishes first (each is bounded)."""
+        self.cloud.stopping.set()
+        download = self.active_download
+        if download is not None:
+            download.abort()
+        self.cloud.stop()
 
     # ---- recovery at start ----------------------------------------------------------------------
     def recover(self) -> None:
-        """At start: finish whatever update a crash interrupted, as STEPS says for its step."""
+        """At start: finish whatever update a crash interrupted, as the steps table says."""
         try:
-            journal = self.load_journal()
+            journal = self.engine.load_journal()
         except JournalCorrupt as err:
-            self.recover_without_journal(err)
+            self.engine.recover_without_journal(err)
             return
         if journal is None:
             for name in os.listdir(self.state.staging):  # staging of an update that never started
                 remove_tree(os.path.join(self.state.staging, name))
             self.remove_finished_downloads()
             return
-        step, software = journal.get("step"), journal.get("software")
-        if step == "trial" and is_trial_of(journal):
+        if journal.step == "new_agent_trial" and is_trial_of(journal.job_id):
             self.trial = journal  # this process is the new agent the old one is trying
             return
-        log.warning("recovery: found the journal of job %s at step %s", journal.get("jobId"), step)
-        if journal.get("format", 1) == 1 and software == "ota_agent" and step == "swapped":
+        if journal.format == 1 and journal.software == "ota_agent" and journal.step == "hand_over":
             self.recover_in_place_trial(journal)
             return
-        known = STEP_BY_NAME.get(str(step))
-        action = getattr(known, str(software), None) if known is not None else None
-        if action == ROLL_FORWARD and (step == "committed" or is_tree(journal["live"], journal.get("newId"))):
-            self.commit(journal)
-            return
-        if action == CLOSE:
-            self.close_rolled_back(journal)
-            return
-        journal["recoveries"] = journal.get("recoveries", 0) + 1
-        if not is_tree(journal["live"], journal.get("liveId")):
-            # the old tree is not live: whatever the step, the boot before this start may have
-            # started the new software from it, which must be stopped before its tree goes
-            journal["newStarted"] = True
-        self.write_journal_if_possible(journal)
-        if journal["recoveries"] > MAX_RECOVERIES:
-            log.critical("ROLLBACK FAILED: recovery of job %s was interrupted %d times; giving up",
-                         journal["jobId"], journal["recoveries"] - 1)
-            journal.update(step="rolled_back", reason="ROLLBACK_FAILED", rolledBack="false",
-                           message="recovery kept being interrupted")
-            self.state.write_journal(journal)
-            self.close_rolled_back(journal)
-            return
-        self.roll_back(journal, "INTERRUPTED", f"the agent stopped during the update (at step {step})")
+        self.engine.recover(journal)
 
     def remove_finished_downloads(self) -> None:
         """An update's last step removes its download without a sync (a sync per file at the end
@@ -4786,91 +5172,231 @@ class Agent:
                 log.info("removing the download of job %s, which has ended", job_id)
                 os.unlink(os.path.join(self.state.downloads, name))
 
-    def recover_without_journal(self, err: JournalCorrupt) -> None:
-        """Nothing is deleted on doubt. With the journal unreadable, which tree is which cannot be
-        known: both stay where they are (the staged trees move to <stateDir>/kept/, where no
-        cleanup reaches), the live core is started, and each job that was staged ends FAILED
-        JOURNAL_CORRUPT, telling where the trees are."""
-        aside = self.state.set_aside_journal()
-        log.critical("%s; kept as %s. Both trees are left where they are: the device needs a look.", err, aside)
-        kept_dir = os.path.join(self.state.dir, "kept")
-        os.makedirs(kept_dir, mode=0o700, exist_ok=True)
-        for name in sorted(os.listdir(self.state.staging)):
-            if not valid_job_id(name):
-                continue
-            kept = os.path.join(kept_dir, f"{name}-{int(time.time())}")
-            os.rename(os.path.join(self.state.staging, name), kept)
-            fsync_dir(self.state.staging)
-            software = "ota_agent" if any(os.path.isdir(os.path.join(kept, t, "ota_agent"))
-                                          for t in ("new", "old")) else "core"
-            if software == "core":
-                try:  # whichever core is live, it must run
-                    self.hook("core", "post", {"jobId": name, "toVersion": "", "fromVersion": None})
-                except OtaError as hook_err:
-                    log.error("recovery: starting the live core failed: %s", hook_err)
-            record = {"jobId": name, "executionNumber": self.staged_execution(name), "component": software,
-                      "startedAt": int(time.time())}
-            self.finish(record, "FAILED", "JOURNAL_CORRUPT",
-                        f"the update journal was unreadable; the live tree was left as it was and the staged "
-                        f"trees were kept in {kept}", rolled_back="false")
-
-    def staged_execution(self, job_id: str) -> int:
-        """The execution number of a job from its last queued status, else 1."""
-        try:
-            entry = read_json(State.job_path(self.state.outbox, job_id, ".json"))
-        except OtaError:
-            entry = None
-        return 1 if not isinstance(entry, dict) else int(entry.get("executionNumber") or 1)
-
-    def recover_in_place_trial(self, journal: dict) -> None:
+    def recover_in_place_trial(self, journal: Journal) -> None:
         """A journal of format 1: the previous agent swapped the new agent in and exec'd it, so
         this process is that new agent, unproven. It proves itself in place (finish_self_update);
         after MAX_TRIAL_STARTS starts that never got that far, it rolls back."""
-        if not is_tree(journal["live"], journal.get("newId")):
-            self.roll_back(journal, "INTERRUPTED", "the agent stopped during the update (at step swapped)")
+        if not is_tree(journal.live, journal.new_id):
+            self.engine.roll_back(journal, "INTERRUPTED", "the agent stopped during the update (at step swapped)")
             return
-        journal["starts"] = journal.get("starts", 0) + 1
-        self.state.write_journal(journal)
-        if journal["starts"] > MAX_TRIAL_STARTS:
-            self.roll_back(journal, "NEW_AGENT_CRASHED",
-                           f"the new agent stopped {journal['starts'] - 1} times before it was confirmed")
+        journal.starts += 1
+        self.state.write_journal(journal.to_disk())
+        if journal.starts > MAX_TRIAL_STARTS:
+            self.engine.roll_back(journal, "NEW_AGENT_CRASHED",
+                                  f"the new agent stopped {journal.starts - 1} times before it was confirmed")
             return
         self.in_place_trial = journal
 
-    def finish_self_update(self, journal: dict) -> None:
+    def finish_self_update(self, journal: Journal) -> None:
         """Format 1: this is the new agent on trial in place: it must connect, then
         ota_post_update.sh must pass."""
-        assert self.mqtt is not None
-        timeout = float(self.ota["newAgentTimeout"])
-        if not self.mqtt.wait_connected(timeout):
-            self.roll_back(journal, "NEW_AGENT_NO_CONNECTION", f"the new agent did not connect within {timeout:.0f} s")
+        assert self.cloud.mqtt is not None
+        timeout = float(self.cfg.ota["newAgentTimeout"])
+        if not self.cloud.mqtt.wait_connected(timeout):
+            self.engine.roll_back(journal, "NEW_AGENT_NO_CONNECTION",
+                                  f"the new agent did not connect within {timeout:.0f} s")
             return
         try:
-            self.hook("ota_agent", "post", journal)
+            self.engine.hooks.run("ota_agent", "post", journal)
         except OtaError as err:
-            self.roll_back(journal, err.reason, str(err))
+            self.engine.roll_back(journal, err.reason, str(err))
             return
-        self.commit(journal)
+        self.engine.run(journal, ("commit",))
         self.in_place_trial = None
 
+    # ---- one job --------------------------------------------------------------------------------
+    def process(self, execution: dict) -> None:
+        """Take one job: prepare it (nothing touched), then let the engine run its plan. How a
+        failure before the journal ends the job is REASONS' to say (classify)."""
+        cloud = self.cloud
+        job_id, number = execution["jobId"], execution.get("executionNumber", 1)
+        record: Dict[str, Any] = {"jobId": job_id, "executionNumber": number, "startedAt": int(time.time())}
+        cloud.current = job_id
+        cloud.current_canceled.clear()
+        log_event("job %s: starting", job_id)
+        try:
+            doc = parse_document(execution.get("jobDocument"))
+            record.update(component=doc.software, toVersion=doc.version, fromVersion=self.installed(doc.software))
+            set_job_log_level(doc.log_level, self.base_level)
+            stage, journal_format = self.prepare(job_id, doc)
+            self.engine.begin(job_id, number, doc, stage, record, journal_format)
+            if doc.software == "ota_agent":
+                cloud.reconnect_if_left()  # the trial failed: this agent goes on
+        except (Exception, AgentStopping) as err:
+            self.end_before_journal(job_id, record, err)
+        finally:
+            cloud.current = None
+            set_log_level(self.base_level)
+            if os.path.lexists(self.state.current_path):
+                os.unlink(self.state.current_path)
+        if not self.state.has_journal():
+            remove_job_files(self.state, job_id)
 
-def release_free_memory() -> None:
-    """Hand memory freed since start-up (compiling this module) or by a finished job back to
-    the system: glibc keeps freed heap pages in the process otherwise. Nothing elsewhere."""
-    trim = libc_function("malloc_trim")
-    if trim is not None:
-        trim(0)
+    def end_before_journal(self, job_id: str, record: dict, err: BaseException) -> None:
+        """A job failed before its journal was written (nothing in the root changed): end it as
+        REASONS says for its reason, or, transient, leave it IN_PROGRESS for the next sync."""
+        code = classify(err)
+        reason = REASONS[code]
+        if code == "STOPPING":
+            log.info("job %s: stopping; the download resumes at the next start", job_id)
+            raise err
+        if reason.transient:
+            # The link, a lost reply, throttling: nothing is changed yet and nothing is reported;
+            # the job stays IN_PROGRESS, and the next sync takes it up again (the download resumes).
+            log.warning("job %s: %s; the job is taken up again when the cloud answers", job_id, err)
+            raise MqttError(str(err)) from None
+        if code == "CANCELED":
+            log.warning("job %s abandoned: %s", job_id, err)
+            record.update(result="CANCELED", reason=code, finishedAt=int(time.time()))
+            self.state.add_history(record)
+            return
+        if code == "INTERNAL_ERROR" and not isinstance(err, (OtaError, OSError)):
+            log.error("job %s failed on an unexpected error", job_id, exc_info=err)
+            message = f"{type(err).__name__}: {err}"
+        else:
+            log.error("job %s %s: %s", job_id, "rejected" if reason.status == "REJECTED" else
+                      "failed before anything was changed", err)
+            message = str(err) if code != "JOBS_REJECTED" else f"the cloud refused a request: {err}"
+        if not self.state.has_journal():
+            remove_job_files(self.state, job_id)  # first: on a full disk this frees the room to report
+        self.cloud.finish(record, reason.status, code, message, rolled_back=None if reason.status == "REJECTED"
+                          else rolled_back_value(code, touched=False))
 
+    def prepare(self, job_id: str, doc: UpdateDocument) -> Tuple[str, int]:
+        """Everything before anything is touched: the checks, the download, the unpack, the
+        layout, a new agent's self-test. Returns the job's staging and its journal format."""
+        warning = check_platform(doc, *detect_platform(self.cfg.ota))
+        if warning:
+            log.warning("job %s: %s", job_id, warning)
+        self.phase(job_id, "checking", doc)
+        check_device(self.cfg, doc, self.state)
+        self.state.verify()  # again before each use: the download, the unpack, every step's journal
+        artifact = self.download(job_id, doc)
+        self.phase(job_id, "unpack", doc)
+        self.state.verify()
+        stage = State.job_path(self.state.staging, job_id)
+        remove_tree(stage)
+        os.makedirs(stage)
+        unpack_update(self.cfg, doc, artifact, stage, self.state)
+        # the job's staging directory and the new tree's name in it, durable before the journal
+        # names them: where a directory sync persists only that directory (POSIX's letter), the
+        # old tree would land after the swap in a directory no durable name leads to
+        fsync_dir(stage)
+        fsync_dir(self.state.staging)
+        self.cloud.ensure_not_canceled(job_id)
+        return stage, try_new_tree(self.cfg, doc, os.path.join(stage, "new"))
 
-def tree_size(path: str) -> int:
-    total = 0
-    for dirpath, _, files in walk_tree(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
-    return total
+    def phase(self, job_id: str, name: str, doc: UpdateDocument, **details: Any) -> None:
+        """A phase before the journal: reported, then its crash point."""
+        self.cloud.report(job_id, "IN_PROGRESS", {"phase": name, **details, "version": doc.version})
+        crash_point(name)
+
+    def installed(self, software: str) -> Optional[str]:
+        return installed_core_version(self.cfg.root) if software == "core" else __version__
+
+    def download(self, job_id: str, doc: UpdateDocument) -> str:
+        dest = State.job_path(self.state.downloads, job_id, ".tar.gz")
+        if os.path.exists(dest) and sha256_of_file(dest)[0].hexdigest() == doc.sha256:
+            log.info("job %s: the artifact was downloaded before", job_id)
+            crash_point("download")
+            return dest
+
+        def progress(done: int, total: int) -> None:
+            percent = done * 100 // total
+            log.info("job %s: downloaded %d of %d bytes (%d%%)", job_id, done, total, percent)
+            self.cloud.report(job_id, "IN_PROGRESS", {"phase": "download", "progress": f"{percent}%",
+                                                      "bytes": f"{done}/{total}", "version": doc.version})
+
+        def should_stop() -> bool:
+            if self.cloud.stopping.is_set():
+                raise AgentStopping()
+            if self.cloud.current_canceled.is_set():
+                self.cloud.ensure_not_canceled(job_id)  # raises JobCanceled when the cloud ended the job
+            return False
+
+        log.info("job %s: downloading %s (%d bytes)", job_id, redact_url(doc.url), doc.size)
+        crash_point("download")
+        self.active_download = artifact_download(self.cfg, doc, dest, fresh_url=lambda: self.cloud.fresh_url(job_id),
+                                                 progress=progress, should_stop=should_stop)
+        try:
+            if self.cloud.stopping.is_set():
+                raise AgentStopping()
+            self.active_download.run()
+        finally:
+            self.active_download = None
+        return dest
+
+    # ---- the new agent on trial -------------------------------------------------------------------
+    def prove_new_agent(self, journal: Journal) -> int:
+        """This process is the new agent on trial, started from staging by the old agent: connect,
+        run ota_post_update.sh, report new_agent_verified, say so (TrialReport), exit. The old
+        agent does the rest (swap, hand over), or the rollback when this fails."""
+        cloud = self.cloud
+        assert cloud.jobs is None
+        watch_process(*trial_supervisor(), "the agent that runs this trial")
+        report = TrialReport(self.state, journal)
+        cloud.connect()
+        assert cloud.mqtt is not None and cloud.jobs is not None
+        timeout = float(self.cfg.ota["newAgentTimeout"])
+        if not cloud.mqtt.wait_connected(timeout):
+            return self.trial_failed(report, "NEW_AGENT_NO_CONNECTION",
+                                     f"the new agent did not connect within {timeout:.0f} s")
+        report.write(connected=True)
+        crash_point("new_agent_connected")
+        try:
+            cloud.jobs.subscribe()
+            self.engine.hooks.run("ota_agent", "post", journal)
+            cloud.jobs.update(journal.job_id, "IN_PROGRESS",
+                              clean_details({"phase": "new_agent_verified", "version": journal.to_version}))
+        except (JobsRejected, MqttError) as err:
+            return self.trial_failed(report, "NEW_AGENT_NO_REPORT", f"the new agent could not report: {err}")
+        except OtaError as err:
+            return self.trial_failed(report, err.reason, str(err))
+        report.write(connected=True, verified=True)
+        crash_point("new_agent_verified")
+        log.info("job %s: this new agent connected, ran ota_post_update.sh and reported", journal.job_id)
+        cloud.disconnect()
+        return EXIT_OK
+
+    def trial_failed(self, report: TrialReport, reason: str, message: str) -> int:
+        log.error("job %s: the new agent's trial failed: %s", report.journal.job_id, message)
+        report.write(connected=reason != "NEW_AGENT_NO_CONNECTION", reason=reason, message=message)
+        self.cloud.disconnect()
+        return EXIT_FAILED
+
+    # ---- handing over to another agent file ---------------------------------------------------
+    def restart_as(self, path: str) -> None:
+        """Replace this agent with the one at `path` without nesting one process stack in
+        another. The script: exec (same PID). The frozen binary, whose launchers would stay
+        behind an exec: as a daemon, start a new daemon, name it in the PID file (systemd
+        follows the PID file when the old main process exits) and exit; in the foreground,
+        exit with 75 so that the init system (procd, runit, systemd Restart=) starts it.
+        Raises OtaError when the new agent cannot be started; returns never otherwise."""
+        if not getattr(sys, "frozen", False):
+            self.exec_agent(path)
+        self.cloud.disconnect()
+        if self.daemon and self.pid_file:
+            assert self.state.lock_fd is not None
+            pid = start_daemon(agent_command(path, self.argv), self.pid_file, self.state.lock_fd)
+            raise AgentReplaced(EXIT_OK, f"handed over to the agent {path} (pid {pid}); exiting")
+        raise AgentReplaced(EXIT_RESTART, f"exiting with {EXIT_RESTART} so that the init system starts {path}")
+
+    def exec_agent(self, path: str) -> None:
+        """Replace this process with the agent at `path` (same PID: systemd and procd see no exit).
+        Raises NewAgentBroken when the exec fails; returns never otherwise."""
+        log.info("restarting as %s", path)
+        self.cloud.disconnect()
+        for handler in log.handlers:
+            handler.flush()
+        env = child_environment()
+        if self.state.lock_fd is not None:
+            env[LOCK_FD_ENV] = str(self.state.lock_fd)
+        argv = agent_command(path, self.argv)
+        try:
+            crash_point("before_exec")
+            os.execve(argv[0], argv, env)
+        except OSError as err:
+            raise NewAgentBroken(f"could not start {path}: {err.strerror or err}") from None
 
 
 # ============================================================================================
@@ -4946,21 +5472,24 @@ def check_proxy(cfg: Config) -> Check:
 
 
 def rehearse(root: str, config_path: Optional[str], document_path: str, artifact: Optional[str]) -> List[Check]:
-    """The whole update on a scratch copy: document, platform, size and sha256, unpack, layout."""
+    """The update's own preparation (prepare's steps, in a scratch directory): document, platform,
+    device, size and sha256, unpack under the free-space limit the update would have, layout,
+    and a new agent's self-test. It differs from an update only in what it does not touch."""
     checks: List[Check] = []
     cfg = load_config(root, config_path)
+    state = State(cfg.ota["stateDir"])
     try:
         with open(document_path, encoding="utf-8") as f:
             raw = json.load(f)
         doc = parse_document(raw.get("jobDocument", raw) if isinstance(raw, dict) else raw)
         checks.append(Check("document", True, f"{doc.software} {doc.version} for {doc.operating_system}/"
                                               f"{doc.architecture}, {doc.size} bytes"))
-        check_platform(doc, *detect_platform(cfg.ota))
-        checks.append(Check("platform", True, "the document targets this device"))
+        warning = check_platform(doc, *detect_platform(cfg.ota))
+        checks.append(Check("platform", True, warning or "the document targets this device"))
     except (OSError, ValueError, OtaError) as err:
         return checks + [Check("document", False, str(err))]
-    try:  # the update's own steps from here: the device check, the download, the unpack, the layout
-        check_device(cfg, doc, State(cfg.ota["stateDir"]))
+    try:
+        check_device(cfg, doc, state)
         checks.append(Check("device", True, "scripts, state directory and free space as the update needs them"))
     except (OSError, OtaError) as err:
         checks.append(Check("device", False, str(err)))
@@ -4975,15 +5504,17 @@ def rehearse(root: str, config_path: Optional[str], document_path: str, artifact
         checks.append(Check("artifact", ok, f"{size} bytes, sha256 {digest.hexdigest()}"))
         if not ok:
             return checks
-        unpack(local, os.path.join(scratch, "unpacked"), sha256=doc.sha256)  # as the update unpacks it
-        tree = check_layout(os.path.join(scratch, "unpacked"), doc.software)
-        files = sum(len(f) for _, _, f in walk_tree(tree))
+        new = unpack_update(cfg, doc, local, scratch, state)
+        files = sum(len(f) for _, _, f in walk_tree(new))
         live = os.path.join(cfg.root, SOFTWARE[doc.software].tree)
         checks.append(Check("unpack", True, f"{files} files; would replace {live}"))
+        if doc.software == "ota_agent":
+            try_new_tree(cfg, doc, new)
+            checks.append(Check("new agent", True, "runs from staging: --version and --check-config pass"))
         kept = [k for k in cfg.ota["keep"] if doc.software == "core" and os.path.exists(os.path.join(cfg.root, k))]
         checks.append(Check("keep", True, "would keep " + (", ".join(kept) or "nothing")))
-    except OtaError as err:
-        checks.append(Check("artifact", False, str(err)))
+    except (OSError, OtaError) as err:
+        checks.append(Check("new agent" if isinstance(err, NewAgentBroken) else "artifact", False, str(err)))
     finally:
         remove_tree(scratch)
     return checks
@@ -5037,6 +5568,7 @@ OPTIONS: List[Tuple[str, Optional[str], Optional[str]]] = [
     ("--version", None, "print the version"),
     ("--check-config", None, None),
     (DAEMON_CHILD_FLAG, None, None),
+    (JOURNAL_FORMAT_FLAG, None, None),
 ]
 
 
@@ -5073,7 +5605,7 @@ def parse_args(argv: List[str]) -> Any:
         args.log_level = "WARN"
     if args.log_level not in LOG_LEVELS:
         raise UsageError(f"--log-level must be one of {', '.join(LOG_LEVELS)} (any case), not {args.log_level!r}")
-    modes = [name for name in ("--dry-run", "--status", "--version", "--check-config")
+    modes = [name for name in ("--dry-run", "--status", "--version", "--check-config", JOURNAL_FORMAT_FLAG)
              if getattr(args, name[2:].replace("-", "_"))]
     if len(modes) > 1:
         raise UsageError(f"{' and '.join(modes)} cannot be used together")
@@ -5357,6 +5889,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.version:
             print(f"ggc-ota {__version__}")
+            return EXIT_OK
+        if args.journal_format:  # asked by an older agent before it tries this one (self_test)
+            print(JOURNAL_FORMAT)
             return EXIT_OK
         root = args.root or default_root(running_agent_file())
         if args.check_config:

@@ -402,8 +402,10 @@ class Bench:
                 "shutil.rmtree(live); shutil.copytree(sys.argv[6] + '/ggc', live, symlinks=True)\n"
                 "t_copy = time.perf_counter() - t_copy\n"
                 "st = g.State(sys.argv[2] + '/state'); st.ensure()\n"
-                "j = {'live': live, 'new': new, 'old': sys.argv[2] + '/old', 'liveId': g.path_id(live)}\n"
-                "g.swap_in(st, j)\n"
+                "os.makedirs(sys.argv[2] + '/stage'); os.rename(new, sys.argv[2] + '/stage/new')\n"
+                "j = g.Journal(job_id='bench', execution_number=1, software='core', step='swap', live=live,"
+                " stage=sys.argv[2] + '/stage', live_id=g.path_id(live))\n"
+                "st.write_journal(j.to_disk()); g.swap_trees(j)\n"
                 "print(time.perf_counter() - t - t_copy)\n")
         out = subprocess.run([self.python, "-c", code, url, str(scratch), digest, str(size),
                               str(self.cloud.pki.ca_path), str(dev.root)], cwd=REPO, check=True,

@@ -68,3 +68,10 @@ def test_a_job_level_never_quiets_the_agent():
     g.set_job_log_level("TRACE", "INFO")
     assert g.log.level == g.TRACE
     g.set_log_level("INFO")
+
+
+def test_the_journal_format_is_told_to_an_agent_that_asks(capsys):
+    """An older agent asks before it tries this one (an internal option, not in --help)."""
+    assert g.main([g.JOURNAL_FORMAT_FLAG]) == g.EXIT_OK
+    assert capsys.readouterr().out.strip() == str(g.JOURNAL_FORMAT)
+    assert g.main([g.JOURNAL_FORMAT_FLAG, "--version"]) == g.EXIT_USAGE

@@ -91,7 +91,7 @@ def test_reset_after_expiry_resumes_with_a_fresh_url(cloud, tmp_path, artifact):
     key, data, stored = artifact
     stored.faults.reset_after = 1_500_000
     dl = make(cloud, tmp_path, key, data)
-    real_stream = dl._stream
+    real_stream = dl.stream_body
 
     def stream_then_time_passes(resp):
         try:
@@ -99,7 +99,7 @@ def test_reset_after_expiry_resumes_with_a_fresh_url(cloud, tmp_path, artifact):
         finally:
             if cloud.store.clock_skew == 0:
                 cloud.store.skew(120)  # cut off, and the first URL expires meanwhile
-    dl._stream = stream_then_time_passes
+    dl.stream_body = stream_then_time_passes
     try:
         dl.run()
     finally:

@@ -194,6 +194,67 @@ def test_rehearsal(device, tmp_path):
     assert out.returncode == 1 and "aarch64" in out.stdout
 
 
+@pytest.mark.frozen
+def test_a_rehearsal_unpacks_under_the_updates_free_space_limit(cloud, tmp_path, make_tmpfs):
+    """The rehearsal passes only where the update would: an archive that unpacks to more than the
+    room its filesystem has beyond minFreeBytes (while the check before the download, which
+    sees only the archive's size, passes) fails the rehearsal and the update alike, DISK_FULL."""
+    import tarfile
+
+    from tests.cloud.device import write_core_tree
+    disk = make_tmpfs("40m")
+    device = Device(cloud, disk, ota={"minFreeBytes": 0, "logFile": str(tmp_path / "agent.log")})
+    device.artifacts = tmp_path
+    try:
+        work = tmp_path / "expands"
+        write_core_tree(work / "greengrass/ggc", "1.11.6")
+        with open(work / "greengrass/ggc/zeros", "wb") as f:
+            f.write(bytes(60 * 2**20))  # 60 MiB that gzip makes 60 KiB
+        archive = tmp_path / "core-1.11.6.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(work / "greengrass", "greengrass")
+        import hashlib
+        doc = {"softwareToUpdate": "core", "version": "1.11.6", "updateTargetsArchitecture": "x86_64",
+               "updateTargetsOperatingSystem": "ubuntu",
+               "artifact": {"url": "https://example.invalid/x.tar.gz", "size": archive.stat().st_size,
+                            "sha256": hashlib.sha256(archive.read_bytes()).hexdigest()}}
+        (tmp_path / "doc.json").write_text(json.dumps(doc))
+        out = device.run("--root", str(device.root), "--dry-run", "--job-document", str(tmp_path / "doc.json"),
+                         "--artifact", str(archive))
+        assert out.returncode == 1 and "OK   device" in out.stdout, out.stdout + out.stderr
+        assert "FAIL artifact: the artifact unpacks to more than" in out.stdout
+        device.cloud.publish_release(software="core", version="1.11.6", architecture="x86_64",
+                                     operating_system="ubuntu", tarball=archive)
+        device.start()
+        ex = device.wait_status(device.update_job())
+        assert ex["status"] == "FAILED" and details(ex)["reason"] == "DISK_FULL", device.log()[-3000:]
+        assert "unpacks to more than" in details(ex)["message"] and device.dev.core_version() == "1.11.5"
+    finally:
+        device.stop()
+
+
+def test_a_rehearsal_runs_a_new_agents_self_test(device, tmp_path):
+    """A self-update rehearses as it runs: a new agent that cannot even start fails the
+    rehearsal (NEW_AGENT_BROKEN in an update), one that can passes it."""
+    import hashlib
+
+    from tests.agent_harness import agent_variant
+    from tests.cloud.device import build_agent_artifact
+    for broken, code in (("version", 1), (None, 0)):
+        agent = agent_variant(tmp_path, "0.2.0", broken=broken)
+        art = build_agent_artifact(tmp_path / f"agent-{broken}.tar.gz", agent)
+        doc = {"softwareToUpdate": "ota_agent", "version": "0.2.0", "updateTargetsArchitecture": "x86_64",
+               "updateTargetsOperatingSystem": "ubuntu",
+               "artifact": {"url": "https://example.invalid/x.tar.gz", "size": art.size,
+                            "sha256": hashlib.sha256(art.path.read_bytes()).hexdigest()}}
+        (tmp_path / "doc.json").write_text(json.dumps(doc))
+        out = device.run("--root", str(device.root), "--dry-run", "--job-document", str(tmp_path / "doc.json"),
+                         "--artifact", str(art.path))
+        assert out.returncode == code, out.stdout + out.stderr
+        assert ("FAIL new agent: the new agent failed `--version`" in out.stdout) == (broken is not None)
+    assert device.dev.hook_calls() == []
+
+
 def test_rehearsal_downloads_as_the_update_does(cloud, device, tmp_path):
     """The rehearsal's download is the update's: here the download host's CA is trusted only
     through otaAgent.extraCaPath (caPath names an unrelated CA), as it is for the update."""

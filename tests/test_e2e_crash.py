@@ -22,16 +22,15 @@ def core_crash_outcomes() -> dict:
     core; from one that rolls forward, SUCCEEDED. The crash points inside a rollback need a
     failure first (test_crash_during_rollback_is_finished_on_restart)."""
     outcomes = {point: ("SUCCEEDED", "1.11.6") for point in g.BEFORE_JOURNAL}
-    for step in g.STEPS:
-        if step.name == "rolling_back" or step.core not in (g.ROLL_BACK, g.ROLL_FORWARD):
-            continue
-        for point in step.core_crashes:
-            outcomes[point] = ("FAILED", "1.11.5") if step.core == g.ROLL_BACK else ("SUCCEEDED", "1.11.6")
+    for name in g.plan_of("core"):
+        step = g.STEP_BY_NAME[name]
+        for point in (step.name, *step.inner):
+            outcomes[point] = ("FAILED", "1.11.5") if step.after_crash == g.ROLL_BACK else ("SUCCEEDED", "1.11.6")
     return outcomes
 
 
 CORE_STEPS = core_crash_outcomes()
-assert len(CORE_STEPS) >= 11 and CORE_STEPS["after_commit"][0] == "SUCCEEDED"
+assert len(CORE_STEPS) >= 10 and CORE_STEPS["commit"][0] == "SUCCEEDED" and CORE_STEPS["post_update"][0] == "FAILED"
 
 
 @pytest.mark.frozen
@@ -138,7 +137,7 @@ CORRUPTIONS = {
 }
 
 
-@pytest.mark.parametrize("step", ["after_pre_update", "after_swap", "after_post_update"])
+@pytest.mark.parametrize("step", ["keep", "post_update", "health_check"])
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
 def test_an_unreadable_journal_deletes_nothing(cloud, tmp_path, step, corruption):
     """Nothing is deleted on doubt: with the journal unreadable, the live tree stays as the crash
@@ -152,7 +151,7 @@ def test_an_unreadable_journal_deletes_nothing(cloud, tmp_path, step, corruption
         assert device.dev.tree_digest("ggc") == live
         kept = list((device.root / "ota-state/kept").iterdir())
         assert len(kept) == 1
-        if step == "after_pre_update":  # not swapped yet: the old tree is live, the new one kept
+        if step == "keep":  # not swapped yet: the old tree is live, the new one kept
             assert live == old_tree and (kept[0] / "new").is_dir()
         else:  # swapped: the new tree is live, and the old one, kept, is whole
             assert live != old_tree and digest(kept[0] / "old") == digest(device.root / "ggc", old_tree)
@@ -173,10 +172,10 @@ def test_a_boot_that_started_the_new_core_before_recovery_ends_with_the_old_core
     device = Device(cloud, tmp_path)
     try:
         device.release_core("1.11.6")
-        device.start(crash_at="swap_started")  # the journal says swapping, the trees not yet swapped
+        device.start(crash_at="swap")  # the journal says swap, the trees not yet swapped
         job = device.update_job()
         assert device.wait_exit(60) == 99, device.log()[-3000:]
-        # as a cut right after the swap's renames leaves it: the new tree live, the journal at "swapping"
+        # as a cut right after the swap's renames leaves it: the new tree live, the journal at "swap"
         journal = json.loads((device.root / "ota-state/journal.json").read_text())
         os.rename(journal["live"], journal["old"])
         os.rename(journal["new"], journal["live"])
@@ -245,7 +244,7 @@ def test_a_journal_that_lies_is_handled_as_a_corrupt_one(cloud, tmp_path, lie_na
     kept, the live core started."""
     device = Device(cloud, tmp_path)
     try:
-        ex, live = restart_with_a_planted_journal(device, "after_swap", LIES[lie_name])
+        ex, live = restart_with_a_planted_journal(device, "post_update", LIES[lie_name])
         assert device.dev.tree_digest("ggc") == live
         assert len(list((device.root / "ota-state/kept").iterdir())) == 1
         if lie_name == "a newer format":

@@ -37,12 +37,12 @@ WRAPPER = '''#!/usr/bin/env python3
 import os, sys, time
 real = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ggc-ota.real")
 mode = "{mode}"
-if not ("--version" in sys.argv or "--check-config" in sys.argv):
+if not ("--version" in sys.argv or "--check-config" in sys.argv or "--journal-format" in sys.argv):
     if mode == "exit1":
         sys.exit(1)
     if mode == "sleep":
         time.sleep(100000)
-    os.environ["GGC_OTA_CRASH_AT"] = "trial_connected:" + ("SIGSEGV" if mode == "segv" else "hang")
+    os.environ["GGC_OTA_CRASH_AT"] = "new_agent_connected:" + ("SIGSEGV" if mode == "segv" else "hang")
 with open(real, "rb") as f:
     frozen = f.read(4) == b"\\x7fELF"
 cmd = [real] if frozen else [sys.executable, real]
@@ -132,19 +132,18 @@ def agent_crash_outcomes() -> dict:
     """crash point (in the old agent, or the new one on trial) -> how the job ends, from the steps
     table (see tests/test_e2e_crash.py). The binary in the foreground hands over by exiting 75,
     never by exec, and its successor starts without the test's crash setting: `before_exec` and
-    `after_commit` are reached by the script only."""
+    `commit` are reached by the script only."""
     outcomes = {}
-    for step in g.STEPS:
-        if step.name == "rolling_back" or step.ota_agent not in (g.ROLL_BACK, g.ROLL_FORWARD):
-            continue
-        for point in step.agent_crashes:
-            if not (FROZEN and point in ("before_exec", "after_commit")):
-                outcomes[point] = "FAILED" if step.ota_agent == g.ROLL_BACK else "SUCCEEDED"
+    for name in g.plan_of("ota_agent"):
+        step = g.STEP_BY_NAME[name]
+        for point in (step.name, *step.inner):
+            if not (FROZEN and point in ("before_exec", "commit")):
+                outcomes[point] = "FAILED" if step.after_crash == g.ROLL_BACK else "SUCCEEDED"
     return outcomes
 
 
 TRIAL_STEPS = agent_crash_outcomes()
-assert len(TRIAL_STEPS) >= 8 and TRIAL_STEPS["before_handover"] == "SUCCEEDED"
+assert len(TRIAL_STEPS) >= 8 and TRIAL_STEPS["hand_over"] == "SUCCEEDED" and TRIAL_STEPS["swap"] == "FAILED"
 
 
 @pytest.mark.parametrize("step", list(TRIAL_STEPS))

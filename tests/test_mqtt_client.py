@@ -320,7 +320,7 @@ def test_garbage_from_the_broker_closes_and_reconnects(cloud, thing, scripted, c
     c = client_factory(settings_for(cloud, thing, port=broker.port))
     wait_until(lambda: broker.connections >= 2, 10, "a reconnect after the protocol error")
     assert isinstance(c.last_error, g.MqttProtocolError)
-    assert c._thread.is_alive()
+    assert c.thread.is_alive()
 
 
 def test_buffered_tls_records_are_not_left_waiting(cloud, thing, scripted, client_factory):
@@ -462,7 +462,7 @@ def test_publish_times_out_while_disconnected_and_is_dropped(cloud, thing, own_b
     wait_until(lambda: not c.connected, 10, "disconnect")
     with pytest.raises(g.MqttTimeout):
         c.publish(f"$aws/things/{thing}/jobs/x", b"late", qos=1, timeout=0.5)
-    assert not c._inflight  # a timed-out message is not sent later behind the caller's back
+    assert not c.inflight  # a timed-out message is not sent later behind the caller's back
 
 
 def test_same_client_id_elsewhere_is_logged(cloud, thing, own_broker, client_factory, caplog):
@@ -488,10 +488,10 @@ def test_backoff_full_jitter_bounds():
 # ---- packet ids ------------------------------------------------------------------------------------
 def test_packet_ids_wrap_and_skip_ids_in_use(cloud, thing):
     c = g.MqttClient(settings_for(cloud, thing), lambda t, p: None)
-    c._next_id = 65534
-    c._inflight[65535] = g._Inflight(65535, "t", b"")
-    c._inflight[1] = g._Inflight(1, "t", b"")
-    assert [c._allocate_id() for _ in range(2)] == [2, 3]  # 65535 and 1 are still in flight
+    c.next_id = 65534
+    c.inflight[65535] = g.Inflight(65535, "t", b"")
+    c.inflight[1] = g.Inflight(1, "t", b"")
+    assert [c.allocate_id() for _ in range(2)] == [2, 3]  # 65535 and 1 are still in flight
 
 
 def test_more_than_65535_qos1_publishes_on_one_connection(cloud, thing, client_factory):
@@ -512,7 +512,7 @@ def test_more_than_65535_qos1_publishes_on_one_connection(cloud, thing, client_f
     for t in threads:
         t.join(600)
     assert not errors, errors[:3]
-    assert c.connect_count == 1 and c._next_id < total - 65535 + 100  # the counter wrapped
+    assert c.connect_count == 1 and c.next_id < total - 65535 + 100  # the counter wrapped
 
 
 # ---- interop with a second, independently written broker -------------------------------------------
@@ -564,7 +564,7 @@ def test_a_refused_resubscription_is_logged_and_retried(cloud, thing, scripted, 
     c = client_factory(settings_for(cloud, thing, port=broker.port))
     assert c.subscribe("t", 1, timeout=10) == 1
     c.publish("kick", b"", 0)
-    wait_until(lambda: state["refusals"] == 2 and c._subs["t"].acked_generation == c._generation and c.connected,
+    wait_until(lambda: state["refusals"] == 2 and c.subscriptions["t"].acked_generation == c.generation and c.connected,
                20, "the refused subscription to be granted again")
     assert "refused the subscription to t after a reconnect" in caplog.text
 
@@ -607,11 +607,11 @@ def test_a_puback_that_comes_as_publish_times_out_is_not_a_timeout(cloud, thing,
             self.set()  # what the network thread does on PUBACK, just after the wait returned
             return False
 
-    class LateInflight(g._Inflight):
+    class LateInflight(g.Inflight):
         def __init__(self, *args):
             super().__init__(*args)
             self.done = LateEvent()
-    monkeypatch.setattr(g, "_Inflight", LateInflight)
+    monkeypatch.setattr(g, "Inflight", LateInflight)
     c = g.MqttClient(settings_for(cloud, thing), lambda t, p: None)
     try:
         c.publish("t", b"x", 1, timeout=0.01)  # no MqttTimeout
@@ -624,3 +624,157 @@ def test_packets_in_the_same_read_as_connack_are_not_lost(cloud, thing, scripted
                       if p.type == g.CONNECT else b"")
     c = client_factory(settings_for(cloud, thing, port=broker.port))
     assert c.inbox.get(10) == ("early", b"hello")
+
+
+# ---- an https proxy that drips: every network phase has a deadline, and a stop ends it ----------
+class DrippingHttpsProxy:
+    """An https:// proxy on loopback (TLS with a CA of its own, `ca_path`) that answers CONNECT
+    with 200. `mode` "handshake": instead of tunnelling, it sends the start of a 16 KiB TLS record
+    and then one byte every half second, for ever (the client's TLS handshake inside the tunnel
+    never completes); "relay": it relays to the target until `poison()`, then sends the client
+    the same endless record in place of the target's bytes."""
+
+    def __init__(self, workdir, mode: str) -> None:
+        import trustme
+        ca = trustme.CA(organization_name="dripping proxy CA")
+        self.ca_path = workdir / "drip-ca.pem"
+        ca.cert_pem.write_to_path(str(self.ca_path))
+        self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ca.issue_cert("localhost").configure_cert(self.tls)
+        self.mode = mode
+        self.poisoned = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.tunnels = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def proxy(self) -> g.Proxy:
+        return g.parse_proxy(f"https://localhost:{self.port}", None, None, None, "test")._replace(
+            ca_files=(str(self.ca_path),))
+
+    def poison(self) -> None:
+        self.poisoned.set()
+
+    def close(self) -> None:
+        self.server.close()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._tunnel, args=(conn,), daemon=True).start()
+
+    def _tunnel(self, conn) -> None:
+        try:
+            conn = self.tls.wrap_socket(conn, server_side=True)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(1)
+            host, port = request.split()[1].decode().rsplit(":", 1)
+            conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            self.tunnels += 1
+            if self.mode == "handshake":
+                self._drip(conn, b"\x16")  # a handshake record
+                return
+            target = socket.create_connection((host, int(port)))
+            threading.Thread(target=self._pipe, args=(conn, target), daemon=True).start()
+            target.settimeout(0.2)
+            while not self.poisoned.is_set():
+                try:
+                    data = target.recv(65536)
+                except socket.timeout:
+                    continue
+                if not data:
+                    return
+                conn.sendall(data)
+            self._drip(conn, b"\x17")  # an application data record
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    @staticmethod
+    def _drip(conn, kind: bytes) -> None:
+        conn.sendall(kind + b"\x03\x03\x40\x00")  # 16 KiB to come
+        while True:
+            conn.sendall(b"\x00")
+            time.sleep(0.5)
+
+
+@pytest.fixture
+def dripping(tmp_path):
+    made = []
+
+    def make(mode: str) -> DrippingHttpsProxy:
+        made.append(DrippingHttpsProxy(tmp_path, mode))
+        return made[-1]
+    yield make
+    for proxy in made:
+        proxy.close()
+
+
+def test_a_tls_handshake_that_drips_through_an_https_proxy_is_a_timeout(cloud, thing, dripping, client_factory):
+    """Inside an https proxy's tunnel the TLS runs on memory buffers; each read waited its own
+    timeout, so a handshake fed one byte every half second never ended. Now it ends within
+    connect_timeout, and the client backs off and tries again."""
+    proxy = dripping("handshake")
+    started = time.monotonic()
+    c = client_factory(settings_for(cloud, thing, proxy=proxy.proxy(), connect_timeout=2))
+    wait_until(lambda: c.last_error is not None, 10, "the handshake to time out")
+    assert isinstance(c.last_error, g.MqttTimeout) and "handshake" in str(c.last_error), c.last_error
+    assert time.monotonic() - started < 6
+    wait_until(lambda: proxy.tunnels >= 2, 10, "a second attempt")
+
+
+def test_a_read_that_drips_through_an_https_proxy_is_caught_by_the_keepalive(cloud, thing, dripping,
+                                                                             client_factory):
+    """Connected through an https proxy that then drips an endless record: the client used to be
+    deaf for good (one read held the network thread). Now each read ends within its wait, the
+    missing PINGRESP is noticed, and the client connects again."""
+    proxy = dripping("relay")
+    c = client_factory(settings_for(cloud, thing, proxy=proxy.proxy(), keepalive=2, ping_timeout=1))
+    assert c.wait_connected(10), c.last_error
+    proxy.poison()
+    wait_until(lambda: c.last_error is not None, 15, "the dead link to be noticed")
+    assert "PINGRESP" in str(c.last_error), c.last_error
+
+
+def test_a_stop_ends_a_handshake_that_drips_at_once(cloud, thing, dripping):
+    """A stop shuts the socket under a network thread held in a connect or handshake: the agent
+    stops in about a second, not after connect_timeout."""
+    proxy = dripping("handshake")
+    c = g.MqttClient(settings_for(cloud, thing, proxy=proxy.proxy(), connect_timeout=60), lambda t, p: None)
+    c.start()
+    wait_until(lambda: proxy.tunnels >= 1, 10, "the tunnel")
+    time.sleep(0.5)
+    started = time.monotonic()
+    c.stop()
+    assert not c.thread.is_alive() and time.monotonic() - started < 3
+
+
+def test_a_connect_reply_that_drips_through_a_proxy_is_a_timeout(cloud, thing, client_factory):
+    """An http proxy that drips its reply to CONNECT (each byte within the socket's timeout) held
+    the network thread for hours; the reply as a whole now has connect_timeout."""
+    from tests.test_download import Dripper
+    drip = Dripper(b"HTTP/1.1 200 Connection established\r\n" + b"X: " + b"a" * 1000)
+    try:
+        proxy = g.parse_proxy(f"http://127.0.0.1:{drip.port}", None, None, None, "test")
+        started = time.monotonic()
+        c = client_factory(settings_for(cloud, thing, proxy=proxy, connect_timeout=2))
+        wait_until(lambda: c.last_error is not None, 10, "the CONNECT reply to time out")
+        assert "did not answer CONNECT" in str(c.last_error) and time.monotonic() - started < 6, c.last_error
+    finally:
+        drip.close()

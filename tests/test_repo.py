@@ -80,7 +80,7 @@ def test_agent_never_imports_inspect():
 
 
 def readme_reason_rows() -> dict:
-    """The README's table of reasons: {code: (status, rolled back, meaning)}."""
+    """The README's table of reasons: {code: (status, rolled back, where, meaning)}."""
     text = (REPO / "README.md").read_text()
     start = text.index("| `statusDetails.reason` |")
     rows = {}
@@ -88,7 +88,7 @@ def readme_reason_rows() -> dict:
         if not line.startswith("| `"):
             break
         cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[cells[0].strip("`")] = tuple(cells[1:4])
+        rows[cells[0].strip("`")] = tuple(cells[1:5])
     return rows
 
 
@@ -101,12 +101,9 @@ def test_the_readme_table_of_reasons_is_the_registry():
 def test_every_reason_the_code_names_is_registered():
     """Reason codes are written as string constants in a few forms: a class's `reason = "X"`, the
     second argument of an error's constructor, the third of finish(), the second of roll_back()
-    and trial_failed(), and journal["reason"] = "X". Each must be a registered code (or one of
-    the start-up errors that never reach a job)."""
+    and trial_failed(), and journal.reason = "X". Each must be a registered code: the registry
+    is the only one (start-up errors included)."""
     import ggc_ota as g
-    startup_only = {"CONFIG_INVALID", "NOT_ROOT", "ALREADY_RUNNING", "INVALID_JOB_ID",
-                    "MQTT_ERROR", "MQTT_PROTOCOL_ERROR", "MQTT_CONNECT_REFUSED", "MQTT_TLS_AUTH", "MQTT_TIMEOUT",
-                    "MQTT_SUBSCRIBE_REFUSED", "MQTT_NOT_CONNECTED", "PROXY_FAILED"}
     code = re.compile(r"^[A-Z][A-Z0-9_]{3,}$")
     named = set()
     tree = ast.parse(AGENT.read_text())
@@ -127,12 +124,16 @@ def test_every_reason_the_code_names_is_registered():
             for kw in node.keywords:
                 if kw.arg == "reason" and isinstance(kw.value, ast.Constant):
                     named.add(kw.value.value)
-        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+        elif isinstance(node, ast.Assign):
+            values = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
             for target in node.targets:
-                if isinstance(target, ast.Subscript) and getattr(target.slice, "value", None) == "reason":
-                    named.add(node.value.value)
+                targets = target.elts if isinstance(target, ast.Tuple) else [target]
+                for one, value in zip(targets, values if len(values) == len(targets) else []):
+                    if isinstance(one, ast.Attribute) and one.attr == "reason" and isinstance(value, ast.Constant):
+                        named.add(value.value)
     assert len(named) > 15, named  # the scan sees the codes
-    assert named <= set(g.REASONS) | startup_only, named - set(g.REASONS) - startup_only
+    assert "ROLLBACK_FAILED" in named  # journal.reason = ... is seen
+    assert named <= set(g.REASONS), named - set(g.REASONS)
 
 
 def test_sections_use_nothing_defined_in_a_later_section():
@@ -164,43 +165,75 @@ def test_sections_use_nothing_defined_in_a_later_section():
     assert not late, sorted(late)
 
 
-def test_the_journal_table_in_the_docs_is_the_steps_table():
-    """docs/internals.md's table of journal steps is ggc_ota.STEPS, row for row, in order."""
+def test_the_steps_tables_in_the_docs_are_the_engines():
+    """docs/internals.md's table of steps is ggc_ota.STEPS, row for row, in order, and its table
+    of plans is the SOFTWARE rows' plans."""
     import ggc_ota as g
     text = (REPO / "docs/internals.md").read_text()
-    start = text.index("| step | what happens at it | phase reported |")
-    rows = []
-    for line in text[start:].splitlines()[2:]:
-        if not line.startswith("| `"):
-            break
-        rows.append(tuple(c.strip() for c in line.strip("|").split("|")))
-    shown = {g.ROLL_BACK: "roll back", g.ROLL_FORWARD: "roll forward", g.CLOSE: "report", None: "—"}
 
-    def points(names) -> str:
-        return ", ".join(f"`{n}`" for n in names) or "—"
-    expected = [(f"`{s.name}`", s.doing.replace("ota_post_update.sh", "`ota_post_update.sh`"),
-                 f"`{s.phase}`" if s.phase else "—", shown[s.core], shown[s.ota_agent],
-                 f"{points(s.core_crashes)}; {points(s.agent_crashes)}") for s in g.STEPS]
-    assert rows == expected
-    assert "health_check" in g.STEP_BY_NAME  # the update writes only steps the table knows
-    source = AGENT.read_text()
-    import re
-    assigned = set(re.findall(r'journal\["step"\] = "([a-z_]+)"', source))
-    assert {"trial", "health_check", "committed"} <= assigned, assigned  # the scan sees the update's steps
-    written = assigned | \
-        set(re.findall(r'step="([a-z_]+)"', source))
-    assert written and written <= set(g.STEP_BY_NAME), written - set(g.STEP_BY_NAME)
+    def table(header: str) -> list:
+        start = text.index(header)
+        rows = []
+        for line in text[start:].splitlines()[2:]:
+            if not line.startswith("| `"):
+                break
+            rows.append(tuple(c.strip() for c in line.strip("|").split("|")))
+        return rows
+
+    def names(items) -> str:
+        return ", ".join(f"`{n}`" for n in items) or "—"
+    expected = [(f"`{s.name}`", s.doing.replace("ota_post_update.sh", "`ota_post_update.sh`")
+                 .replace("new_agent_verified", "`new_agent_verified`").replace("otaAgent.keep", "`otaAgent.keep`"),
+                 "yes" if s.reports else "—", s.on_error, s.after_crash, names(s.inner)) for s in g.STEPS]
+    assert table("| step | what its action does | phase reported |") == expected
+    plans = [(f"`{name}`", " → ".join(f"`{step}`" for step in kind.steps)) for name, kind in g.SOFTWARE.items()]
+    assert table("| software | its plan |") == plans
+
+
+def test_the_plans_are_made_of_the_tables_steps():
+    """Every plan ends with the commit, rolls forward only from the swap on, and the rollback's
+    plan is the table's last two steps."""
+    import ggc_ota as g
+    for kind in g.SOFTWARE.values():
+        assert set(kind.steps) <= set(g.STEP_BY_NAME) and kind.steps[-1] == "commit"
+        forward = [n for n in kind.steps if g.STEP_BY_NAME[n].after_crash == g.ROLL_FORWARD]
+        assert forward and all(kind.steps.index(n) > kind.steps.index("swap") for n in forward)
+    assert g.ROLLBACK_PLAN == tuple(s.name for s in g.STEPS[-2:])
+    assert set(g.STEP_NAMES) == set(g.STEP_BY_NAME)
+
+
+def test_only_the_runner_writes_a_step():
+    """A step is entered in one place (Engine.enter: journal, phase report, crash point), never
+    set by hand elsewhere."""
+    tree = ast.parse(AGENT.read_text())
+    setters = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef):
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Assign) and any(isinstance(t, ast.Attribute) and t.attr == "step"
+                                                       for t in sub.targets):
+                    setters.append(node.name)
+    assert setters == ["enter"], setters
 
 
 def test_every_crash_point_belongs_to_one_step():
-    """Each crash point in the code is named by the steps table (or comes before the journal),
-    so that the crash tests, which read the table, reach every one."""
-    import re
-
+    """Each crash point in the code is a step's own (reached by the runner), one the steps table
+    lists inside a step, or a phase before the journal, so that the crash tests, which read the
+    table, reach every one."""
     import ggc_ota as g
-    in_code = set(re.findall(r'crash_point\("([a-z_]+)"\)', AGENT.read_text()))
-    in_table = {p for s in g.STEPS for p in s.core_crashes + s.agent_crashes} | set(g.BEFORE_JOURNAL)
-    assert len(in_code) > 15 and in_code == in_table, in_code ^ in_table
+    tree = ast.parse(AGENT.read_text())
+    literal = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.args[1:2] and node.args[1] or None, ast.Constant) \
+                and getattr(node.func, "attr", "") == "phase":
+            literal.add(node.args[1].value)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "crash_point" and \
+                isinstance(node.args[0], ast.Constant):
+            literal.add(node.args[0].value)
+    inner = {p for s in g.STEPS for p in s.inner}
+    assert len(literal) > 8 and literal == inner | set(g.BEFORE_JOURNAL), literal ^ (inner | set(g.BEFORE_JOURNAL))
+    moments = [p for s in g.STEPS for p in (s.name, *s.inner)] + list(g.BEFORE_JOURNAL)
+    assert len(moments) == len(set(moments))  # one name per moment
 
 
 def test_the_repository_stands_alone():
@@ -217,3 +250,30 @@ def test_the_repository_stands_alone():
         found += [f"{name}:{n}: {line.strip()[:80]}" for n, line in enumerate(text.splitlines(), 1)
                   if outside.search(line) and "outside = re.compile" not in line]
     assert not found, "\n".join(found)
+
+
+def test_every_part_can_be_read_in_one_sitting():
+    """No class of the agent over 450 lines, no function over 80."""
+    tree = ast.parse(AGENT.read_text())
+    long = [(n.name, n.end_lineno - n.lineno + 1) for n in ast.walk(tree)
+            if (isinstance(n, ast.ClassDef) and n.end_lineno - n.lineno >= 450)
+            or (isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno >= 80)]
+    assert not long, long
+
+
+def test_the_shipped_mqtt_code_is_the_clients_side_only():
+    """What only a broker sends or reads (CONNACK, SUBACK, PINGRESP, a decoded CONNECT or
+    SUBSCRIBE, UNSUBSCRIBE at all) lives with the tests' brokers, not in the agent."""
+    import ggc_ota as g
+    assert not [name for name in ("encode_connack", "encode_suback", "encode_pingresp", "encode_unsubscribe")
+                if hasattr(g, name)]
+    assert not {"topics", "client_id", "keepalive", "clean_session"} & set(g.Packet._fields)
+
+
+def test_tests_use_the_agents_public_names():
+    """Tests reach the agent through its public names only (a leading underscore is the
+    module's own business)."""
+    private = re.compile(r"\bg\._[a-zA-Z]")
+    found = [f"{p.relative_to(REPO)}:{n}" for p in (REPO / "tests").rglob("*.py")
+             for n, line in enumerate(p.read_text().splitlines(), 1) if private.search(line)]
+    assert not found, found

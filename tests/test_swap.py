@@ -19,9 +19,9 @@ def layout(tmp_path):
     (stage / "new/new.txt").write_text("new")
     state = g.State(str(tmp_path / "state"))
     state.ensure()
-    journal = {"jobId": "job", "executionNumber": 1, "software": "core", "stage": str(stage),
-               "live": str(root / "ggc"), "new": str(stage / "new"), "old": str(stage / "old"),
-               "liveId": g.path_id(str(root / "ggc")), "newId": g.path_id(str(stage / "new")), "step": "pre_update"}
+    journal = g.Journal(job_id="job", execution_number=1, software="core", stage=str(stage), live=str(root / "ggc"),
+                        live_id=g.path_id(str(root / "ggc")), new_id=g.path_id(str(stage / "new")), step="swap",
+                        format=g.JOURNAL_FORMAT)
     return root, state, journal
 
 
@@ -43,25 +43,25 @@ def test_swap_and_restore(layout, monkeypatch, exchange):
     root, state, journal = layout
     if not exchange:
         monkeypatch.setattr(g, "rename_exchange", lambda a, b: False)
-    g.swap_in(state, journal)
-    assert live_is(root, "new") and journal["step"] == "swapped" and state.journal()["step"] == "swapped"
-    assert g.path_id(journal["old"]) == journal["liveId"]
+    g.swap_trees(journal)
+    assert live_is(root, "new") and journal.exchange is exchange
+    assert g.path_id(journal.old) == journal.live_id
     g.restore_old(journal)
-    assert live_is(root, "old") and g.path_id(journal["live"]) == journal["liveId"]
+    assert live_is(root, "old") and g.path_id(journal.live) == journal.live_id
     g.restore_old(journal)  # twice is harmless
     assert live_is(root, "old")
 
 
 def test_restore_from_the_middle_of_the_fallback(layout):
     root, state, journal = layout
-    os.rename(journal["live"], journal["old"])  # crashed between the two renames: no live tree
+    os.rename(journal.live, journal.old)  # crashed between the two renames: no live tree
     g.restore_old(journal)
     assert live_is(root, "old")
 
 
 def test_restore_after_exchange_before_the_rename(layout):
     root, state, journal = layout
-    if not g.rename_exchange(journal["new"], journal["live"]):
+    if not g.rename_exchange(journal.new, journal.live):
         pytest.skip("no RENAME_EXCHANGE")
     g.restore_old(journal)  # the old tree sits at the "new" path
     assert live_is(root, "old")
@@ -69,9 +69,59 @@ def test_restore_after_exchange_before_the_rename(layout):
 
 def test_restore_when_the_old_tree_is_lost(layout):
     root, state, journal = layout
-    journal["liveId"] = [0, 0]
+    journal.live_id = [0, 0]
     with pytest.raises(g.RollbackFailed):
         g.restore_old(journal)
+
+
+def journal_on_disk(root, staging, **changes) -> dict:
+    """A format-3 journal as the agent writes it, for a core update of job `job`."""
+    raw = {"jobId": "job", "executionNumber": 1, "software": "core", "step": "post_update", "format": 3,
+           "live": f"{root}/ggc", "stage": f"{staging}/job", "new": f"{staging}/job/new", "old": f"{staging}/job/old",
+           "liveId": [1, 2], "newId": [1, 3], "toVersion": "1.11.6", "startedAt": 5}
+    raw.update(changes)
+    return {k: v for k, v in raw.items() if v is not None}
+
+
+def test_a_journal_is_typed_and_written_back_as_it_was_read(tmp_path):
+    raw = journal_on_disk("/r", "/s/staging", recoveries=1, reason="HOOK_FAILED", message="m")
+    journal = g.Journal.load(raw, "/r", "/s/staging", "/run/g.pid")
+    assert journal.step == "post_update" and journal.recoveries == 1 and journal.new == "/s/staging/job/new"
+    assert journal.to_disk() == raw
+
+
+@pytest.mark.parametrize("old_step, software, step", [
+    ("trial", "ota_agent", "new_agent_trial"), ("proven", "ota_agent", "new_agent_trial"),
+    ("swapping", "core", "swap"), ("swapped", "core", "post_update"), ("swapped", "ota_agent", "hand_over"),
+    ("committed", "core", "commit"), ("rolling_back", "core", "roll_back"), ("rolled_back", "core", "rolled_back"),
+    ("health_check", "core", "health_check")])
+def test_journals_of_the_older_formats_are_read(old_step, software, step):
+    """Formats 1 (no format key) and 2 named some steps otherwise, and format 2's agent on trial
+    wrote its progress into the journal: read, mapped to today's steps, and written back in the
+    format they were begun in."""
+    tree = "ota" if software == "ota_agent" else "ggc"
+    for fmt in (None, 2):
+        raw = journal_on_disk("/r", "/s/staging", software=software, step=old_step, format=fmt,
+                              live=f"/r/{tree}", rolledBack="true", trialConnected=True)
+        journal = g.Journal.load(raw, "/r", "/s/staging", "/run/g.pid")
+        assert journal.step == step and journal.format == (fmt or 1)
+        back = journal.to_disk()
+        # format 2 knew post_update (a core's `swapped` recovers the same way from it); `proven`
+        # is the trial's own news, no step of the agent that runs it
+        assert back["step"] == {"proven": "trial"}.get(old_step, step if step == "post_update" else old_step)
+        assert back["trialConnected"] is True and ("format" in back) == (fmt is not None)
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"format": 4}, "newer agent"), ({"step": "trial"}, "step"), ({"live": "/etc"}, "live is"),
+    ({"liveId": [1]}, "pair"), ({"reason": "NOPE"}, "no reason code"), ({"executionNumber": True}, "is a bool"),
+    ({"trialConnected": True}, "unknown field"), ({"jobId": None}, "without jobId"),
+    ({"corePidFile": "/tmp/x"}, "corePidFile"), ({"recoveries": -1}, "negative")])
+def test_a_journal_is_trusted_whole_or_not_at_all(change, why):
+    """A field of the wrong type, a path this agent would not have written, a name of format 2
+    in a format-3 journal, a newer format: JournalCorrupt, saying why."""
+    with pytest.raises(g.JournalCorrupt, match=why):
+        g.Journal.load(journal_on_disk("/r", "/s/staging", **change), "/r", "/s/staging", "/run/g.pid")
 
 
 def test_copy_kept_replaces_the_new_trees_copy(tmp_path):

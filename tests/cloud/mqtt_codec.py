@@ -4,28 +4,45 @@ codec's round trips: what a broker sends (CONNACK, SUBACK, UNSUBACK, PINGRESP) a
 and reads; this module reuses its framing and validation helpers."""
 from __future__ import annotations
 
+import collections
+
 import ggc_ota as g
 
 
+class ClientPacket(collections.namedtuple("ClientPacket", [
+        "type", "flags", "packet_id", "topics", "client_id", "keepalive", "clean_session"],
+        defaults=[0, 0, (), "", 0, True])):
+    """A packet only a client sends, as the broker decodes it: `topics` holds SUBSCRIBE's (topic,
+    qos) pairs (UNSUBSCRIBE's with qos 0), `client_id`, `keepalive`, `clean_session` CONNECT's."""
+
+    __slots__ = ()
+
+
+def encode_unsubscribe(packet_id: int, topics: list[str]) -> bytes:
+    g.check_packet_id(packet_id)
+    names = b"".join(g.encode_string(t) for t in topics)
+    return g.encode_packet(g.UNSUBSCRIBE, 2, packet_id.to_bytes(2, "big") + names)
+
+
 def encode_connack(return_code: int, session_present: bool = False) -> bytes:
-    return g._fixed(g.CONNACK, 0, bytes([1 if session_present else 0, return_code]))
+    return g.encode_packet(g.CONNACK, 0, bytes([1 if session_present else 0, return_code]))
 
 
 def encode_suback(packet_id: int, codes: list[int]) -> bytes:
-    g._check_packet_id(packet_id)
-    return g._fixed(g.SUBACK, 0, packet_id.to_bytes(2, "big") + bytes(codes))
+    g.check_packet_id(packet_id)
+    return g.encode_packet(g.SUBACK, 0, packet_id.to_bytes(2, "big") + bytes(codes))
 
 
 def encode_unsuback(packet_id: int) -> bytes:
-    g._check_packet_id(packet_id)
-    return g._fixed(g.UNSUBACK, 0, packet_id.to_bytes(2, "big"))
+    g.check_packet_id(packet_id)
+    return g.encode_packet(g.UNSUBACK, 0, packet_id.to_bytes(2, "big"))
 
 
 def encode_pingresp() -> bytes:
-    return g._fixed(g.PINGRESP, 0, b"")
+    return g.encode_packet(g.PINGRESP, 0, b"")
 
 
-def decode_client_packet(packet_type: int, flags: int, body: bytes) -> g.Packet:
+def decode_client_packet(packet_type: int, flags: int, body: bytes) -> g.Packet | ClientPacket:
     """What a broker reads: the client's packets (PUBLISH and PUBACK as the device decodes them)."""
     name = g.PACKET_NAMES.get(packet_type)
     if name is None:
@@ -34,13 +51,13 @@ def decode_client_packet(packet_type: int, flags: int, body: bytes) -> g.Packet:
         return g.decode_packet(packet_type, flags, body)
     if flags != g.REQUIRED_FLAGS[packet_type]:
         raise g.MqttProtocolError(f"{name} with reserved flags {flags:#x}")
-    b = g._Body(body, name)
+    b = g.PacketBody(body, name)
     if packet_type in (g.PINGREQ, g.DISCONNECT):
         b.finish()
-        return g.Packet(packet_type, flags)
+        return ClientPacket(packet_type, flags)
     if packet_type == g.SUBSCRIBE:
         packet_id = b.u16()
-        g._check_packet_id(packet_id)
+        g.check_packet_id(packet_id)
         topics = []
         while not b.done():
             topic, qos = b.string(), b.u8()
@@ -49,16 +66,16 @@ def decode_client_packet(packet_type: int, flags: int, body: bytes) -> g.Packet:
             topics.append((topic, qos))
         if not topics:
             raise g.MqttProtocolError("SUBSCRIBE without topic filters")
-        return g.Packet(g.SUBSCRIBE, flags, packet_id, topics=tuple(topics))
+        return ClientPacket(g.SUBSCRIBE, flags, packet_id, topics=tuple(topics))
     if packet_type == g.UNSUBSCRIBE:
         packet_id = b.u16()
-        g._check_packet_id(packet_id)
+        g.check_packet_id(packet_id)
         names = []
         while not b.done():
             names.append((b.string(), 0))
         if not names:
             raise g.MqttProtocolError("UNSUBSCRIBE without topic filters")
-        return g.Packet(g.UNSUBSCRIBE, flags, packet_id, topics=tuple(names))
+        return ClientPacket(g.UNSUBSCRIBE, flags, packet_id, topics=tuple(names))
     if packet_type != g.CONNECT:
         raise g.MqttProtocolError(f"{name} from a client")
     if b.string() != "MQTT" or b.u8() != 4:
@@ -76,8 +93,8 @@ def decode_client_packet(packet_type: int, flags: int, body: bytes) -> g.Packet:
     if connect_flags & 0x40:
         b.take(b.u16())
     b.finish()
-    return g.Packet(g.CONNECT, flags, client_id=client_id, keepalive=keepalive,
-                    clean_session=bool(connect_flags & 0x02))
+    return ClientPacket(g.CONNECT, flags, client_id=client_id, keepalive=keepalive,
+                        clean_session=bool(connect_flags & 0x02))
 
 
 def broker_reader(max_packet: int = g.DEFAULT_MAX_PACKET) -> g.PacketReader:
@@ -88,7 +105,7 @@ def broker_reader(max_packet: int = g.DEFAULT_MAX_PACKET) -> g.PacketReader:
 CLIENT_SENDS = {g.CONNECT, g.SUBSCRIBE, g.UNSUBSCRIBE, g.PINGREQ, g.DISCONNECT}
 
 
-def decode_any(packet_type: int, flags: int, body: bytes) -> g.Packet:
+def decode_any(packet_type: int, flags: int, body: bytes) -> g.Packet | ClientPacket:
     """Both directions (for the codec's own tests): what a client sends as a broker decodes it,
     everything else as the device does."""
     if packet_type in CLIENT_SENDS:
