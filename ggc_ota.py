@@ -129,6 +129,11 @@ REASONS = {
                                                     "as LINK_DOWN"),
     "STOPPING": Reason("IN_PROGRESS", "-", "job", "the agent was told to stop before anything was changed: the "
                                                   "download resumes at the next start"),
+    "POSTPONED": Reason("IN_PROGRESS", "-", "job", "a pre-update script said not now (exit 75): nothing was changed, "
+                                                   "the download is kept, the update is tried again after "
+                                                   "postponeSeconds"),
+    "POSTPONED_TOO_LONG": Reason("FAILED", "no", "job", "a pre-update script said not now postponeLimit times in "
+                                                        "a row"),
     "NOT_ROOT": Reason("-", "-", "start-up", "the agent must run as root (the dry-run and --status need not)"),
     "ALREADY_RUNNING": Reason("-", "-", "start-up", "another agent holds the state directory's lock (exit code 3)"),
 }
@@ -360,6 +365,10 @@ OTA_AGENT_KEYS: Dict[str, Tuple[tuple, Any]] = {
     "reconnectBaseSeconds": ((int, float), 10),  # first reconnect at a random moment within this
     "reconnectMaxSeconds": ((int, float), 120),  # cap of the MQTT reconnect backoff
     "clientId": ((str,), None),                  # the MQTT client id; default <thing name>-ota
+    "slowLinkBytesPerSecond": ((int,), 8192),    # sizes a download's step timer (stepTimeoutInMinutes)
+    "maxDownloadBytesPerSecond": ((int,), 0),    # caps the download's average rate; 0: no cap
+    "postponeSeconds": ((int, float), 300),      # a pre-update script's "not now" (exit 75): try again after this
+    "postponeLimit": ((int,), 12),               # ... at most this many times, then POSTPONED_TOO_LONG
 }
 
 
@@ -519,6 +528,13 @@ def _load_ota_block(block: Any, root: str) -> Tuple[Dict[str, Any], List[str]]:
     return ota, unknown
 
 
+def describe_unknown_key(key: str) -> str:
+    """`scriptTimout (did you mean scriptTimeout?)`, or the key alone when none is close."""
+    import difflib
+    close = difflib.get_close_matches(key, list(OTA_AGENT_KEYS), n=1, cutoff=0.6)
+    return f"{key!r:.60} (did you mean {close[0]}?)" if close else f"{key!r:.60}"
+
+
 def load_config(root: str, path: Optional[str] = None) -> Config:
     """Read and check config.json; every problem is a ConfigError that names the key."""
     root = os.path.abspath(root)
@@ -576,7 +592,7 @@ def load_config(root: str, path: Optional[str] = None) -> Config:
         raise ConfigError("managedRespawn must be true or false")
     ota, unknown = _load_ota_block(doc.get("otaAgent"), root)
     if unknown:
-        warnings.append("otaAgent has unknown keys: " + ", ".join(unknown))
+        warnings.append("otaAgent has unknown keys (ignored): " + ", ".join(describe_unknown_key(k) for k in unknown))
     proxy = load_proxy(core, os.environ)
     if proxy is not None:  # an https proxy's certificate: the system's CAs, then the core's and extraCaPath
         proxy = proxy._replace(ca_files=tuple(p for p in (ca, ota.get("extraCaPath")) if p))
@@ -652,6 +668,14 @@ def reopen_log_files() -> None:
     log.info("log file reopened (SIGHUP)")
 
 
+class UtcFormatter(logging.Formatter):
+    """Times in UTC with their offset, as --status prints them: 2026-12-05T12:53:04.123+00:00."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: Optional[str] = None) -> str:  # noqa: N802
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + \
+            f".{int(record.msecs):03d}+00:00"
+
+
 def setup_logging(log_file: Optional[str], level: str, to_stderr: bool, max_bytes: int = 5 * 1024 * 1024,
                   backups: int = 3, syslog_socket: Optional[str] = None) -> None:
     """The agent's log: the file (when set), syslog (when `syslog_socket` exists: /dev/log,
@@ -660,7 +684,7 @@ def setup_logging(log_file: Optional[str], level: str, to_stderr: bool, max_byte
     terminal: procd would file each line again, as daemon.err)."""
     log.handlers.clear()
     log.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(levelname)s [%(threadName)s] %(message)s")
+    fmt = UtcFormatter("%(asctime)s %(levelname)s [%(threadName)s] %(message)s")
     handlers: List[logging.Handler] = []
     if syslog_socket and os.path.exists(syslog_socket):
         syslog = Syslog(syslog_socket)
@@ -1396,6 +1420,18 @@ def shut_socket(fd: int, inode: int) -> None:
             os.close(dup_fd)
 
 
+def link_error(connected: bool, err: OSError, doing: str) -> MqttError:
+    """The MqttError for a link that failed while `doing`. Before CONNACK (not `connected`), a
+    TLS error or a closed link most likely means the broker refused our certificate: under TLS
+    1.3 the handshake completes first and the refusal shows only now."""
+    if not connected:
+        return MqttAuthError(f"the broker closed the TLS connection before CONNACK while {doing}: it may "
+                             f"have refused the client certificate ({describe_tls_error(err)})")
+    if isinstance(err, ssl.SSLError):
+        return MqttError(f"TLS error while {doing}: {describe_tls_error(err)}")
+    return MqttError(f"connection lost while {doing}: {err.strerror or err}")
+
+
 def describe_tls_error(err: BaseException) -> str:
     text = str(err)
     if "CERTIFICATE_REQUIRED" in text.upper() or "UNKNOWN_CA" in text.upper() or "BAD_CERTIFICATE" in text.upper():
@@ -1469,6 +1505,7 @@ class MqttClient:
         self.generation = 0
         self._connected = threading.Event()
         self._stopping = threading.Event()
+        self._retry = threading.Event()  # cuts a reconnect's backoff short (a stop, retry_now)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -1490,6 +1527,7 @@ class MqttClient:
         thread held in a connect, a handshake or a read (a proxy that drips) has its socket shut
         under it."""
         self._stopping.set()
+        self._retry.set()
         self._wake()
         if self.thread is not None:
             self.thread.join(min(timeout, STOP_GRACE_SECONDS))
@@ -1509,6 +1547,10 @@ class MqttClient:
         for fd in fds:  # a late _wake() must not write into a descriptor reused by someone else
             if fd >= 0:
                 os.close(fd)
+
+    def retry_now(self) -> None:
+        """Between two connection attempts: make the next one now (an operator fixed the policy)."""
+        self._retry.set()
 
     def interrupt(self) -> None:
         """Fail every caller waiting for a PUBACK (the agent is stopping); the link stays up."""
@@ -1647,7 +1689,8 @@ class MqttClient:
                                                    self.settings.backoff_cap, self._rng))
             attempt += 1
             log.info("MQTT: reconnecting in %.1f s (attempt %d)", delay, attempt)
-            self._stopping.wait(delay)
+            self._retry.wait(delay)
+            self._retry.clear()
 
     def _opening(self, raw: socket.socket) -> None:
         """The TCP socket of the connection being opened (open_tls's on_socket), kept as its
@@ -1743,18 +1786,8 @@ class MqttClient:
         except (ssl.SSLWantReadError, socket.timeout):
             pass
         except OSError as err:
-            raise self._link_error(err, "reading") from None
+            raise link_error(self._connected.is_set(), err, "reading") from None
         return reader.feed(b"".join(chunks))
-
-    def _link_error(self, err: OSError, doing: str) -> MqttError:
-        """Before CONNACK, a TLS error or a closed link most likely means the broker refused our
-        certificate: under TLS 1.3 the handshake completes first and the refusal shows only now."""
-        if not self._connected.is_set():
-            return MqttAuthError(f"the broker closed the TLS connection before CONNACK while {doing}: it may "
-                                 f"have refused the client certificate ({describe_tls_error(err)})")
-        if isinstance(err, ssl.SSLError):
-            return MqttError(f"TLS error while {doing}: {describe_tls_error(err)}")
-        return MqttError(f"connection lost while {doing}: {err.strerror or err}")
 
     def _closed_message(self) -> str:
         if not self._connected.is_set():
@@ -1779,7 +1812,7 @@ class MqttClient:
         except socket.timeout:
             raise MqttTimeout("write timed out: the broker does not read") from None
         except OSError as err:
-            raise self._link_error(err, "sending") from None
+            raise link_error(self._connected.is_set(), err, "sending") from None
         self._last_send = time.monotonic()
 
     def _loop(self, sock: ssl.SSLSocket, reader: PacketReader) -> None:
@@ -1872,6 +1905,7 @@ class MqttClient:
             if len(topics) != len(packet.codes):
                 raise MqttProtocolError(f"SUBACK with {len(packet.codes)} codes for {len(topics)} topics")
             for topic, code in zip(topics, packet.codes):
+                log.debug("MQTT: SUBACK %s: %s", topic, "refused" if code == 0x80 else f"granted QoS {code}")
                 sub = self.subscriptions.get(topic)
                 if sub is None:
                     continue
@@ -1926,6 +1960,9 @@ class JobsRejected(OtaError):
         self.execution_state = execution_state
 
 
+UNANSWERED_WARNING = 3  # requests in a row with no reply: one WARNING naming the likely causes
+
+
 class JobsClient:
     """`handle(topic, payload)` must be given every inbound message (it never blocks, so the MQTT
     network thread may call it); `on_notify(payload)` is called for each notify message."""
@@ -1942,6 +1979,7 @@ class JobsClient:
         self.retry_base = retry_base
         self._rng = rng or random.Random()
         self._waiting: Dict[str, Tuple[threading.Event, list, str]] = {}  # token -> (event, box, suffix)
+        self.unanswered = 0  # requests in a row that got no reply
         self._lock = threading.Lock()
 
     def reply_topics(self) -> List[str]:
@@ -2011,15 +2049,29 @@ class JobsClient:
         event, box = threading.Event(), []
         with self._lock:
             self._waiting[token] = (event, box, suffix)
+        log.debug("Jobs: -> %s%s clientToken=%s", self.prefix + suffix,
+                  f" status={payload['status']}" if "status" in payload else "", token)
         try:
             self.mqtt.publish(self.prefix + suffix, json.dumps(payload, separators=(",", ":")).encode(), 1,
                               self.timeout)
             if not event.wait(self.timeout):
+                self.unanswered += 1
+                if self.unanswered == UNANSWERED_WARNING:
+                    log.warning("Jobs: %d requests in a row got no reply. Likely causes: the thing name (%s) is "
+                                "not the certificate's thing, or the IoT policy does not allow this client id (%s) "
+                                "to publish to, subscribe to and receive $aws/things/%s/jobs/*", self.unanswered,
+                                self.thing, getattr(getattr(self.mqtt, "settings", None), "client_id", "?"),
+                                self.thing)
                 raise MqttTimeout(f"no reply to jobs/{suffix} within {self.timeout} s")
         finally:
             with self._lock:
                 self._waiting.pop(token, None)
         outcome, body = box[0]
+        self.unanswered = 0
+        told = body.get("execution") if isinstance(body.get("execution"), dict) else body
+        log.debug("Jobs: <- %s/%s clientToken=%s%s%s", self.prefix + suffix, outcome, token,
+                  f" status={told.get('status')}" if told.get("status") else "",
+                  f" code={body.get('code')}" if body.get("code") else "")
         if outcome == "interrupted":
             raise MqttNotConnected("interrupted: the agent is stopping")
         if outcome == "unreadable":
@@ -2132,6 +2184,35 @@ def sha256_of_file(path: str) -> Tuple[hashlib._Hash, int]:
             done += n
 
 
+class RateLimit:
+    """A token bucket: `rate` bytes a second on average, a burst of at most one second's worth."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.tokens = float(rate)
+        self.at = time.monotonic()
+
+    def refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(float(self.rate), self.tokens + (now - self.at) * self.rate)
+        self.at = now
+
+    def wait_for(self, want: int, stopped: Callable[[], bool]) -> int:
+        """Wait (in slices, so that a stop is prompt) until some of `want` bytes may be read;
+        returns how many."""
+        want = max(1, min(want, self.rate))
+        while True:
+            self.refill()
+            if self.tokens >= 1:
+                return int(min(want, self.tokens))
+            if stopped():
+                return want
+            time.sleep(min(0.2, (1 - self.tokens) / self.rate))
+
+    def take(self, n: int) -> None:
+        self.tokens -= n
+
+
 class Download:
     """One artifact to fetch. `fresh_url()` returns a newly presigned URL (the agent describes
     the job again); `progress(done, total)` is called at most every `progress_interval` s."""
@@ -2141,8 +2222,9 @@ class Download:
                  progress: Optional[Callable[[int, int], None]] = None, progress_interval: float = 10.0,
                  read_timeout: float = 60.0, retries: int = 8, retry_base: float = 1.0, retry_cap: float = 60.0,
                  should_stop: Optional[Callable[[], bool]] = None, rng: Optional[random.Random] = None,
-                 stall_bytes: int = STALL_BYTES, proxy: Optional[Proxy] = None) -> None:
+                 stall_bytes: int = STALL_BYTES, proxy: Optional[Proxy] = None, max_rate: int = 0) -> None:
         self.url = url
+        self.limit = RateLimit(max_rate) if max_rate > 0 else None  # otaAgent.maxDownloadBytesPerSecond
         self.proxy = proxy
         self.stall_bytes = stall_bytes
         self.dest = dest
@@ -2191,7 +2273,7 @@ class Download:
         self._resume_state()
         failures = 0
         while self._have < self.size:
-            if self.should_stop is not None and self.should_stop():
+            if self.stopped():  # aborted too: a request that ended between two reads starts no other
                 raise DownloadError("download stopped", "CANCELED")
             before = self._have
             try:
@@ -2260,8 +2342,12 @@ class Download:
         try:
             try:
                 watchdog.start()
+                log.debug("download: GET %s%s", redact_url(self.url),
+                          f" (Range {headers['Range']})" if "Range" in headers else "")
                 conn.request("GET", target, headers=headers)
                 resp = conn.getresponse()
+                log.debug("download: HTTP %d%s", resp.status, f", Content-Range {resp.getheader('Content-Range')}"
+                          if resp.getheader("Content-Range") else "")
             except ssl.SSLCertVerificationError as err:
                 raise DownloadError(f"{redact_url(self.url)}: server certificate refused: "
                                     f"{err.verify_message or err}") from None
@@ -2324,6 +2410,17 @@ class Download:
             except OSError:
                 pass
 
+    def stall_threshold(self) -> int:
+        """Fewer bytes than this in read_timeout is a stall; under a rate cap, a quarter of what
+        the cap lets through meanwhile, if that is less."""
+        if self.limit is None:
+            return self.stall_bytes
+        return max(1, min(self.stall_bytes, int(self.limit.rate * self.read_timeout / 4)))
+
+    def stopped(self) -> bool:
+        """Aborted, or told to stop (should_stop raises AgentStopping or JobCanceled itself)."""
+        return self._aborted or (self.should_stop is not None and self.should_stop())
+
     def stream_body(self, resp: http.client.HTTPResponse) -> None:
         """Write what arrives, one socket read at a time (read1: a server that sends one byte
         every few seconds cannot hold a read for long), checking between reads whether to stop.
@@ -2335,18 +2432,25 @@ class Download:
             f.truncate()
             try:
                 while self._have < self.size:
-                    data = resp.read1(min(DOWNLOAD_CHUNK, self.size - self._have))
+                    want = min(DOWNLOAD_CHUNK, self.size - self._have)
+                    if self.limit is not None:
+                        want = self.limit.wait_for(want, self.stopped)
+                        if self.stopped():
+                            break
+                    data = resp.read1(want)
                     if not data:
                         raise _Transient(f"connection closed at byte {self._have} of {self.size}")
+                    if self.limit is not None:
+                        self.limit.take(len(data))
                     f.write(data)
                     self._digest.update(data)
                     self._have += len(data)
                     window_bytes += len(data)
                     self._report_progress()
-                    if self._aborted or (self.should_stop is not None and self.should_stop()):
+                    if self.stopped():
                         break
                     if time.monotonic() - window_start >= self.read_timeout:
-                        if window_bytes < self.stall_bytes:
+                        if window_bytes < self.stall_threshold():
                             raise _Transient(f"the download stalled: {window_bytes} bytes in "
                                              f"{self.read_timeout:.0f} s", stalled=True)
                         window_start, window_bytes = time.monotonic(), 0
@@ -3064,6 +3168,19 @@ HOOK_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 class HookFailed(OtaError):
     reason = "HOOK_FAILED"
 
+    def __init__(self, message: str, reason: Optional[str] = None, exit_code: Optional[int] = None) -> None:
+        super().__init__(message, reason)
+        self.exit_code = exit_code  # the script's, when it exited
+
+
+class Postponed(OtaError):
+    """A pre-update script exited 75 (EX_TEMPFAIL): not now. Nothing was changed."""
+
+    reason = "POSTPONED"
+
+
+EX_TEMPFAIL = 75  # a pre-update script's "not now" (sysexits.h)
+
 
 class HookTimeout(HookFailed):
     reason = "HOOK_TIMEOUT"
@@ -3124,7 +3241,7 @@ def run_hook(argv: List[str], env_extra: Dict[str, str], timeout: float, cwd: st
         proc.wait()
         raise HookTimeout(f"{name} did not finish within {timeout:.0f} s and was stopped{_said(tail)}")
     if code != 0:
-        raise HookFailed(f"{name} {describe_exit(code)}{_said(tail)}")
+        raise HookFailed(f"{name} {describe_exit(code)}{_said(tail)}", exit_code=code)
     log.info("hook: %s succeeded", name)
 
 
@@ -3430,6 +3547,7 @@ class State:
         self.outbox = os.path.join(directory, "outbox")
         self.downloads = os.path.join(directory, "downloads")
         self.staging = os.path.join(directory, "staging")
+        self.postponed = os.path.join(directory, "postponed")
         self._lock_fd: Optional[int] = None
         self._identity: Optional[Tuple[int, int]] = None  # (device, inode) of the directory, from ensure()
 
@@ -3491,7 +3609,7 @@ class State:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except OSError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                holder = (os.pread(fd, 96, 0).decode(errors="replace").split() or ["unknown"])[0]
             if time.monotonic() >= deadline:
                 os.close(fd)
                 raise AnotherAgent(f"another agent already runs on this root (pid {holder})")
@@ -3504,10 +3622,11 @@ class State:
         self.mark_lock_holder()
 
     def mark_lock_holder(self) -> None:
-        """Write this process's pid into the lock file (what --status and a waiting agent show)."""
+        """Write this process's pid and version into the lock file (what --status and a waiting
+        agent show)."""
         if self._lock_fd is not None:
             os.ftruncate(self._lock_fd, 0)
-            os.pwrite(self._lock_fd, str(os.getpid()).encode(), 0)
+            os.pwrite(self._lock_fd, f"{os.getpid()} {__version__}".encode(), 0)
 
     @property
     def lock_fd(self) -> Optional[int]:
@@ -3526,6 +3645,16 @@ class State:
 
     def lock_holder(self) -> Optional[str]:
         """The pid holding the lock, or None when no agent holds it."""
+        said = self.lock_holder_says()
+        return None if said is None else (said.split() or ["unknown"])[0]
+
+    def lock_holder_version(self) -> Optional[str]:
+        """The version of the agent holding the lock (None: none holds it, or it did not say)."""
+        said = (self.lock_holder_says() or "").split()
+        return said[1] if len(said) == 2 and VERSION_TEXT.fullmatch(said[1]) else None
+
+    def lock_holder_says(self) -> Optional[str]:
+        """What the agent holding the lock wrote into it ("<pid> <version>"), or None."""
         import fcntl
         path = os.path.join(self.dir, "lock")
         if not os.path.exists(path):
@@ -3536,7 +3665,7 @@ class State:
             fcntl.flock(fd, fcntl.LOCK_UN)
             return None
         except OSError:
-            return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            return os.read(fd, 96).decode(errors="replace").strip() or "unknown"
         finally:
             os.close(fd)
 
@@ -3603,6 +3732,25 @@ class State:
         path = self.job_path(self.outbox, entry["jobId"], ".json")
         current = read_json(path)
         if current is not None and current.get("at") == entry.get("at"):
+            os.unlink(path)
+
+    # ---- postponements: a job a pre-update script said "not now" to ---------------------------
+    def postponement(self, job_id: str) -> Optional[dict]:
+        """{executionNumber, count, retryAt} of a postponed job, or None."""
+        entry = read_json(self.job_path(self.postponed, job_id, ".json")) if os.path.isdir(self.postponed) else None
+        ok = isinstance(entry, dict) and type(entry.get("count")) is int and isinstance(entry.get("retryAt"),
+                                                                                         (int, float))
+        return entry if ok else None
+
+    def postpone(self, job_id: str, number: int, count: int, retry_at: float) -> None:
+        """Not synced: a power cut that loses it costs at most some more asking."""
+        os.makedirs(self.postponed, mode=0o700, exist_ok=True)
+        write_json_atomic(self.job_path(self.postponed, job_id, ".json"),
+                          {"executionNumber": number, "count": count, "retryAt": retry_at}, durable=False)
+
+    def end_postponement(self, job_id: str) -> None:
+        path = self.job_path(self.postponed, job_id, ".json")
+        if os.path.lexists(path):
             os.unlink(path)
 
     # ---- history ----------------------------------------------------------------------------
@@ -3686,8 +3834,9 @@ JOURNAL_FIELDS: Tuple[Tuple[str, str, tuple, Any], ...] = (
     ("started_at", "startedAt", (int, float), 0), ("core_pid_file", "corePidFile", (str, NO_VALUE), None),
     ("exchange", "exchange", (bool, NO_VALUE), None), ("new_started", "newStarted", (bool,), False),
     ("reason", "reason", (str, NO_VALUE), None), ("message", "message", (str,), ""),
-    ("starts", "starts", (int,), 0),
+    ("starts", "starts", (int,), 0), ("health_check", "healthCheck", (str, NO_VALUE), None),
 )
+NEW_IN_FORMAT_3 = ("healthCheck",)  # left out of a journal written in an older format
 # What every format writes for a person to read, derived from `stage` (and checked against it).
 DERIVED_FIELDS: Dict[str, tuple] = {"new": (str,), "old": (str,)}
 # What format 2 also wrote (the trial's progress, rolledBack): read, checked, and kept as it is.
@@ -3722,6 +3871,7 @@ class Journal:
     reason: Optional[str]
     message: str
     starts: int
+    health_check: Optional[str]
 
     def __init__(self, **values: Any) -> None:
         self.legacy: Dict[str, Any] = values.pop("legacy", {})
@@ -3752,6 +3902,8 @@ class Journal:
         out.update(new=self.new, old=self.old)
         if self.format < 3:
             out["step"] = NAMES_IN_FORMAT_2.get(self.step, self.step)
+            for key in NEW_IN_FORMAT_3:
+                out.pop(key, None)
             if self.format == 1:
                 del out["format"]
         return out
@@ -3809,6 +3961,8 @@ class Journal:
         for key in ("reason", "trialReason"):
             if raw.get(key) is not None and raw[key] not in REASONS:
                 raise bad(f"{key} {raw[key]!r:.40} is no reason code")
+        if raw.get("healthCheck") not in (None, "script", "pid", "skipped"):
+            raise bad("healthCheck is not script, pid or skipped")
         if raw.get("corePidFile") not in (None, core_pid_file):
             raise bad(f"corePidFile is not the configured {core_pid_file}")
         if raw.get("executionNumber", 1) < 1 or raw.get("recoveries", 0) < 0:
@@ -4163,6 +4317,31 @@ def plan_of(software: str) -> Tuple[str, ...]:
     return SOFTWARE[software].steps
 
 
+# GGC_OTA_ACTION, why a script runs: an update's own step (the trial's ota_post_update.sh too),
+# a rollback (stopping the new software, starting the old), the start of whatever core is live
+# after a recovery that could not read the journal, or a pre-update script asked again after it
+# postponed the update.
+SCRIPT_ACTIONS = ("update", "rollback", "recovery", "postponed-retry")
+
+
+HEALTH_CHECKS = ("script", "pid", "skipped")  # statusDetails.healthCheck of a core update that SUCCEEDED
+
+
+def health_check_kind(cfg: Config, software: str, pid_file: Optional[str]) -> Tuple[str, str]:
+    """How an update of `software` is checked before its commit, and with what: ("script", its
+    path), ("pid", the PID file of the core daemon; `pid_file` is the one the old core had, or
+    None), or ("skipped", why)."""
+    name = SOFTWARE[software].health_script
+    if name is None:
+        return "skipped", f"{software} updates have no health check"
+    script = os.path.join(cfg.root, "usr", "scripts", name)
+    if os.path.lexists(script):
+        return "script", script
+    if pid_file:
+        return "pid", pid_file
+    return "skipped", f"neither {script} nor the core's PID file {cfg.ota['corePidFile']} exists"
+
+
 class Hooks:
     """The scripts of an update, as the configuration says: the managed-respawn scripts, or
     `greengrassd stop|start` without them; and the core's health check."""
@@ -4172,10 +4351,15 @@ class Hooks:
         self.root = cfg.root
         self.output = os.path.join(cfg.ota["stateDir"], HOOK_OUTPUT)
 
-    def run(self, software: str, which: str, journal: Journal) -> None:
-        """The pre-update (`which` "pre") or post-update ("post") script of `software`."""
+    def run(self, software: str, which: str, journal: Journal, action: str = "update") -> None:
+        """The pre-update (`which` "pre") or post-update ("post") script of `software`, told why it
+        runs (`action`, in GGC_OTA_ACTION: SCRIPT_ACTIONS) and which versions it moves between
+        (GGC_OTA_FROM_VERSION, GGC_OTA_TO_VERSION: for a rollback, from the new to the old)."""
+        moving = (journal.to_version, journal.from_version) if action == "rollback" else \
+            (journal.from_version, journal.to_version)
         env = {"GGC_OTA_JOB_ID": journal.job_id, "GGC_OTA_COMPONENT": software, "GGC_ROOT": self.root,
-               "GGC_OTA_OLD_VERSION": journal.from_version or "", "GGC_OTA_NEW_VERSION": journal.to_version}
+               "GGC_OTA_OLD_VERSION": journal.from_version or "", "GGC_OTA_NEW_VERSION": journal.to_version,
+               "GGC_OTA_ACTION": action, "GGC_OTA_FROM_VERSION": moving[0] or "", "GGC_OTA_TO_VERSION": moving[1] or ""}
         kind = SOFTWARE[software]
         if self.cfg.managed_respawn:
             argv = [os.path.join(self.root, "usr", "scripts", kind.pre_script if which == "pre" else kind.post_script)]
@@ -4186,27 +4370,35 @@ class Hooks:
                 argv = in_own_scope(argv)
         else:
             return
-        run_hook(argv, env, float(self.cfg.ota["scriptTimeout"]), self.root, self.output)
+        try:
+            run_hook(argv, env, float(self.cfg.ota["scriptTimeout"]), self.root, self.output)
+        except HookFailed as err:
+            if which == "pre" and action != "rollback" and self.cfg.managed_respawn \
+                    and err.exit_code == EX_TEMPFAIL and not isinstance(err, HookTimeout):
+                raise Postponed(f"{os.path.basename(argv[0])} said not now (exit {EX_TEMPFAIL})") from None
+            raise
 
-    def check_health(self, software: str, journal: Journal, began: float) -> None:
+    def check_health(self, software: str, journal: Journal, began: float) -> str:
         """The update commits only when the new software is healthy: its health-check script,
         when it exists, exits 0 within healthCheckTimeout (run again every 2 s until then); else
         the core daemon of corePidFile, when the old core had one, comes up and stays alive for
-        healthCheckSeconds. With neither, the check is skipped with a warning."""
-        name = SOFTWARE[software].health_script
-        script = os.path.join(self.root, "usr", "scripts", name or "")
-        if name and os.path.lexists(script):
-            self.run_health_script(script, journal)
-        elif journal.core_pid_file:
-            self.watch_core_daemon(journal.core_pid_file, began)
+        healthCheckSeconds. With neither, the check is skipped with a warning. Returns how it was
+        checked (HEALTH_CHECKS)."""
+        kind, what = health_check_kind(self.cfg, software, journal.core_pid_file)
+        if kind == "script":
+            self.run_health_script(what, journal)
+        elif kind == "pid":
+            self.watch_core_daemon(what, began)
         else:
-            log.warning("job %s: no health check: neither %s nor the core's PID file %s exists",
-                        journal.job_id, script, self.cfg.ota["corePidFile"])
+            log.warning("job %s: no health check: %s", journal.job_id, what)
+        return kind
 
     def run_health_script(self, script: str, journal: Journal) -> None:
         timeout = float(self.cfg.ota["healthCheckTimeout"])
         deadline = time.monotonic() + timeout
-        env = {"GGC_OTA_JOB_ID": journal.job_id, "GGC_ROOT": self.root, "GGC_OTA_NEW_VERSION": journal.to_version}
+        env = {"GGC_OTA_JOB_ID": journal.job_id, "GGC_ROOT": self.root, "GGC_OTA_NEW_VERSION": journal.to_version,
+               "GGC_OTA_ACTION": "update", "GGC_OTA_FROM_VERSION": journal.from_version or "",
+               "GGC_OTA_TO_VERSION": journal.to_version}
         while True:
             check_script(script)
             try:
@@ -4265,7 +4457,7 @@ class Engine:
         self.exe_id = path_id(running_agent_file())  # which agent file this process runs
         self.new_began = 0.0  # clock ticks since boot when the new software's post-update step began
         self.actions: Dict[str, Callable[[Journal], None]] = {
-            "pre_update": lambda j: self.hooks.run(j.software, "pre", j),
+            "pre_update": lambda j: self.hooks.run(j.software, "pre", j, self.pre_update_action(j)),
             "keep": self.keep, "new_agent_trial": trial, "swap": self.swap, "hand_over": self.hand_over,
             "post_update": self.post_update, "health_check": self.health_check, "commit": self.commit,
             "roll_back": self.restore, "rolled_back": self.close,
@@ -4325,6 +4517,9 @@ class Engine:
 
     def on_error(self, journal: Journal, step: Step, err: Exception) -> bool:
         """What `step` says to do when its action raised `err`; True: the plan goes on."""
+        if isinstance(err, Postponed):  # the pre-update script changed nothing: neither does the agent
+            self.withdraw(journal)
+            raise err
         if step.on_error == ROLL_BACK:
             self.roll_back(journal, classify(err), str(err))
             return False
@@ -4342,7 +4537,7 @@ class Engine:
     def roll_back(self, journal: Journal, reason: str, message: str) -> None:
         """Old tree back in place, its post-update step run, FAILED reported. Never loops: a
         failure here is ROLLBACK_FAILED, logged loudly, and the staged trees are kept."""
-        log.error("job %s: rolling back: %s", journal.job_id, message)
+        log.warning("job %s: rolling back (%s)", journal.job_id, reason)  # the job's end line says why
         # Past the post-update step the new software may be running; kept in the journal, since
         # a restart in the middle of the rollback no longer sees that step.
         journal.new_started = journal.new_started or journal.step in NEW_SOFTWARE_STARTED
@@ -4358,6 +4553,17 @@ class Engine:
             self.state.write_journal(journal.to_disk())
         except OSError as err:
             log.error("cannot write the journal (%s); going on", err)
+
+    def withdraw(self, journal: Journal) -> None:
+        """Undo the journal of an update whose pre-update script postponed it: its staging goes
+        (the download stays), then the journal."""
+        remove_tree(journal.stage)
+        self.state.clear_journal()
+        fsync_dir(self.state.dir)
+
+    def pre_update_action(self, journal: Journal) -> str:
+        """GGC_OTA_ACTION of the pre-update script: postponed-retry once it has said not now."""
+        return "postponed-retry" if self.state.postponement(journal.job_id) else "update"
 
     # ---- the actions of the steps ----------------------------------------------------------------
     def keep(self, journal: Journal) -> None:
@@ -4378,22 +4584,23 @@ class Engine:
         self.hooks.run(journal.software, "post", journal)
 
     def health_check(self, journal: Journal) -> None:
-        self.hooks.check_health(journal.software, journal, self.new_began)
+        journal.health_check = self.hooks.check_health(journal.software, journal, self.new_began)
 
     def commit(self, journal: Journal) -> None:
         if not self.state.handled(journal.job_id, journal.execution_number):
-            self.finish(self.record_of(journal), "SUCCEEDED", None, version=journal.to_version)
+            self.finish(self.record_of(journal), "SUCCEEDED", None, version=journal.to_version,
+                        extra={"healthCheck": journal.health_check})
         self.clean_up(journal, keep_trees=False)
 
     def restore(self, journal: Journal) -> None:
         if journal.software == "core" and journal.new_started:
             try:  # stop the new software before its tree goes away
-                self.hooks.run("core", "pre", journal)
+                self.hooks.run("core", "pre", journal, "rollback")
             except OtaError as err:
                 log.warning("rollback: stopping the new software failed (%s); restoring anyway", err)
         restore_old(journal)
         crash_point("after_restore")
-        self.hooks.run(journal.software, "post", journal)
+        self.hooks.run(journal.software, "post", journal, "rollback")
 
     def close(self, journal: Journal) -> None:
         """FAILED, reported by the agent that runs again: for a self-update, the restored one."""
@@ -4486,7 +4693,7 @@ class Engine:
                 try:  # whichever core is live, it must run
                     stand_in = Journal(job_id=name, execution_number=1, software="core", step="rolled_back",
                                        live="", stage="", live_id=None)
-                    self.hooks.run("core", "post", stand_in)
+                    self.hooks.run("core", "post", stand_in, "recovery")
                 except OtaError as hook_err:
                     log.error("recovery: starting the live core failed: %s", hook_err)
             record = {"jobId": name, "executionNumber": self.staged_execution(name), "component": software,
@@ -4505,7 +4712,8 @@ class Engine:
 
 
 def remove_job_files(state: State, job_id: str) -> None:
-    """A job's staging and download (the finished one and a partial one)."""
+    """A job's staging and download (the finished one and a partial one), and its postponement."""
+    state.end_postponement(job_id)
     remove_tree(State.job_path(state.staging, job_id))
     for suffix in (".tar.gz", ".tar.gz.part"):
         path = State.job_path(state.downloads, job_id, suffix)
@@ -4696,7 +4904,8 @@ def artifact_download(cfg: Config, doc: UpdateDocument, dest: str, **hooks: Any)
     ca_files = [cfg.ca_path] + ([cfg.ota["extraCaPath"]] if cfg.ota.get("extraCaPath") else [])
     return Download(url=doc.url, dest=dest, sha256=doc.sha256, size=doc.size, context=https_context(ca_files),
                     read_timeout=cfg.ota["downloadReadTimeout"], retries=cfg.ota["downloadRetries"],
-                    progress_interval=cfg.ota["progressInterval"], proxy=cfg.proxy, **hooks)
+                    progress_interval=cfg.ota["progressInterval"], proxy=cfg.proxy,
+                    max_rate=cfg.ota["maxDownloadBytesPerSecond"], **hooks)
 
 
 def unpack_update(cfg: Config, doc: UpdateDocument, artifact: str, stage: str, state: State) -> str:
@@ -4753,6 +4962,32 @@ RESYNC_SECONDS = 3600.0     # list the jobs again about this often (+-25%) even 
 RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 2.0, 60.0
 
 
+STEP_TIMER_SLACK_SECONDS = 60.0  # beyond what a phase may take: its step timer's margin
+STEP_TIMER_MAX_MINUTES = 10080     # AWS's limits for stepTimeoutInMinutes: 1..10080
+UNPACK_SLOW_BYTES_PER_SECOND = 1024 * 1024
+
+
+def step_timer_minutes(ota: Dict[str, Any], phase: str, remaining_bytes: int = 0) -> int:
+    """stepTimeoutInMinutes for an IN_PROGRESS update that starts `phase`: how long the phase
+    may take (a download from its remaining bytes at slowLinkBytesPerSecond; a script from
+    scriptTimeout; a trial from newAgentTimeout; a health check from healthCheckTimeout), plus a
+    margin. Should the device die or lose its link, the execution ends TIMED_OUT by then."""
+    script, trial = float(ota["scriptTimeout"]), float(ota["newAgentTimeout"])
+    link = max(1, ota["slowLinkBytesPerSecond"] or 1)
+    if ota.get("maxDownloadBytesPerSecond"):  # a cap slower than the slow link sizes the timer
+        link = max(1, min(link, ota["maxDownloadBytesPerSecond"]))
+    seconds = {
+        "checking": remaining_bytes / link, "download": remaining_bytes / link,
+        "unpack": remaining_bytes / UNPACK_SLOW_BYTES_PER_SECOND + script,  # the pre-update script follows
+        "pre_update": script, "post_update": script,
+        "new_agent_trial": 2 * trial + script, "new_agent_verified": 2 * trial,  # then the hand-over
+        "health_check": float(ota["healthCheckTimeout"]) + float(ota["healthCheckSeconds"]),
+        "postponed": float(ota["postponeSeconds"]) + script,  # then the script runs again
+    }.get(phase, 600.0)
+    minutes = -(-(seconds + STEP_TIMER_SLACK_SECONDS) // 60)
+    return int(min(STEP_TIMER_MAX_MINUTES, max(1, minutes)))
+
+
 def clean_details(details: Dict[str, Any]) -> Dict[str, str]:
     """statusDetails AWS accepts: keys [a-zA-Z0-9:_-]+, values 1..1024 chars, no control chars."""
     out = {}
@@ -4763,6 +4998,21 @@ def clean_details(details: Dict[str, Any]) -> Dict[str, str]:
         if text:
             out[key] = text
     return out
+
+
+def log_job_end(record: dict, result: str, reason: Optional[str], message: str, rolled_back: Optional[str]) -> None:
+    """The one line of a job's end: its id, software, versions, result (and reason, rollback and
+    message), and how long it took. INFO for SUCCEEDED, ERROR otherwise; logged whatever the level."""
+    took = max(0.0, time.time() - float(record.get("startedAt") or time.time()))
+    what = f"{record.get('component') or 'software'} {record.get('fromVersion') or '?'} -> " \
+           f"{record.get('toVersion') or '?'}"
+    if result == "SUCCEEDED":
+        log_event("job %s: SUCCEEDED (%s, %.0f s)", record["jobId"], what, took)
+        return
+    rolled = {"true": ", rolled back", "false": ", nothing rolled back"}.get(rolled_back or "", "")
+    log.error("job %s: %s %s (%s%s, %.0f s): %s", record["jobId"], result, reason, what, rolled, took, message)
+    if log.getEffectiveLevel() > logging.ERROR:
+        log_event("job %s: %s %s (%s%s, %.0f s): %s", record["jobId"], result, reason, what, rolled, took, message)
 
 
 class Cloud:
@@ -4791,6 +5041,8 @@ class Cloud:
         self.current: Optional[str] = None
         self.current_canceled = threading.Event()
         self.unsaved: Dict[str, dict] = {}  # statuses the disk could not take
+        self.on_listed: Optional[Callable[[set], None]] = None  # given the job ids pending, at each listing
+        self.postponed_until: Optional[float] = None  # wall time when a postponed job is due
 
     # ---- the connection -------------------------------------------------------------------------
     def connect(self) -> None:
@@ -4855,12 +5107,14 @@ class Cloud:
                 kind, _ = self.events.get(timeout=max(0.1, next_wake - time.monotonic()))
             except queue.Empty:
                 kind = "resync" if sync_due or not self.undelivered() else "deliver"
+            if kind == "check":
+                backoff_until, sync_due = 0.0, False  # an operator's check cuts any backoff short
             if kind == "notify" and time.monotonic() < backoff_until:
                 sync_due = True  # the backoff holds for every request, whatever wakes the loop
                 continue
             try:
                 self.handle_event(kind, process)
-                if kind in ("connected", "notify", "resync", "deliver"):
+                if kind in ("connected", "notify", "resync", "deliver", "check"):
                     if self.undelivered():
                         next_wake = max(time.monotonic() + wait_again, self.deliver_after)
                         wait_again = min(wait_again * 2, RETRY_MAX_SECONDS)
@@ -4868,6 +5122,9 @@ class Cloud:
                         next_wake = time.monotonic() + self.resync_interval()
                         wait_again = RETRY_FIRST_SECONDS
                 backoff_until, sync_due = 0.0, False  # a success ends the backoff (a due sync ran: connected, resync)
+                if self.postponed_until is not None:  # a postponed job is due then: a sync at that time
+                    sync_due = True
+                    next_wake = min(next_wake, time.monotonic() + max(0.1, self.postponed_until - time.time()))
             except AgentStopping:
                 break
             except Exception as err:  # transient: a request or its reply was lost; else a bug
@@ -4879,8 +5136,15 @@ class Cloud:
                 wait_again = min(wait_again * 2, RETRY_MAX_SECONDS)
                 backoff_until = next_wake
 
+    def check_now(self) -> None:
+        """An operator asks (SIGUSR1, `ggc-ota --check-now`): list the jobs now, whatever backoff
+        runs; connect now if the link is down."""
+        self.events.put(("check", None))
+
     def handle_event(self, kind: str, process: Callable[[dict], None]) -> None:
-        if kind == "connected":
+        if kind == "check":
+            self.check_on_demand(process)
+        elif kind == "connected":
             self.on_connected(process)
         elif kind == "notify" and self.nothing_new(self.notified_jobs):
             self.notified.clear()
@@ -4891,6 +5155,23 @@ class Cloud:
             self.sync(process)
         elif kind == "deliver":
             self.flush_outbox()
+
+    def check_on_demand(self, process: Callable[[dict], None]) -> None:
+        """What an operator's check does, said in the log."""
+        if self.mqtt is None or not self.mqtt.connected:
+            error = getattr(self.mqtt, "last_error", None)
+            log.warning("check on demand: not connected%s; connecting now", f" ({error})" if error else "")
+            if self.mqtt is not None:
+                self.mqtt.retry_now()
+            return
+        log.info("check on demand: delivering waiting statuses and listing the jobs now")
+        self.deliver_after = 0.0
+        if not self.subscribed:
+            self.on_connected(process)
+        else:
+            self.flush_outbox()
+            self.sync(process)
+        log.info("check on demand: done")
 
     def resync_interval(self) -> float:
         """About RESYNC_SECONDS, spread (+-25%) so that a fleet that connected together does not
@@ -4916,11 +5197,15 @@ class Cloud:
         self.sync(process)
 
     # ---- statuses: the outbox -------------------------------------------------------------------
-    def report(self, job_id: str, status: str, details: Dict[str, Any]) -> None:
+    def report(self, job_id: str, status: str, details: Dict[str, Any], remaining_bytes: int = 0) -> None:
         """Queue the status on disk and try to send it; an update never waits on the cloud. When
-        the disk cannot take it (full), the status is kept in memory and sent all the same."""
-        entry = {"jobId": job_id, "status": status, "statusDetails": clean_details(details), "at": time.time()}
+        the disk cannot take it (full), the status is kept in memory and sent all the same. An
+        IN_PROGRESS status carries the step timer of its phase (`remaining_bytes`: of a download)."""
+        entry: Dict[str, Any] = {"jobId": job_id, "status": status, "statusDetails": clean_details(details),
+                                 "at": time.time()}
         if status == "IN_PROGRESS":
+            entry["stepTimeoutInMinutes"] = step_timer_minutes(self.cfg.ota, str(details.get("phase")),
+                                                               remaining_bytes)
             self.note_in_flight(job_id, entry["statusDetails"])
         try:
             self.state.queue_status(entry)
@@ -4934,22 +5219,18 @@ class Cloud:
             pass  # kept; the main loop retries
 
     def finish(self, record: dict, result: str, reason: Optional[str], message: str = "",
-               rolled_back: Optional[str] = None, version: Optional[str] = None) -> None:
-        """A job ends: its status (with reason, message, rolledBack or version) and its record in
-        the history."""
+               rolled_back: Optional[str] = None, version: Optional[str] = None,
+               extra: Optional[Dict[str, Any]] = None) -> None:
+        """A job ends: its status (with reason, message, rolledBack or version, and `extra`
+        details) and its record in the history."""
         details: Dict[str, Any] = {"reason": reason, "message": message, "rolledBack": rolled_back,
-                                   "version": version}
+                                   "version": version, **(extra or {})}
         self.report(record["jobId"], result, details)
         record.update(result=result, reason=reason, finishedAt=int(time.time()))
         if message:
             record["message"] = redact(message)[:1024]
         self.state.add_history(record)
-        if result == "SUCCEEDED":
-            log_event("job %s: %s", record["jobId"], result)
-        else:
-            log.error("job %s: %s (%s: %s)", record["jobId"], result, reason, message)
-            if log.getEffectiveLevel() > logging.ERROR:
-                log_event("job %s: %s (%s: %s)", record["jobId"], result, reason, message)
+        log_job_end(record, result, reason, message, rolled_back)
 
     def note_in_flight(self, job_id: str, details: Dict[str, str]) -> None:
         """<stateDir>/current.json: the job in flight and its latest phase, for --status (not
@@ -4973,7 +5254,10 @@ class Cloud:
             return
         for entry in self.state.pending_statuses() + list(self.unsaved.values()):
             try:
-                self.jobs.update(entry["jobId"], entry["status"], entry.get("statusDetails") or None)
+                step = entry.get("stepTimeoutInMinutes")
+                self.jobs.update(entry["jobId"], entry["status"], entry.get("statusDetails") or None,
+                                 step_timeout_minutes=step if isinstance(step, int) and not isinstance(step, bool)
+                                 else None)
             except JobsRejected as err:
                 if err.code in UNDELIVERABLE:
                     log.warning("status %s of job %s can never be delivered (%s); dropping it",
@@ -5005,6 +5289,8 @@ class Cloud:
         assert self.jobs is not None and self.mqtt is not None
         while not self.stopping.is_set() and self.mqtt.connected:
             in_progress, queued = self.jobs.list_pending()
+            if self.on_listed is not None:
+                self.on_listed({summary["jobId"] for summary in in_progress + queued})
             execution = self.next_job(in_progress + queued)
             if execution is None:
                 return
@@ -5014,10 +5300,17 @@ class Cloud:
     def next_job(self, summaries: List[dict]) -> Optional[dict]:
         assert self.jobs is not None
         skipped: List[str] = []
+        self.postponed_until = None
         for summary in summaries:
             key = (summary["jobId"], summary.get("executionNumber", 1))
             if key in self.not_ours or self.state.handled(*key):
                 continue
+            waits = self.state.postponement(key[0])
+            if waits is not None and waits.get("executionNumber") == key[1] and waits["retryAt"] > time.time():
+                self.postponed_until = float(waits["retryAt"])  # the loop wakes then; nothing overtakes it
+                log.debug("job %s is postponed until %s", key[0], time.strftime("%H:%M:%SZ", time.gmtime(
+                    self.postponed_until)))
+                return None
             try:
                 execution = self.jobs.describe(summary["jobId"])
             except JobsRejected as err:
@@ -5094,6 +5387,7 @@ class Agent:
         self.engine = Engine(cfg, self.state, self.cloud.report, self.cloud.finish, self.trial_run.run,
                              self.restart_as)
         self.active_download: Optional[Download] = None
+        self.cloud.on_listed = self.forget_ended_downloads
         self.trial: Optional[Journal] = None           # this process is a new agent on trial (its journal)
         self.in_place_trial: Optional[Journal] = None  # the same, exec'd in place by an agent of format 1
 
@@ -5130,6 +5424,10 @@ class Agent:
         log.info("ggc-ota stopping")
         self.cloud.disconnect()
         return EXIT_OK
+
+    def check_now(self) -> None:
+        """SIGUSR1: list the jobs now (Cloud.check_now)."""
+        self.cloud.check_now()
 
     def stop(self) -> None:
         """SIGTERM: stop soon. A download stops at once (its partial file is kept for the resume);
@@ -5170,6 +5468,19 @@ class Agent:
             job_id = name.split(".", 1)[0]
             if job_id in ended:
                 log.info("removing the download of job %s, which has ended", job_id)
+                os.unlink(os.path.join(self.state.downloads, name))
+
+    def forget_ended_downloads(self, pending: set) -> None:
+        """A download (whole or partial) of a job the cloud no longer lists as pending goes: the
+        job ended there (TIMED_OUT by its step timer while this agent was away, canceled,
+        removed). A retried execution of it is pending again, and keeps its download."""
+        if self.state.has_journal():
+            return  # the update in flight keeps its files until it ends
+        for name in os.listdir(self.state.downloads):
+            job_id = name.split(".", 1)[0]
+            if valid_job_id(job_id) and job_id not in pending:
+                log.info("job %s is no longer pending in the cloud (timed out, canceled or removed): removing its "
+                         "download", job_id)
                 os.unlink(os.path.join(self.state.downloads, name))
 
     def recover_in_place_trial(self, journal: Journal) -> None:
@@ -5214,6 +5525,7 @@ class Agent:
         cloud.current = job_id
         cloud.current_canceled.clear()
         log_event("job %s: starting", job_id)
+        postponed = False
         try:
             doc = parse_document(execution.get("jobDocument"))
             record.update(component=doc.software, toVersion=doc.version, fromVersion=self.installed(doc.software))
@@ -5222,15 +5534,39 @@ class Agent:
             self.engine.begin(job_id, number, doc, stage, record, journal_format)
             if doc.software == "ota_agent":
                 cloud.reconnect_if_left()  # the trial failed: this agent goes on
+        except Postponed as err:
+            postponed = self.postpone(record, doc, err)
         except (Exception, AgentStopping) as err:
             self.end_before_journal(job_id, record, err)
         finally:
             cloud.current = None
             set_log_level(self.base_level)
-            if os.path.lexists(self.state.current_path):
+            if os.path.lexists(self.state.current_path) and not postponed:
                 os.unlink(self.state.current_path)
-        if not self.state.has_journal():
+        if not self.state.has_journal() and not postponed:
             remove_job_files(self.state, job_id)
+
+    def postpone(self, record: dict, doc: UpdateDocument, err: Postponed) -> bool:
+        """A pre-update script said not now: nothing was changed (the engine withdrew the journal
+        and the staging); the download and the count are kept, IN_PROGRESS `postponed` reported,
+        and the job taken again after postponeSeconds. Past postponeLimit: FAILED
+        POSTPONED_TOO_LONG. Returns whether the job waits (False: it ended)."""
+        job_id, number = record["jobId"], record["executionNumber"]
+        earlier = self.state.postponement(job_id)
+        count = (earlier["count"] if earlier and earlier.get("executionNumber") == number else 0) + 1
+        limit = self.cfg.ota["postponeLimit"]
+        if count > limit:
+            remove_job_files(self.state, job_id)
+            self.cloud.finish(record, "FAILED", "POSTPONED_TOO_LONG", f"{err}, {count} times in a row (postponeLimit "
+                              f"{limit})", rolled_back=rolled_back_value("POSTPONED_TOO_LONG", touched=False))
+            return False
+        retry_at = time.time() + float(self.cfg.ota["postponeSeconds"])
+        self.state.postpone(job_id, number, count, retry_at)
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(retry_at))
+        log_event("job %s: postponed: %s (%d of at most %d); trying again at %s", job_id, err, count, limit, when)
+        self.cloud.report(job_id, "IN_PROGRESS", {"phase": "postponed", "postponements": count, "retryAt": when,
+                                                  "version": doc.version})
+        return True
 
     def end_before_journal(self, job_id: str, record: dict, err: BaseException) -> None:
         """A job failed before its journal was written (nothing in the root changed): end it as
@@ -5251,11 +5587,9 @@ class Agent:
             self.state.add_history(record)
             return
         if code == "INTERNAL_ERROR" and not isinstance(err, (OtaError, OSError)):
-            log.error("job %s failed on an unexpected error", job_id, exc_info=err)
+            log.error("job %s failed on an unexpected error", job_id, exc_info=err)  # the traceback, once
             message = f"{type(err).__name__}: {err}"
-        else:
-            log.error("job %s %s: %s", job_id, "rejected" if reason.status == "REJECTED" else
-                      "failed before anything was changed", err)
+        else:  # said once, by the job's end line
             message = str(err) if code != "JOBS_REJECTED" else f"the cloud refused a request: {err}"
         if not self.state.has_journal():
             remove_job_files(self.state, job_id)  # first: on a full disk this frees the room to report
@@ -5287,8 +5621,10 @@ class Agent:
         return stage, try_new_tree(self.cfg, doc, os.path.join(stage, "new"))
 
     def phase(self, job_id: str, name: str, doc: UpdateDocument, **details: Any) -> None:
-        """A phase before the journal: reported, then its crash point."""
-        self.cloud.report(job_id, "IN_PROGRESS", {"phase": name, **details, "version": doc.version})
+        """A phase before the journal: reported (its step timer sized to the artifact), then its
+        crash point."""
+        self.cloud.report(job_id, "IN_PROGRESS", {"phase": name, **details, "version": doc.version},
+                          remaining_bytes=doc.size)
         crash_point(name)
 
     def installed(self, software: str) -> Optional[str]:
@@ -5301,11 +5637,17 @@ class Agent:
             crash_point("download")
             return dest
 
+        quarters = [-1]  # the last quarter logged at INFO
+
         def progress(done: int, total: int) -> None:
             percent = done * 100 // total
-            log.info("job %s: downloaded %d of %d bytes (%d%%)", job_id, done, total, percent)
+            quarter = percent // 25
+            level = logging.INFO if quarter != quarters[0] else logging.DEBUG  # INFO every 25%: logd's ring is small
+            quarters[0] = quarter
+            log.log(level, "job %s: downloaded %d of %d bytes (%d%%)", job_id, done, total, percent)
             self.cloud.report(job_id, "IN_PROGRESS", {"phase": "download", "progress": f"{percent}%",
-                                                      "bytes": f"{done}/{total}", "version": doc.version})
+                                                      "bytes": f"{done}/{total}", "version": doc.version},
+                              remaining_bytes=total - done)
 
         def should_stop() -> bool:
             if self.cloud.stopping.is_set():
@@ -5347,7 +5689,8 @@ class Agent:
             cloud.jobs.subscribe()
             self.engine.hooks.run("ota_agent", "post", journal)
             cloud.jobs.update(journal.job_id, "IN_PROGRESS",
-                              clean_details({"phase": "new_agent_verified", "version": journal.to_version}))
+                              clean_details({"phase": "new_agent_verified", "version": journal.to_version}),
+                              step_timeout_minutes=step_timer_minutes(self.cfg.ota, "new_agent_verified"))
         except (JobsRejected, MqttError) as err:
             return self.trial_failed(report, "NEW_AGENT_NO_REPORT", f"the new agent could not report: {err}")
         except OtaError as err:
@@ -5421,7 +5764,8 @@ def preflight(root: str, config_path: Optional[str]) -> List[Check]:
     checks.append(Check("config", not cfg.unknown_keys,
                         f"{cfg.path}: thing {cfg.thing_name}, {cfg.iot_host}:{cfg.port}{alpn}, "
                         f"keepalive {cfg.keepalive} s"
-                        + (f"; unknown otaAgent keys: {', '.join(cfg.unknown_keys)}" if cfg.unknown_keys else "")))
+                        + (f"; unknown otaAgent keys: {', '.join(describe_unknown_key(k) for k in cfg.unknown_keys)}"
+                           if cfg.unknown_keys else "")))
     if cfg.proxy is not None:
         checks.append(check_proxy(cfg))
     try:
@@ -5439,6 +5783,7 @@ def preflight(root: str, config_path: Optional[str]) -> List[Check]:
     else:
         ok = os.access(os.path.join(cfg.root, "ggc/core/greengrassd"), os.X_OK)
         checks.append(Check("greengrassd", ok, "managedRespawn is false: the agent runs ggc/core/greengrassd"))
+    checks.append(check_health_setup(cfg))
     try:
         check_free_space([(cfg.root, 0)], cfg.ota["minFreeBytes"])
         checks.append(Check("disk", True, f"at least {cfg.ota['minFreeBytes'] // 2**20} MiB free"))
@@ -5454,6 +5799,23 @@ def preflight(root: str, config_path: Optional[str]) -> List[Check]:
     checks.append(Check("agent", True, "none runs on this root" if holder is None else
                         f"one runs on this root (pid {holder}): it takes the jobs; this check changes nothing"))
     return checks
+
+
+def check_health_setup(cfg: Config) -> Check:
+    """How a core update would be checked before its commit (information: a skipped check is
+    allowed, and said)."""
+    pid_file = cfg.ota["corePidFile"]
+    kind, what = health_check_kind(cfg, "core", pid_file if os.path.exists(pid_file) else None)
+    if kind == "script":
+        try:
+            check_script(what)
+        except ScriptInvalid as err:
+            return Check("health check", False, str(err))
+        return Check("health check", True, f"{what} must exit 0 within {cfg.ota['healthCheckTimeout']} s")
+    if kind == "pid":
+        return Check("health check", True, f"the core daemon of {what} must live {cfg.ota['healthCheckSeconds']} s "
+                                           "after the post-update script")
+    return Check("health check", True, f"skipped: {what}")
 
 
 def check_proxy(cfg: Config) -> Check:
@@ -5501,7 +5863,9 @@ def rehearse(root: str, config_path: Optional[str], document_path: str, artifact
             artifact_download(cfg, doc, local).run()
         digest, size = sha256_of_file(local)
         ok = size == doc.size and digest.hexdigest() == doc.sha256
-        checks.append(Check("artifact", ok, f"{size} bytes, sha256 {digest.hexdigest()}"))
+        cap = cfg.ota["maxDownloadBytesPerSecond"]
+        how = f"; downloaded at most {cap} bytes/s" if artifact is None and cap else ""
+        checks.append(Check("artifact", ok, f"{size} bytes, sha256 {digest.hexdigest()}{how}"))
         if not ok:
             return checks
         new = unpack_update(cfg, doc, local, scratch, state)
@@ -5531,11 +5895,27 @@ def status_report(root: str, config_path: Optional[str]) -> dict:
     flight = journal and {k: journal.get(k) for k in ("jobId", "software", "fromVersion", "toVersion", "step")}
     if isinstance(current, dict):
         flight = {**current, **(flight or {})}
+    holder = state.lock_holder()
     return {"root": cfg.root, "thing": cfg.thing_name, "coreVersion": installed_core_version(cfg.root),
-            "agentVersion": __version__, "agentRunning": state.lock_holder(),
-            "updateInFlight": flight or None,
+            "agentVersion": (state.lock_holder_version() or __version__) if holder else __version__,
+            "agentRunning": int(holder) if holder and holder.isdigit() else None,
+            "statusVersion": __version__,
+            "maxDownloadBytesPerSecond": cfg.ota["maxDownloadBytesPerSecond"],
+            "updateInFlight": typed_flight(flight) if flight else None,
             "pendingStatuses": len(state.pending_statuses()) if os.path.isdir(state.outbox) else 0,
             "history": state.history()}
+
+
+def typed_flight(flight: dict) -> dict:
+    """The update in flight with numbers as numbers: `progress` a percent, `bytes` split into
+    `bytesDone` and `bytesTotal` (the statuses carry them as text, as statusDetails must)."""
+    out = dict(flight)
+    progress = str(out.get("progress") or "").rstrip("%")
+    out["progress"] = int(progress) if progress.isdigit() else None
+    done, _, total = str(out.pop("bytes", "") or "").partition("/")
+    out["bytesDone"] = int(done) if done.isdigit() else None
+    out["bytesTotal"] = int(total) if total.isdigit() else None
+    return out
 
 
 # ============================================================================================
@@ -5565,6 +5945,7 @@ OPTIONS: List[Tuple[str, Optional[str], Optional[str]]] = [
     ("--artifact", "FILE", "with --job-document: a local artifact instead of the URL"),
     ("--status", None, "installed versions, update in flight, history"),
     ("--json", None, "machine-readable output for --dry-run and --status"),
+    ("--check-now", None, "make the running agent list its jobs now (after fixing a policy, say)"),
     ("--version", None, "print the version"),
     ("--check-config", None, None),
     (DAEMON_CHILD_FLAG, None, None),
@@ -5605,7 +5986,8 @@ def parse_args(argv: List[str]) -> Any:
         args.log_level = "WARN"
     if args.log_level not in LOG_LEVELS:
         raise UsageError(f"--log-level must be one of {', '.join(LOG_LEVELS)} (any case), not {args.log_level!r}")
-    modes = [name for name in ("--dry-run", "--status", "--version", "--check-config", JOURNAL_FORMAT_FLAG)
+    modes = [name for name in ("--dry-run", "--status", "--version", "--check-config", "--check-now",
+                               JOURNAL_FORMAT_FLAG)
              if getattr(args, name[2:].replace("-", "_"))]
     if len(modes) > 1:
         raise UsageError(f"{' and '.join(modes)} cannot be used together")
@@ -5639,7 +6021,9 @@ def print_status(report: dict, as_json: bool) -> None:
         return
     print(f"root: {report['root']} (thing {report['thing']})")
     print(f"core: {report['coreVersion'] or 'not installed'}; agent: {report['agentVersion']}"
-          f" ({'running, pid ' + report['agentRunning'] if report['agentRunning'] else 'not running'})")
+          f" ({'running, pid ' + str(report['agentRunning']) if report['agentRunning'] else 'not running'})")
+    if report.get("maxDownloadBytesPerSecond"):
+        print(f"downloads capped at {report['maxDownloadBytesPerSecond']} bytes/s (otaAgent.maxDownloadBytesPerSecond)")
     flight = report["updateInFlight"]
     print("update in flight: " + (one_log_line(describe_flight(flight)) if flight else "none"))
     print(f"history ({len(report['history'])}):")
@@ -5658,11 +6042,25 @@ def describe_flight(flight: dict) -> str:
         parts.append(f"{flight['software']} {flight.get('fromVersion')} -> {flight.get('toVersion')}, "
                      f"step {flight.get('step')}")
     elif flight.get("phase"):
-        parts.append(f"{flight['phase']}" + (f" {flight['progress']} ({flight['bytes']} bytes)"
-                                             if flight.get("progress") else ""))
+        parts.append(f"{flight['phase']}" + (f" {flight['progress']}% ({flight['bytesDone']}/{flight['bytesTotal']} "
+                                             "bytes)" if flight.get("progress") is not None else ""))
     if flight.get("since"):
         parts.append("since " + time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(flight["since"])))
     return ": ".join(parts[:2]) + (", " + parts[2] if len(parts) > 2 else "")
+
+
+def ask_for_a_check(root: str, config_path: Optional[str]) -> int:
+    """--check-now: SIGUSR1 to the agent process that holds this root's lock (never to a
+    launcher of the binary, which would die of it)."""
+    cfg = load_config(root, config_path)
+    holder = State(cfg.ota["stateDir"]).lock_holder()
+    if holder is None or not holder.isdigit():
+        print(f"ggc-ota: no agent runs on {cfg.root}" + (f" (the lock names {holder!r:.20})" if holder else ""),
+              file=sys.stderr)
+        return EXIT_FAILED
+    os.kill(int(holder), signal.SIGUSR1)
+    print(f"asked the agent (pid {holder}) to list its jobs now; its log says what it found")
+    return EXIT_OK
 
 
 def daemonize(argv: List[str], pid_file: str) -> int:
@@ -5703,7 +6101,8 @@ def run_agent(args: Any, argv: List[str]) -> int:
 
 
 def handle_signals(agent: Agent) -> None:
-    """SIGTERM and SIGINT stop the agent; SIGHUP reopens the log file. A Python signal handler
+    """SIGTERM and SIGINT stop the agent; SIGHUP reopens the log file; SIGUSR1 makes it list its
+    jobs now (`ggc-ota --check-now` sends it to the agent process itself). A Python signal handler
     runs in the main thread between two bytecodes, perhaps while that thread holds a lock the
     handler would need (the MQTT client's, a queue's): so the handler only writes the signal's
     number into a pipe, and a thread of its own acts on it."""
@@ -5721,11 +6120,13 @@ def handle_signals(agent: Agent) -> None:
             for signum in os.read(read_end, 64):
                 if signum == signal.SIGHUP:
                     reopen_log_files()
+                elif signum == signal.SIGUSR1:
+                    agent.check_now()
                 else:
                     agent.stop()
 
     threading.Thread(target=act, name="signals", daemon=True).start()
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(signum, on_signal)
 
 
@@ -5901,6 +6302,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.status:
             print_status(status_report(root, args.config), args.json)
             return EXIT_OK
+        if args.check_now:
+            return ask_for_a_check(root, args.config)
         if args.dry_run:
             if args.artifact and not args.job_document:
                 print("ggc-ota: --artifact goes with --job-document", file=sys.stderr)

@@ -544,7 +544,7 @@ def update_seconds(log: Path, job: str) -> float:
     from datetime import datetime
 
     def at(line: str) -> float:
-        return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        return datetime.strptime(line[:29], "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()  # UTC, with its offset
     lines = log.read_text().splitlines()
     begin = next(at(line) for line in lines if f"job {job}: starting" in line)
     end = next(at(line) for line in lines if f"job {job}: SUCCEEDED" in line)

@@ -50,6 +50,14 @@ def cloud(tmp_path_factory) -> Cloud:
     c.stop()
 
 
+@pytest.fixture
+def fast_step_timers(cloud):
+    """Step timers (stepTimeoutInMinutes) in seconds, for this test: a minute lasts MINUTE."""
+    cloud.jobs.step_minute = MINUTE
+    yield
+    cloud.jobs.step_minute = 60.0
+
+
 @pytest.fixture(autouse=True)
 def stop_core_daemons(tmp_path):
     """The look-alike core daemon that the scripts start is stopped by its pid after each test."""

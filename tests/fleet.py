@@ -17,6 +17,7 @@ request with its time and the code it was answered with; the broker's sockets gi
 """
 from __future__ import annotations
 
+import calendar
 import collections
 import json
 import math
@@ -37,7 +38,7 @@ from tests.bench import REPO, ROLE, publish_core_release, vm_hwm_kib
 from tests.cloud.cloud import Cloud
 from tests.cloud.device import make_root
 
-LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{3})\+00:00 ")  # the agent logs in UTC
 TERMINAL = ("SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "TIMED_OUT", "REMOVED")
 
 # AWS IoT's default quotas, per account and Region (adjustable ones marked so). Connects: "AWS
@@ -63,7 +64,7 @@ def log_times(path: Path, text: str) -> list:
     for line in lines:
         m = LOG_LINE.match(line)
         if m and text in line:
-            out.append(time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000)
+            out.append(calendar.timegm(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S")) + int(m.group(2)) / 1000)
     return out
 
 

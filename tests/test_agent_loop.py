@@ -31,6 +31,8 @@ class FakeTransport:
         self.subscriptions: list = []
         self.requests: list = []
         self.breaks = lambda topic: None
+        self.retries_asked = 0
+        self.last_error = None
 
     def start(self) -> None:
         self.connected = True
@@ -44,6 +46,9 @@ class FakeTransport:
 
     def wait_connected(self, timeout: float) -> bool:
         return self.connected
+
+    def retry_now(self) -> None:
+        self.retries_asked += 1
 
     def subscribe(self, topic: str, qos: int = 1, timeout: float = 30.0) -> int:
         self.subscriptions.append(topic)
@@ -288,3 +293,56 @@ def test_the_resync_lists_the_jobs_again_without_a_notify(wiring, root, monkeypa
     finally:
         cloud.stop()
         thread.join(10)
+
+
+@pytest.fixture
+def long_backoff(monkeypatch):
+    monkeypatch.setattr(g, "RETRY_FIRST_SECONDS", 60.0)
+
+
+def test_a_check_on_demand_cuts_the_backoff_short(wiring, long_backoff, running):
+    """After a listing failed the loop waits (here 60 s); an operator's check lists at once, and,
+    with the link down, makes the client connect now."""
+    cloud, taken = running
+    until(lambda: cloud.subscribed)
+    failed = []
+
+    def breaks(topic: str):
+        if topic.endswith("/jobs/get") and not failed:
+            failed.append(topic)
+            return g.MqttNotConnected("the link dropped")
+        return None
+    wiring.live.breaks = breaks
+    cloud.events.put(("resync", None))
+    until(lambda: failed)
+    wiring.service.create_job("after-the-fix", [THING], GREENGRASS)
+    taken_at = time.monotonic()
+    cloud.check_now()
+    until(lambda: taken == ["after-the-fix"], timeout=20)
+    assert time.monotonic() - taken_at < 20  # the backoff would have waited 60 s
+    wiring.live.drop()
+    cloud.check_now()
+    until(lambda: wiring.live.retries_asked == 1)
+
+
+def test_step_timers_are_sized_to_their_phase(root):
+    cfg = g.load_config(str(root.root))
+    ota = {**cfg.ota, "slowLinkBytesPerSecond": 8192, "scriptTimeout": 300, "healthCheckTimeout": 60,
+           "healthCheckSeconds": 10, "newAgentTimeout": 120}
+    assert g.step_timer_minutes(ota, "download", 100 * 2**20) == 215  # 100 MiB at 8 KiB/s, and a minute
+    assert g.step_timer_minutes(ota, "pre_update") == 6 and g.step_timer_minutes(ota, "health_check") == 3
+    assert g.step_timer_minutes(ota, "new_agent_trial") == 10
+    assert g.step_timer_minutes(ota, "download", 10**12) == 10080  # AWS's most
+    assert g.step_timer_minutes({**ota, "scriptTimeout": 0}, "post_update") == 1
+
+
+def test_every_in_progress_update_carries_a_step_timer(agent_and_job):
+    agent, execution, dev, wiring = agent_and_job
+    agent.process(execution)
+    updates = [json.loads(r["payload"]) for r in wiring.service.requests if r["topic"].endswith("seam-job/update")]
+    in_progress = [u for u in updates if u["status"] == "IN_PROGRESS"]
+    phases = [u["statusDetails"]["phase"] for u in in_progress]
+    assert {"checking", "download", "unpack", "pre_update", "post_update", "health_check"} <= set(phases), phases
+    assert all(isinstance(u.get("stepTimeoutInMinutes"), int) and 1 <= u["stepTimeoutInMinutes"] <= 10080
+               for u in in_progress), in_progress
+    assert all("stepTimeoutInMinutes" not in u for u in updates if u["status"] != "IN_PROGRESS")

@@ -255,7 +255,7 @@ def test_cancel_queued_and_in_progress(cloud, make_device, thing):
     assert (outcome, reply["code"]) == ("rejected", "InvalidStateTransition")
 
 
-def test_step_timeout_times_out(cloud, device):
+def test_step_timeout_times_out(cloud, device, fast_step_timers):
     job_id = job_for(cloud, device.thing)
     device.request(f"{job_id}/update", {"status": "IN_PROGRESS", "stepTimeoutInMinutes": 1})
     deadline = time.monotonic() + 10
@@ -267,7 +267,7 @@ def test_step_timeout_times_out(cloud, device):
     assert (outcome, reply["code"]) == ("rejected", "InvalidStateTransition")
 
 
-def test_step_timeout_is_rearmed_by_each_update(cloud, device):
+def test_step_timeout_is_rearmed_by_each_update(cloud, device, fast_step_timers):
     job_id = job_for(cloud, device.thing)
     for _ in range(3):
         device.request(f"{job_id}/update", {"status": "IN_PROGRESS", "stepTimeoutInMinutes": 1})

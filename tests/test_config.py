@@ -60,6 +60,17 @@ def test_ota_agent_block(root):
     assert cfg.unknown_keys == ["bogus"] and any("bogus" in w for w in cfg.warnings)
 
 
+def test_a_typo_in_an_ota_agent_key_is_named_with_the_key_meant(root):
+    """`scriptTimout` is ignored at run time (a warning at start) and fails --dry-run; both name
+    the key that was probably meant."""
+    rewrite(root, lambda d: d.update(otaAgent={"scriptTimout": 60}))
+    cfg = g.load_config(str(root.root))
+    assert cfg.unknown_keys == ["scriptTimout"] and cfg.ota["scriptTimeout"] == 300
+    assert any("'scriptTimout' (did you mean scriptTimeout?)" in w for w in cfg.warnings), cfg.warnings
+    config_line = g.preflight(str(root.root), None)[0]
+    assert not config_line.ok and "did you mean scriptTimeout?" in config_line.message
+
+
 @pytest.mark.parametrize("change,words", [
     (lambda d: d.pop("coreThing"), "coreThing is missing"),
     (lambda d: d["coreThing"].update(thingArn="not-an-arn"), "not a thing ARN"),

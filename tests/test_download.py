@@ -290,3 +290,37 @@ def test_what_a_proxy_says_is_escaped_before_it_is_printed(cloud, tmp_path, caps
         assert "\x1b" not in out and "\x07" not in out and out.startswith("FAIL proxy: raw \\x1b[31mred\\x07")
     finally:
         hostile.close()
+
+
+def test_a_rate_cap_holds_the_average_and_a_resume_fetches_nothing_twice(cloud, tmp_path, artifact):
+    """otaAgent.maxDownloadBytesPerSecond: a token bucket (a burst of at most one second's worth)
+    holds the average rate at the cap, across a reset and its resume, which asks only for the
+    bytes it lacks. (A lower bound on the time: a slow machine only makes it longer.)"""
+    import time
+    key, data, stored = artifact
+    stored.faults.reset_after = 1_000_000
+    cap = 1024 * 1024
+    dl = make(cloud, tmp_path, key, data, max_rate=cap)
+    started = time.monotonic()
+    dl.run()
+    elapsed = time.monotonic() - started
+    assert (tmp_path / "out").read_bytes() == data
+    assert elapsed >= (SIZE - cap) / cap * 0.95, elapsed  # 3 MiB at 1 MiB/s, the first second's burst aside
+    ranges = [r for r, _ in stored.requests]  # the resume asks from what it has (what the reset let through)
+    assert ranges[0] is None and len(ranges) == 2 and ranges[1].startswith("bytes=") and \
+        int(ranges[1][6:].split("-")[0]) > 0, ranges
+
+
+def test_a_stop_under_a_rate_cap_is_prompt(cloud, tmp_path, artifact):
+    import threading
+    import time
+    key, data, stored = artifact
+    dl = make(cloud, tmp_path, key, data, max_rate=64 * 1024)
+    worker = threading.Thread(target=lambda: pytest.raises(g.OtaError, dl.run), daemon=True)
+    worker.start()
+    time.sleep(1.5)
+    started = time.monotonic()
+    dl.abort()
+    worker.join(10)
+    assert not worker.is_alive() and time.monotonic() - started < 2
+    assert 0 < os.path.getsize(tmp_path / "out.part") < SIZE  # kept for the resume

@@ -341,7 +341,9 @@ def test_logs_reach_syslog_with_real_priorities(cloud, tmp_path):
         info = [m for m in got if m.startswith("<30>ggc-ota[")]    # daemon.info
         errors = [m for m in got if m.startswith("<27>ggc-ota[")]  # daemon.err
         assert any("connected to" in m for m in info), got[:5]
-        assert any("rolling back" in m for m in errors), got
+        warnings = [m for m in got if m.startswith("<28>ggc-ota[")]  # daemon.warning
+        assert any("rolling back (HOOK_FAILED)" in m for m in warnings), got
+        assert any(": FAILED HOOK_FAILED (core 1.11.5 -> 1.11.6, rolled back, " in m for m in errors), got
         assert not any(m.split("]: ", 1)[1][:4].isdigit() for m in got)  # no second timestamp inside
     finally:
         device.stop()
@@ -373,7 +375,8 @@ def test_status_shows_the_job_in_flight_from_the_download_on(cloud, device):
     job = device.update_job()
     device.wait_log("downloaded", timeout=30)
     flight = device.status()["updateInFlight"]
-    assert flight["jobId"] == job and flight["phase"] == "download" and flight["progress"].endswith("%")
+    assert flight["jobId"] == job and flight["phase"] == "download" and isinstance(flight["progress"], int)
+    assert 0 <= flight["bytesDone"] <= flight["bytesTotal"] and "bytes" not in flight
     out = device.run("--root", str(device.root), "--status")
     assert f"job {job}: download" in out.stdout and "since" in out.stdout
     assert device.wait_status(job)["status"] == "SUCCEEDED"
@@ -409,3 +412,110 @@ def test_rehearsal_checks_the_device_as_the_update_does(device, tmp_path):
     out = device.run("--root", str(device.root), "--dry-run", "--job-document", str(tmp_path / "doc.json"),
                      "--artifact", str(art.path))
     assert out.returncode == 1 and "FAIL device: ota_post_update.sh is missing" in out.stdout, out.stdout
+
+
+@pytest.mark.frozen
+def test_check_now_makes_the_running_agent_list_its_jobs(cloud, device):
+    """`ggc-ota --check-now` (an operator who just fixed the IoT policy) signals the agent process
+    that holds the root's lock (SIGUSR1), which lists its jobs at once and says so."""
+    out = device.run("--root", str(device.root), "--check-now")
+    assert out.returncode == 1 and "no agent runs on" in out.stderr, out.stdout + out.stderr
+
+    def listings() -> int:
+        return sum(1 for r in cloud.jobs.requests if r["thing"] == device.thing and r["topic"].endswith("/jobs/get"))
+    device.start()
+    try:
+        deadline = time.monotonic() + 30
+        while listings() == 0:
+            assert time.monotonic() < deadline, device.log()[-2000:]
+            time.sleep(0.1)
+        before = listings()
+        out = device.run("--root", str(device.root), "--check-now")
+        assert out.returncode == 0 and "asked the agent (pid" in out.stdout, out.stdout + out.stderr
+        deadline = time.monotonic() + 20
+        while listings() == before or "check on demand: done" not in device.log():
+            assert time.monotonic() < deadline, device.log()[-2000:]
+            time.sleep(0.1)
+        assert device.proc.poll() is None  # the signal did not stop it (nor any launcher of the binary)
+        time.sleep(1)
+        assert device.proc.poll() is None
+    finally:
+        device.stop()
+
+
+@pytest.mark.frozen
+def test_a_download_rate_cap_shows_in_the_status_and_holds(cloud, tmp_path):
+    """otaAgent.maxDownloadBytesPerSecond: --status says so, and the update's download keeps to it."""
+    cap = 400_000
+    device = Device(cloud, tmp_path, ota={"maxDownloadBytesPerSecond": cap})
+    try:
+        art = device.release_core("1.11.6", payload_bytes=1_600_000)
+        out = device.run("--root", str(device.root), "--status")
+        assert f"downloads capped at {cap} bytes/s" in out.stdout, out.stdout
+        status = json.loads(device.run("--root", str(device.root), "--status", "--json").stdout)
+        assert status["maxDownloadBytesPerSecond"] == cap
+        device.start()
+        started = time.monotonic()
+        ex = device.wait_status(device.update_job())
+        assert ex["status"] == "SUCCEEDED", device.log()[-2000:]
+        assert time.monotonic() - started >= (art.size - cap) / cap * 0.9  # slower is fine; faster is not
+    finally:
+        device.stop()
+
+
+def test_status_json_has_types_and_the_running_agents_own_version(cloud, tmp_path):
+    """--status --json: the pid a number (null when none runs), the version of the agent that runs
+    (read from the lock it holds), beside the version of the ggc-ota that answers."""
+    import sys
+
+    import ggc_ota as g
+    from tests.agent_harness import agent_variant
+    from tests.conftest import REPO
+    device = Device(cloud, tmp_path, agent=agent_variant(tmp_path, "0.0.7"))
+    this = [sys.executable, str(REPO / "ggc_ota.py"), "--root", str(device.root), "--status", "--json"]
+    try:
+        idle = json.loads(subprocess.run(this, capture_output=True, text=True, check=True).stdout)
+        assert idle["agentRunning"] is None and idle["agentVersion"] == idle["statusVersion"] == g.__version__
+        device.start()
+        device.wait_log("connected to", timeout=30)
+        running = json.loads(subprocess.run(this, capture_output=True, text=True, check=True).stdout)
+        assert running["agentRunning"] == device.proc.pid and running["agentVersion"] == "0.0.7"
+        assert running["statusVersion"] == g.__version__ and running["pendingStatuses"] == 0
+    finally:
+        device.stop()
+
+
+def test_a_jobs_debug_level_shows_the_conversation_and_the_end_is_one_line(cloud, device):
+    """With updateAgentLogLevel DEBUG the job's log shows every Jobs request and reply, each HTTP
+    status of the download (never its query string), every progress report;
+    at INFO, progress every 25 %; the job's end is one line with versions and duration."""
+    art = device.release_core("1.11.6", payload_bytes=1_500_000)
+    device.stored(art).faults.throttle_bps = 600_000  # reports every 0.2 s: more than one per quarter
+    device.start()
+    job = device.update_job(level="DEBUG")
+    assert device.wait_status(job)["status"] == "SUCCEEDED"
+    device.wait_log(f"job {job}: SUCCEEDED (core 1.11.5 -> 1.11.6, ", timeout=10)
+    text = device.log()
+    for needed in (f"Jobs: -> $aws/things/{device.thing}/jobs/{job}/update status=IN_PROGRESS clientToken=",
+                   f"Jobs: <- $aws/things/{device.thing}/jobs/{job}/update/accepted clientToken=",
+                   "download: GET https://", "download: HTTP 200"):
+        assert needed in text, needed
+    assert "X-Amz-Signature" not in text and "X-Amz-Credential" not in text
+    debug_progress = [line for line in text.splitlines() if " DEBUG " in line and "downloaded" in line]
+    assert debug_progress
+    job2 = device.update_job(level="INFO")  # the same release again, at INFO
+    device.wait_status(job2)
+    device.wait_log(f"job {job2}: ", timeout=10)
+    later = device.log()[len(text):]
+    assert len([line for line in later.splitlines() if " INFO " in line and "downloaded" in line]) <= 5
+
+
+def test_a_failure_is_logged_once(cloud, device):
+    art = device.release_core("1.11.6")
+    device.stored(art).faults.corrupt_offset = 100  # HASH_MISMATCH
+    device.start()
+    job = device.update_job()
+    ex = device.wait_status(job)
+    assert ex["status"] == "FAILED" and details(ex)["reason"] == "HASH_MISMATCH"
+    device.wait_log(f"job {job}: FAILED HASH_MISMATCH (core 1.11.5 -> 1.11.6, nothing rolled back, ", timeout=10)
+    assert sum("the job document says" in line for line in device.log().splitlines()) == 1, device.log()[-3000:]

@@ -107,3 +107,36 @@ def test_throttled_and_failing_jobs_api_is_ridden_out(cloud, device):
     job = device.update_job()
     assert device.wait_status(job)["status"] == "SUCCEEDED"
     assert "RequestThrottled" in device.log() and "InternalError" in device.log()
+
+
+@pytest.mark.frozen
+def test_a_device_that_dies_mid_download_times_out_and_its_download_goes(cloud, tmp_path, fast_step_timers):
+    """Every IN_PROGRESS update carries a step timer sized to its phase: an agent killed in the
+    middle of a download, and left dead, leaves an execution that ends TIMED_OUT in the cloud
+    (here a step timer's minute lasts a second). Started again, the agent runs nothing for it and
+    removes its partial download."""
+    import os
+    import signal
+    device = Device(cloud, tmp_path, ota={"slowLinkBytesPerSecond": 100_000_000})  # timers of 2 minutes
+    try:
+        art = device.release_core("1.11.6", payload_bytes=3_000_000)
+        device.stored(art).faults.throttle_bps = 300_000
+        device.start()
+        job = device.update_job()
+        device.wait_log(f"job {job}: downloaded", timeout=30)
+        steps = [json.loads(r["payload"]).get("stepTimeoutInMinutes") for r in cloud.jobs.requests
+                 if r["thing"] == device.thing and r["topic"].endswith(f"{job}/update")]
+        assert steps and all(isinstance(m, int) and 1 <= m <= 10080 for m in steps), steps
+        os.killpg(device.proc.pid, signal.SIGKILL)
+        device.proc.wait(10)
+        device.proc = None  # dead, and left so
+        assert device.wait_status(job, timeout=30)["status"] == "TIMED_OUT"
+        assert list((device.root / "ota-state/downloads").iterdir())  # the partial download
+        device.start()
+        device.wait_log(f"job {job} is no longer pending in the cloud", timeout=30)
+        time.sleep(1)
+        assert not list((device.root / "ota-state/downloads").iterdir())
+        assert device.execution(job)["status"] == "TIMED_OUT" and device.dev.hook_calls() == []
+        assert device.status()["history"] == []
+    finally:
+        device.stop()

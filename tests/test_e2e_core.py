@@ -326,6 +326,10 @@ def test_health_check_before_commit(cloud, tmp_path, case):
         if case in ("daemon-lives", "script-passes"):
             assert ex["status"] == "SUCCEEDED", device.log()[-3000:]
             assert (device.dev.lab / "greengrassd.version").read_text().strip() == "1.11.6"
+            assert details(ex)["healthCheck"] == ("pid" if case == "daemon-lives" else "script")
+            out = device.run("--root", str(device.root), "--dry-run")
+            assert ("OK   health check: the core daemon of" if case == "daemon-lives" else
+                    "OK   health check: " + str(device.root / "usr/scripts/ggc_health_check.sh")) in out.stdout
             return
         assert ex["status"] == "FAILED", device.log()[-3000:]
         assert details(ex)["reason"] == "HEALTH_CHECK_FAILED" and details(ex)["rolledBack"] == "true"
@@ -345,8 +349,26 @@ def test_health_check_before_commit(cloud, tmp_path, case):
 def test_without_script_or_pid_file_the_health_check_is_skipped_with_a_warning(cloud, device):
     device.release_core("1.11.6")
     device.start()
-    assert device.wait_status(device.update_job())["status"] == "SUCCEEDED"
+    ex = device.wait_status(device.update_job())
+    assert ex["status"] == "SUCCEEDED" and details(ex)["healthCheck"] == "skipped"
     assert "no health check: neither" in device.log()
+    assert "OK   health check: skipped: neither" in device.run("--root", str(device.root), "--dry-run").stdout
+
+
+def test_scripts_know_whether_they_update_or_roll_back(cloud, device):
+    """GGC_OTA_ACTION says why a script runs, GGC_OTA_FROM_VERSION and GGC_OTA_TO_VERSION which
+    way it moves: a rollback's scripts move from the new version back to the old."""
+    device.dev.fail_script_with("ggc_post_update.sh", "1.11.6")  # the new core cannot start
+    device.release_core("1.11.6")
+    device.start()
+    ex = device.wait_status(device.update_job())
+    assert ex["status"] == "FAILED" and details(ex)["reason"] == "HOOK_FAILED", device.log()[-3000:]
+    calls = [(line.split()[0], line.split("action=")[1].split()[0], line.split("moving=")[1].strip())
+             for line in device.dev.hook_log().splitlines() if "action=" in line]  # the scripts, not greengrassd
+    assert calls == [("ggc_pre_update.sh", "update", "1.11.5->1.11.6"),
+                     ("ggc_post_update.sh", "update", "1.11.5->1.11.6"),
+                     ("ggc_pre_update.sh", "rollback", "1.11.6->1.11.5"),
+                     ("ggc_post_update.sh", "rollback", "1.11.6->1.11.5")], calls
 
 
 @pytest.mark.parametrize("name", ["ota_pre_update.sh", "ota_post_update.sh"])
@@ -418,5 +440,55 @@ def test_the_disk_filling_after_the_pre_update_script_still_rolls_back(cloud, tm
             assert time.monotonic() < deadline and device.proc.poll() is None, device.log()[-3000:]
             time.sleep(0.1)
         assert device.status()["updateInFlight"] is None
+    finally:
+        device.stop()
+
+
+@pytest.mark.frozen
+def test_a_pre_update_script_that_says_not_now_postpones_the_update(cloud, tmp_path):
+    """ggc_pre_update.sh exits 75 (EX_TEMPFAIL): nothing is touched, the job reports IN_PROGRESS
+    `postponed` (with when it tries again), keeps its download, and is tried again after
+    postponeSeconds, its script told GGC_OTA_ACTION=postponed-retry."""
+    device = Device(cloud, tmp_path, ota={"postponeSeconds": 2})
+    try:
+        art = device.release_core("1.11.6")
+        device.dev.fail_script("ggc_pre_update.sh", 75, once=True)
+        device.start()
+        job = device.update_job()
+        ex = device.wait_status(job)
+        assert ex["status"] == "SUCCEEDED", device.log()[-3000:]
+        phases = [h["statusDetails"] for h in device.history(job) if h["status"] == "IN_PROGRESS"]
+        postponed = [d for d in phases if d.get("phase") == "postponed"]
+        assert len(postponed) == 1 and postponed[0]["postponements"] == "1" and postponed[0]["retryAt"].endswith("Z")
+        actions = [line.split("action=")[1].split()[0] for line in device.dev.hook_log().splitlines()
+                   if line.startswith("ggc_pre_update.sh")]
+        assert actions == ["update", "postponed-retry"]
+        assert len([r for r in device.stored(art).requests if r[1] in (200, 206)]) == 1  # downloaded once
+        assert device.dev.core_version() == "1.11.6"
+        assert not list((device.root / "ota-state/postponed").glob("*"))
+    finally:
+        device.stop()
+
+
+def test_a_postponement_that_never_ends_fails_the_job_and_survives_a_restart(cloud, tmp_path):
+    """At most postponeLimit postponements, counted across a restart; then FAILED
+    POSTPONED_TOO_LONG, rolledBack "false", and nothing was ever touched."""
+    device = Device(cloud, tmp_path, ota={"postponeSeconds": 1, "postponeLimit": 2})
+    try:
+        before = device.dev.tree_digest("ggc")
+        device.release_core("1.11.6")
+        device.dev.fail_script("ggc_pre_update.sh", 75)
+        device.start()
+        job = device.update_job()
+        device.wait_log(f"job {job}: postponed", timeout=30)
+        device.stop()  # a restart while postponed keeps the count and the download
+        assert list((device.root / "ota-state/downloads").glob(f"{job}*"))
+        device.start()
+        ex = device.wait_status(job)
+        assert ex["status"] == "FAILED" and details(ex)["reason"] == "POSTPONED_TOO_LONG", device.log()[-3000:]
+        assert details(ex)["rolledBack"] == "false" and "3 times in a row" in details(ex)["message"]
+        assert device.dev.tree_digest("ggc") == before
+        assert set(device.dev.hook_calls()) == {"ggc_pre_update.sh"} and len(device.dev.hook_calls()) == 3
+        assert not list((device.root / "ota-state/downloads").iterdir())
     finally:
         device.stop()

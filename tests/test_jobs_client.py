@@ -144,3 +144,24 @@ def test_an_unreadable_reply_fails_its_request_at_once():
     with pytest.raises(g.JobsRejected) as err:
         client.describe("other")
     assert err.value.code == g.UNREADABLE_REPLY and time.monotonic() - started < 1
+
+
+def test_three_unanswered_requests_name_the_likely_causes_once(caplog):
+    """A thing name or IoT policy that does not match only ever shows as silence: after three
+    requests in a row without a reply, one WARNING names the likely causes and the values in use."""
+    import logging
+    import types
+
+    class Silent:
+        settings = types.SimpleNamespace(client_id="my-core-ota")
+
+        def publish(self, *args, **kwargs):
+            pass
+    caplog.set_level(logging.WARNING, logger="ggc-ota")
+    g.log.propagate = True
+    client = g.JobsClient(mqtt=Silent(), thing="my-core", timeout=0.05, retries=0)  # type: ignore[arg-type]
+    for _ in range(5):
+        with pytest.raises(g.MqttTimeout):
+            client.list_pending()
+    warned = [r.getMessage() for r in caplog.records if "requests in a row got no reply" in r.getMessage()]
+    assert len(warned) == 1 and "my-core" in warned[0] and "my-core-ota" in warned[0], warned

@@ -92,3 +92,23 @@ def test_a_traceback_is_one_line_escaped_redacted_and_capped(tmp_path):
 
 def test_c1_controls_and_unicode_line_breaks_are_escaped():
     assert g.one_log_line("a\x9b31mb\x85c\u2028d\x1be") == "a\\x9b31mb\\x85c\\u2028d\\x1be"
+
+
+def test_log_times_are_utc_with_their_offset(tmp_path):
+    """As --status prints them: a log line's time says it is UTC, whatever the device's zone."""
+    import os
+    import re
+    import time
+    os.environ["TZ"] = "America/New_York"
+    time.tzset()
+    try:
+        g.setup_logging(str(tmp_path / "a.log"), "INFO", to_stderr=False)
+        g.log.info("hello")
+        line = (tmp_path / "a.log").read_text().splitlines()[-1]
+        stamp = time.strftime("%Y-%m-%dT%H", time.gmtime())
+        assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00 INFO ", line), line
+        assert line.startswith(stamp) or line[:13] < stamp, (line, stamp)  # UTC, not New York
+    finally:
+        del os.environ["TZ"]
+        time.tzset()
+        g.setup_logging(None, "INFO", to_stderr=False)

@@ -778,3 +778,14 @@ def test_a_connect_reply_that_drips_through_a_proxy_is_a_timeout(cloud, thing, c
         assert "did not answer CONNECT" in str(c.last_error) and time.monotonic() - started < 6, c.last_error
     finally:
         drip.close()
+
+
+def test_debug_shows_each_subacks_result(cloud, thing, client_factory, caplog):
+    import logging
+    caplog.set_level(logging.DEBUG, logger="ggc-ota")
+    g.log.propagate = True
+    c = client_factory(settings_for(cloud, thing))
+    assert c.wait_connected(10), c.last_error
+    c.subscribe(f"$aws/things/{thing}/jobs/notify", 1)
+    assert any(f"MQTT: SUBACK $aws/things/{thing}/jobs/notify: granted QoS 1" in r.getMessage()
+               for r in caplog.records)

@@ -38,7 +38,8 @@ HOOK_SCRIPT = """#!/bin/sh
 name=$(basename "$0")
 {lab}mkdir -p "$lab"
 echo "$name job=${{GGC_OTA_JOB_ID:-}} component=${{GGC_OTA_COMPONENT:-}}" \
-  "from=${{GGC_OTA_OLD_VERSION:-}} to=${{GGC_OTA_NEW_VERSION:-}}" >> "$lab/hooks.log"
+  "from=${{GGC_OTA_OLD_VERSION:-}} to=${{GGC_OTA_NEW_VERSION:-}} action=${{GGC_OTA_ACTION:-}}" \
+  "moving=${{GGC_OTA_FROM_VERSION:-}}->${{GGC_OTA_TO_VERSION:-}}" >> "$lab/hooks.log"
 if [ -f "$lab/$name.hang" ]; then sleep "$(cat "$lab/$name.hang")"; fi
 if [ -f "$lab/$name.fail-once" ]; then
   code=$(cat "$lab/$name.fail-once"); rm -f "$lab/$name.fail-once"; exit "$code"

@@ -141,6 +141,9 @@ class JobsService:
         self._publish = publish
         self._presign = presign
         self.minute = minute
+        # a step timer's minute (stepTimeoutInMinutes): a real one unless a test asks for fast
+        # step timers (an agent sizes them for real links, scripts and health checks)
+        self.step_minute = 60.0
         self.jobs: dict[str, Job] = {}
         self.executions: dict[tuple[str, str], list[Execution]] = {}
         self.lock = threading.RLock()
@@ -503,7 +506,7 @@ class JobsService:
     def _arm_step_timeout(self, ex: Execution, minutes: Optional[float]) -> None:
         if minutes is None:
             return
-        ex.step_deadline = None if minutes == -1 else time.monotonic() + minutes * self.minute
+        ex.step_deadline = None if minutes == -1 else time.monotonic() + minutes * self.step_minute
 
     def _update_job_status(self, job_id: str) -> None:
         job = self.jobs[job_id]
