@@ -1351,18 +1351,49 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
+    check_credential_files(settings)
     try:
         ctx.load_verify_locations(cafile=settings.ca_path)
     except (OSError, ssl.SSLError) as err:
         raise CredentialsInvalid(f"cannot load the root CA {settings.ca_path}: {err}") from None
     try:
         ctx.load_cert_chain(settings.cert_path, settings.key_path)
-    except (OSError, ssl.SSLError) as err:
-        raise CredentialsInvalid(f"cannot load the certificate {settings.cert_path} with key {settings.key_path}: "
-                                 f"{err}") from None
+    except ssl.SSLError as err:
+        if "MISMATCH" in str(err).upper() or "NO_CERTIFICATE_ASSIGNED" in str(err).upper():
+            raise CredentialsInvalid(f"the private key {settings.key_path} does not belong to the certificate "
+                                     f"{settings.cert_path}: config.json must name the core's own pair") from None
+        raise CredentialsInvalid(f"cannot load the certificate {settings.cert_path} with the key "
+                                 f"{settings.key_path} ({err})") from None
+    except OSError as err:
+        raise CredentialsInvalid(f"cannot load the certificate {settings.cert_path} with the key "
+                                 f"{settings.key_path}: {err.strerror or err}") from None
     if settings.wants_alpn():
         ctx.set_alpn_protocols([ALPN_AWS_IOT])
     return ctx
+
+
+CREDENTIALS = (("ca_path", "root CA", b"-----BEGIN CERTIFICATE-----"),
+               ("cert_path", "certificate", b"-----BEGIN CERTIFICATE-----"),
+               ("key_path", "private key", b"PRIVATE KEY-----"))
+
+
+def check_credential_files(settings: MqttSettings) -> None:
+    """Each file config.json names for TLS exists, can be read, and holds what it should (a PEM
+    certificate, a PEM private key): CredentialsInvalid naming the file and what is wrong,
+    where the TLS library would only say "PEM lib"."""
+    for field, what, marker in CREDENTIALS:
+        path = getattr(settings, field)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(64 * 1024)
+        except FileNotFoundError:
+            raise CredentialsInvalid(f"the {what} file {path} does not exist (config.json names it)") from None
+        except OSError as err:
+            hint = " (run as root)" if isinstance(err, PermissionError) and os.geteuid() != 0 else ""
+            raise CredentialsInvalid(f"the {what} file {path} cannot be read: {err.strerror}{hint}") from None
+        if marker not in head:
+            raise CredentialsInvalid(f"the {what} file {path} holds no PEM {what} "
+                                     f"({marker.decode().strip('-')} not found)")
 
 
 def open_tls(settings: MqttSettings, ctx: ssl.SSLContext,
@@ -3103,6 +3134,9 @@ def check_script(path: str) -> None:
     except FileNotFoundError:
         raise ScriptInvalid(f"{name} is missing ({path})") from None
     except OSError as err:
+        if err.errno == errno.ELOOP and os.path.islink(path):
+            raise ScriptInvalid(f"{name} is a symbolic link ({path} -> {os.readlink(path)}): a script must be a "
+                                "regular file, which no link can change under the agent; copy it there") from None
         raise ScriptInvalid(f"{name} is not a regular file ({err.strerror})") from None
     try:
         st = os.fstat(fd)
@@ -3588,7 +3622,7 @@ class State:
             raise OtaError(f"not a job id: {job_id!r:.100}", "INVALID_JOB_ID")
         return os.path.join(directory, job_id + suffix)
 
-    def lock(self, wait: float = 0.0) -> None:
+    def lock(self, wait: float = 0.0, stopping: Optional[threading.Event] = None) -> None:
         """One agent per root: an exclusive lock held for the process's life. An agent handed
         over to (exec, a new daemon, a trial) adopts the descriptor it inherited. A lock held
         by another process is waited for up to `wait` seconds: an init system's restart, or a
@@ -3614,9 +3648,13 @@ class State:
                 os.close(fd)
                 raise AnotherAgent(f"another agent already runs on this root (pid {holder})")
             if not said:
-                log.info("waiting up to %.0f s for the agent that holds the lock (pid %s) to stop", wait, holder)
+                log.warning("waiting up to %.0f s for the agent that holds the lock (pid %s) to stop", wait, holder)
                 said = True
-            time.sleep(LOCK_POLL_SECONDS)
+            if stopping is not None and stopping.wait(LOCK_POLL_SECONDS):
+                os.close(fd)
+                raise AgentStopping()
+            if stopping is None:
+                time.sleep(LOCK_POLL_SECONDS)
         os.set_inheritable(fd, True)  # kept across the exec of a self-update
         self._lock_fd = fd
         self.mark_lock_holder()
@@ -4216,7 +4254,9 @@ def start_daemon(command: List[str], pid_file: str, lock_fd: Optional[int] = Non
             return child.pid
         if child.poll() is not None:
             err = (child.stderr.read() if child.stderr else b"").decode(errors="replace").strip().splitlines()
-            message = f"the daemon exited with {child.returncode}: {err[-1] if err else 'no message'}"
+            last = err[-1] if err else "no message"
+            last = last[len("ggc-ota: "):] if last.startswith("ggc-ota: ") else last  # one prefix is enough
+            message = f"the daemon exited with {child.returncode}: {last}"
             if child.returncode == EXIT_RUNNING:
                 raise AnotherAgent(message)
             raise OtaError(message, "NEW_AGENT_CRASHED")
@@ -5394,7 +5434,7 @@ class Agent:
     # ---- life cycle ----------------------------------------------------------------------------
     def start(self) -> None:
         self.state.ensure()
-        self.state.lock(wait=LOCK_WAIT_SECONDS)
+        self.state.lock(wait=LOCK_WAIT_SECONDS, stopping=self.cloud.stopping)
         for warning in self.cfg.warnings:
             log.warning("config: %s", warning)
         log.info("ggc-ota %s starting for %s (root %s, client id %s%s)", __version__, self.cfg.thing_name,
@@ -5421,9 +5461,21 @@ class Agent:
         except AgentReplaced as replaced:
             log.info("%s", replaced)
             return replaced.code
+        except AgentStopping:  # told to stop before it ran (waiting for the lock)
+            log.info("ggc-ota stopping before it started")
+            return EXIT_OK
         log.info("ggc-ota stopping")
         self.cloud.disconnect()
+        self.remove_pid_file()
         return EXIT_OK
+
+    def remove_pid_file(self) -> None:
+        """A clean stop leaves no PID file behind (a hand-over leaves its successor's)."""
+        if self.pid_file and os.path.lexists(self.pid_file):
+            try:
+                os.unlink(self.pid_file)
+            except OSError as err:
+                log.warning("could not remove the PID file %s: %s", self.pid_file, err)
 
     def check_now(self) -> None:
         """SIGUSR1: list the jobs now (Cloud.check_now)."""
@@ -5993,6 +6045,10 @@ def parse_args(argv: List[str]) -> Any:
         raise UsageError(f"{' and '.join(modes)} cannot be used together")
     if args.json and not (args.dry_run or args.status):
         raise UsageError("--json goes with --dry-run or --status")
+    running_only = [name for name in ("--foreground", "--pid-file", "--log-file")
+                    if getattr(args, name[2:].replace("-", "_"))]
+    if modes and running_only:
+        raise UsageError(f"{running_only[0]} goes with running the agent, not with {modes[0]}")
     return args
 
 

@@ -75,3 +75,14 @@ def test_the_journal_format_is_told_to_an_agent_that_asks(capsys):
     assert g.main([g.JOURNAL_FORMAT_FLAG]) == g.EXIT_OK
     assert capsys.readouterr().out.strip() == str(g.JOURNAL_FORMAT)
     assert g.main([g.JOURNAL_FORMAT_FLAG, "--version"]) == g.EXIT_USAGE
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dry-run", "--foreground"], "--foreground goes with running the agent, not with --dry-run"),
+    (["--status", "--log-file", "/tmp/x"], "--log-file goes with running the agent, not with --status"),
+    (["--check-now", "--pid-file", "/tmp/p"], "--pid-file goes with running the agent, not with --check-now"),
+])
+def test_options_of_a_running_agent_are_refused_with_a_mode(argv, message):
+    """Silently accepted, they suggested an effect they never had."""
+    with pytest.raises(g.UsageError, match=message):
+        g.parse_args(argv)

@@ -181,3 +181,29 @@ def test_a_percent_encoded_proxy_password_is_read():
     proxy = g.parse_proxy("http://user:S3cr%2Fet%23%40@proxy:3128", None, None, None, "test")
     assert (proxy.host, proxy.port, proxy.username, proxy.password) == ("proxy", 3128, "user", "S3cr/et#@")
     assert "S3cr" not in proxy.shown()
+
+
+@pytest.mark.parametrize("problem, words", [
+    ("missing-cert", "the certificate file {cert} does not exist"),
+    ("garbage-cert", "the certificate file {cert} holds no PEM certificate"),
+    ("garbage-key", "the private key file {key} holds no PEM private key"),
+    ("other-key", "the private key {key} does not belong to the certificate {cert}"),
+])
+def test_credentials_that_do_not_load_say_which_file_and_why(cloud, tmp_path, problem, words):
+    """Where the TLS library says "[SSL] PEM lib" or "no certificate assigned", the agent names the
+    file and what is wrong with it."""
+    settings = g.MqttSettings(host="localhost", port=8883, client_id="c", ca_path=str(cloud.pki.ca_path),
+                              cert_path=str(tmp_path / "c.pem"), key_path=str(tmp_path / "k.pem"))
+    mine, other = cloud.pki.client("cred-a"), cloud.pki.client("cred-b")
+    (tmp_path / "c.pem").write_bytes(mine.cert.read_bytes())
+    (tmp_path / "k.pem").write_bytes((other if problem == "other-key" else mine).key.read_bytes())
+    if problem == "missing-cert":
+        (tmp_path / "c.pem").unlink()
+    if problem == "garbage-cert":
+        (tmp_path / "c.pem").write_text("not a certificate\n")
+    if problem == "garbage-key":
+        (tmp_path / "k.pem").write_text("-----BEGIN NOTHING-----\n")
+    with pytest.raises(g.CredentialsInvalid) as err:
+        g.tls_context(settings)
+    assert words.format(cert=tmp_path / "c.pem", key=tmp_path / "k.pem") in str(err.value), str(err.value)
+    assert err.value.reason == "CONFIG_INVALID"

@@ -519,3 +519,42 @@ def test_a_failure_is_logged_once(cloud, device):
     assert ex["status"] == "FAILED" and details(ex)["reason"] == "HASH_MISMATCH"
     device.wait_log(f"job {job}: FAILED HASH_MISMATCH (core 1.11.5 -> 1.11.6, nothing rolled back, ", timeout=10)
     assert sum("the job document says" in line for line in device.log().splitlines()) == 1, device.log()[-3000:]
+
+
+@pytest.mark.frozen
+def test_a_start_into_a_held_lock_stops_at_sigterm_and_a_clean_stop_leaves_no_pid_file(device):
+    """A start that waits for the lock says so at once and stops at SIGTERM (it ignored it for 15
+    s); a daemon start into a held lock fails with one `ggc-ota:` prefix; a clean stop removes the
+    PID file it was started with."""
+    pid_file = device.tmp / "ggc-ota.pid"
+    out = device.run("--root", str(device.root), "--pid-file", str(pid_file), timeout=60)
+    assert out.returncode == 0, out.stderr
+    daemon = int(pid_file.read_text())
+    device.wait_log("connected to", timeout=20)
+    second = subprocess.Popen(device.command("--root", str(device.root), "--foreground"), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        device.wait_log("waiting up to 15 s for the agent that holds the lock", timeout=20)
+        started = time.monotonic()
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(10) == 0 and time.monotonic() - started < 5
+    finally:
+        if second.poll() is None:
+            os.killpg(second.pid, signal.SIGKILL)
+    other = device.run("--root", str(device.root), "--pid-file", str(device.tmp / "other.pid"), timeout=60)
+    assert other.returncode == 3 and other.stderr.count("ggc-ota:") == 1, other.stderr
+    os.kill(daemon, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while pid_file.exists():
+        assert time.monotonic() < deadline, "the PID file outlived a clean stop"
+        time.sleep(0.1)
+
+
+def test_a_symlinked_script_is_named_as_a_link(device):
+    script = device.root / "usr/scripts/ggc_post_update.sh"
+    real = device.root / "usr/scripts/real-post.sh"
+    os.rename(script, real)
+    os.symlink(real, script)
+    out = device.run("--root", str(device.root), "--dry-run")
+    assert out.returncode == 1 and "ggc_post_update.sh is a symbolic link" in out.stdout, out.stdout
+    assert "Too many levels" not in out.stdout
