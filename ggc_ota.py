@@ -4654,7 +4654,7 @@ class Engine:
         reason = journal.reason or "INTERNAL_ERROR"
         if not self.state.handled(journal.job_id, journal.execution_number):
             self.finish(self.record_of(journal), "FAILED", reason, journal.message,
-                        rolled_back=rolled_back_value(reason, touched=True))
+                        rolled_back=rolled_back_value(reason, touched=True), changed=True)
         self.clean_up(journal, keep_trees=reason == "ROLLBACK_FAILED")
 
     def clean_up(self, journal: Journal, keep_trees: bool) -> None:
@@ -5260,11 +5260,14 @@ class Cloud:
 
     def finish(self, record: dict, result: str, reason: Optional[str], message: str = "",
                rolled_back: Optional[str] = None, version: Optional[str] = None,
-               extra: Optional[Dict[str, Any]] = None) -> None:
+               extra: Optional[Dict[str, Any]] = None, changed: Optional[bool] = None) -> None:
         """A job ends: its status (with reason, message, rolledBack or version, and `extra`
-        details) and its record in the history."""
+        details) and its record in the history. `changed` (statusDetails.changed) tells a
+        rolledBack "false" that means "nothing was touched" (False) from one that means "the
+        rollback failed" (True)."""
         details: Dict[str, Any] = {"reason": reason, "message": message, "rolledBack": rolled_back,
-                                   "version": version, **(extra or {})}
+                                   "version": version, **(extra or {}),
+                                   "changed": None if changed is None else str(changed).lower()}
         self.report(record["jobId"], result, details)
         record.update(result=result, reason=reason, finishedAt=int(time.time()))
         if message:
@@ -5610,7 +5613,8 @@ class Agent:
         if count > limit:
             remove_job_files(self.state, job_id)
             self.cloud.finish(record, "FAILED", "POSTPONED_TOO_LONG", f"{err}, {count} times in a row (postponeLimit "
-                              f"{limit})", rolled_back=rolled_back_value("POSTPONED_TOO_LONG", touched=False))
+                              f"{limit})", rolled_back=rolled_back_value("POSTPONED_TOO_LONG", touched=False),
+                              changed=False)
             return False
         retry_at = time.time() + float(self.cfg.ota["postponeSeconds"])
         self.state.postpone(job_id, number, count, retry_at)
@@ -5646,7 +5650,7 @@ class Agent:
         if not self.state.has_journal():
             remove_job_files(self.state, job_id)  # first: on a full disk this frees the room to report
         self.cloud.finish(record, reason.status, code, message, rolled_back=None if reason.status == "REJECTED"
-                          else rolled_back_value(code, touched=False))
+                          else rolled_back_value(code, touched=False), changed=False)
 
     def prepare(self, job_id: str, doc: UpdateDocument) -> Tuple[str, int]:
         """Everything before anything is touched: the checks, the download, the unpack, the

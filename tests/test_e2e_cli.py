@@ -517,6 +517,7 @@ def test_a_failure_is_logged_once(cloud, device):
     job = device.update_job()
     ex = device.wait_status(job)
     assert ex["status"] == "FAILED" and details(ex)["reason"] == "HASH_MISMATCH"
+    assert details(ex)["rolledBack"] == "false" and details(ex)["changed"] == "false"  # nothing was touched
     device.wait_log(f"job {job}: FAILED HASH_MISMATCH (core 1.11.5 -> 1.11.6, nothing rolled back, ", timeout=10)
     assert sum("the job document says" in line for line in device.log().splitlines()) == 1, device.log()[-3000:]
 

@@ -106,7 +106,7 @@ def test_rollback_that_fails_is_reported_and_not_looped(cloud, device):
     device.start()
     ex = device.wait_status(device.update_job())
     assert ex["status"] == "FAILED" and details(ex)["reason"] == "ROLLBACK_FAILED"
-    assert details(ex)["rolledBack"] == "false"
+    assert details(ex)["rolledBack"] == "false" and details(ex)["changed"] == "true"  # not "nothing touched"
     assert device.dev.core_version() == "1.11.5"  # the old tree is back even so
     assert "ROLLBACK FAILED" in device.log()
     assert device.dev.hook_calls().count("ggc_post_update.sh") == 2
