@@ -5805,7 +5805,8 @@ class Agent:
 
 
 class Check(collections.namedtuple("Check", ["name", "ok", "message"])):
-    """One line of the dry-run: what was checked (str), whether it passed, and why."""
+    """One line of the dry-run: what was checked (str), whether it passed (None: it could not be
+    checked here, without root), and why."""
 
     __slots__ = ()
 
@@ -5828,14 +5829,19 @@ def preflight(root: str, config_path: Optional[str]) -> List[Check]:
         tls_context(mqtt_settings(cfg))
         checks.append(Check("credentials", True, "root CA, certificate and key load and match"))
     except MqttAuthError as err:
-        checks.append(Check("credentials", False, str(err)))
+        checks.append(Check("credentials", None if not_root_and_denied(str(err)) else False, str(err)))
     if cfg.managed_respawn:
         for name in ALL_SCRIPTS:
+            path = os.path.join(cfg.root, "usr", "scripts", name)
+            if os.geteuid() != 0 and not os.access(os.path.dirname(path), os.X_OK):
+                checks.append(Check(f"script {name}", None, f"{os.path.dirname(path)} cannot be searched here: "
+                                                            "needs root"))
+                continue
             try:
-                check_script(os.path.join(cfg.root, "usr", "scripts", name))
+                check_script(path)
                 checks.append(Check(f"script {name}", True, "present, root's, executable by root only"))
             except ScriptInvalid as err:
-                checks.append(Check(f"script {name}", False, str(err)))
+                checks.append(Check(f"script {name}", None if not_root_and_denied(str(err)) else False, str(err)))
     else:
         ok = os.access(os.path.join(cfg.root, "ggc/core/greengrassd"), os.X_OK)
         checks.append(Check("greengrassd", ok, "managedRespawn is false: the agent runs ggc/core/greengrassd"))
@@ -5847,14 +5853,26 @@ def preflight(root: str, config_path: Optional[str]) -> List[Check]:
         checks.append(Check("disk", False, str(err)))
     state_parent = cfg.ota["stateDir"] if os.path.exists(cfg.ota["stateDir"]) else os.path.dirname(cfg.ota["stateDir"])
     for path in (os.path.join(cfg.root, "ggc"), os.path.join(cfg.root, "ota"), state_parent):
-        checks.append(Check(f"writable {path}", os.access(path, os.W_OK), "the agent must be able to write here"))
+        writable = os.access(path, os.W_OK)
+        checks.append(Check(f"writable {path}", writable or (None if os.geteuid() != 0 else False),
+                            "the agent must be able to write here" + ("" if writable or os.geteuid() == 0 else
+                                                                      " (not this user: needs root)")))
     arch, os_name = detect_platform(cfg.ota)
     supported = any(arch == a and (os_name is None or os_name == o) for o, a in SUPPORTED_PLATFORMS)
     checks.append(Check("platform", supported, f"{os_name or 'unknown OS'}/{arch}"))
-    holder = State(cfg.ota["stateDir"]).lock_holder()
+    try:
+        holder = State(cfg.ota["stateDir"]).lock_holder()
+    except PermissionError:
+        checks.append(Check("agent", None, "the state directory cannot be read here: needs root"))
+        return checks
     checks.append(Check("agent", True, "none runs on this root" if holder is None else
                         f"one runs on this root (pid {holder}): it takes the jobs; this check changes nothing"))
     return checks
+
+
+def not_root_and_denied(message: str) -> bool:
+    """A check that failed only because this user may not read what it checks: SKIP, not FAIL."""
+    return os.geteuid() != 0 and ("Permission denied" in message or "cannot be read" in message)
 
 
 def check_health_setup(cfg: Config) -> Check:
@@ -5941,25 +5959,42 @@ def rehearse(root: str, config_path: Optional[str], document_path: str, artifact
 
 
 def status_report(root: str, config_path: Optional[str]) -> dict:
+    """What --status shows. Without root, what the state directory keeps from others (it is
+    root's alone) is null, and `unreadable` says so: the report itself never fails for it."""
     cfg = load_config(root, config_path)
     state = State(cfg.ota["stateDir"])
+    unreadable: List[str] = []
+    denied = os.path.isdir(state.dir) and not os.access(state.dir, os.R_OK | os.X_OK)
+
+    def read(what: str, get: Callable[[], Any], default: Any) -> Any:
+        try:
+            if denied:
+                raise PermissionError(state.dir)
+            return get()
+        except PermissionError:
+            unreadable.append(what)
+            return default
     try:
-        journal = state.journal()
+        journal = read("the update in flight", state.journal, None)
     except JournalCorrupt as err:
         journal = {"step": f"unknown: {err}"}
-    current = read_json(state.current_path) if os.path.exists(state.current_path) else None
+    current = read("the update in flight", lambda: read_json(state.current_path)
+                   if os.path.exists(state.current_path) else None, None)
     flight = journal and {k: journal.get(k) for k in ("jobId", "software", "fromVersion", "toVersion", "step")}
     if isinstance(current, dict):
         flight = {**current, **(flight or {})}
-    holder = state.lock_holder()
+    holder = read("whether an agent runs", state.lock_holder, None)
+    version = read("whether an agent runs", state.lock_holder_version, None) if holder else None
     return {"root": cfg.root, "thing": cfg.thing_name, "coreVersion": installed_core_version(cfg.root),
-            "agentVersion": (state.lock_holder_version() or __version__) if holder else __version__,
+            "agentVersion": version or __version__,
             "agentRunning": int(holder) if holder and holder.isdigit() else None,
             "statusVersion": __version__,
             "maxDownloadBytesPerSecond": cfg.ota["maxDownloadBytesPerSecond"],
             "updateInFlight": typed_flight(flight) if flight else None,
-            "pendingStatuses": len(state.pending_statuses()) if os.path.isdir(state.outbox) else 0,
-            "history": state.history()}
+            "pendingStatuses": read("the outbox", lambda: len(state.pending_statuses())
+                                    if os.path.isdir(state.outbox) else 0, None),
+            "history": read("the history", state.history, []),
+            "unreadable": sorted(set(unreadable))}
 
 
 def typed_flight(flight: dict) -> dict:
@@ -6066,13 +6101,20 @@ def cli_help() -> str:
 
 
 def print_checks(checks: List[Check], as_json: bool) -> int:
-    ok = all(c.ok for c in checks)
+    """One line per check, OK, FAIL or SKIP (could not be checked without root); exit 0 unless a
+    check failed."""
+    ok = all(c.ok is not False for c in checks)
     if as_json:
-        print(json.dumps({"ok": ok, "checks": [c._asdict() for c in checks]}, indent=2))
+        print(json.dumps({"ok": ok, "checks": [{**c._asdict(), "result": check_result(c)} for c in checks]},
+                         indent=2))
     else:
         for c in checks:  # a message can quote the network (a proxy's status line): escaped for the terminal
-            print(f"{'OK  ' if c.ok else 'FAIL'} {c.name}: {one_log_line(str(c.message))}")
+            print(f"{check_result(c):<4} {c.name}: {one_log_line(str(c.message))}")
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def check_result(check: Check) -> str:
+    return "SKIP" if check.ok is None else ("OK" if check.ok else "FAIL")
 
 
 def print_status(report: dict, as_json: bool) -> None:
@@ -6086,6 +6128,9 @@ def print_status(report: dict, as_json: bool) -> None:
         print(f"downloads capped at {report['maxDownloadBytesPerSecond']} bytes/s (otaAgent.maxDownloadBytesPerSecond)")
     flight = report["updateInFlight"]
     print("update in flight: " + (one_log_line(describe_flight(flight)) if flight else "none"))
+    if report.get("unreadable"):
+        print(f"not readable by this user (the state directory is root's alone; run as root): "
+              f"{', '.join(report['unreadable'])}")
     print(f"history ({len(report['history'])}):")
     for h in report["history"][-20:]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(h.get("finishedAt", 0)))

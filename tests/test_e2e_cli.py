@@ -559,3 +559,43 @@ def test_a_symlinked_script_is_named_as_a_link(device):
     out = device.run("--root", str(device.root), "--dry-run")
     assert out.returncode == 1 and "ggc_post_update.sh is a symbolic link" in out.stdout, out.stdout
     assert "Too many levels" not in out.stdout
+
+
+def test_without_root_the_dry_run_skips_what_it_cannot_read_and_status_keeps_its_json(cloud):
+    """Neither needs root: what this user may not read (the key, root-only scripts, the state
+    directory) is SKIP (needs root), not FAIL, and --status --json stays JSON, with nulls and
+    `unreadable`."""
+    import shutil
+    import sys
+    import tempfile
+    from pathlib import Path
+    base = Path(tempfile.mkdtemp(prefix="ggc-ota-nonroot-"))
+    os.chmod(base, 0o755)  # a user other than root must reach the root (pytest's own directories are root's)
+    device = Device(cloud, base)
+    try:
+        device.start()
+        device.wait_log("connected to", timeout=30)
+        os.chmod(device.root / "config/config.json", 0o644)
+        python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+
+        def as_nobody(*args: str) -> subprocess.CompletedProcess:
+            def drop() -> None:
+                os.setgid(65534)
+                os.setuid(65534)
+            return subprocess.run([python, str(device.agent_path), "--root", str(device.root), *args],
+                                  capture_output=True, text=True, timeout=60, preexec_fn=drop)
+        out = as_nobody("--dry-run")
+        assert "Traceback" not in out.stderr, out.stderr
+        lines = out.stdout.splitlines()
+        assert any(line.startswith("SKIP credentials") for line in lines), out.stdout
+        assert any(line.startswith("SKIP script ") for line in lines), out.stdout
+        assert not any(line.startswith("FAIL") for line in lines) and out.returncode == 0, out.stdout
+        status = as_nobody("--status", "--json")
+        assert status.returncode == 0, status.stderr
+        report = json.loads(status.stdout)
+        assert report["history"] == [] and report["unreadable"] and report["agentRunning"] is None
+        human = as_nobody("--status")
+        assert human.returncode == 0 and "run as root" in human.stdout, human.stdout + human.stderr
+    finally:
+        device.stop()
+        shutil.rmtree(base, ignore_errors=True)
