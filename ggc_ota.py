@@ -4250,7 +4250,12 @@ def start_daemon(command: List[str], pid_file: str, lock_fd: Optional[int] = Non
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if os.path.exists(pid_file) and child.poll() is None:
-            write_pid(pid_file, child.pid)
+            try:
+                write_pid(pid_file, child.pid)
+            except OSError as err:  # a start either succeeds with a daemon running, or leaves none
+                stop_session(child)
+                raise OtaError(f"cannot write the PID file {pid_file} ({err.strerror or err}); the daemon was "
+                               "stopped") from None
             return child.pid
         if child.poll() is not None:
             err = (child.stderr.read() if child.stderr else b"").decode(errors="replace").strip().splitlines()

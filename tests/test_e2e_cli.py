@@ -599,3 +599,17 @@ def test_without_root_the_dry_run_skips_what_it_cannot_read_and_status_keeps_its
     finally:
         device.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.frozen
+def test_a_start_that_cannot_write_its_pid_file_leaves_nothing_running(device, make_tmpfs):
+    """The starter names the daemon's top process in the PID file after the daemon wrote its own;
+    when that write fails (here a filesystem with room for one page), the start used to report the
+    failure and leave the daemon running, holding the lock. Now it stops the daemon first."""
+    run_dir = make_tmpfs("4k")
+    out = device.run("--root", str(device.root), "--pid-file", str(run_dir / "ggc-ota.pid"), timeout=60)
+    assert out.returncode == 1 and "cannot write the PID file" in out.stderr, out.stdout + out.stderr
+    deadline = time.monotonic() + 10
+    while device.status()["agentRunning"] is not None:
+        assert time.monotonic() < deadline, "a daemon runs after a start that reported a failure"
+        time.sleep(0.2)
