@@ -62,6 +62,11 @@ config_load() { echo "config_load $1" >> "$OUT"; }
 config_get() {  # var section option default: a uci setting when the test gives one
     eval "v=\${UCI_$3:-$4}"; eval "$1=\$v"
 }
+config_get_bool() {  # as OpenWrt's /lib/functions.sh: the words uci accepts for a boolean
+    config_get _b "$2" "$3" "$4"
+    case "$_b" in 1|on|true|yes|enabled) _b=1;; 0|off|false|no|disabled) _b=0;; *) _b="$4";; esac
+    eval "$1=\$_b"
+}
 procd_open_instance() { echo "open $*" >> "$OUT"; }
 procd_set_param() { echo "param $*" >> "$OUT"; }
 procd_close_instance() { echo "close" >> "$OUT"; }
@@ -83,7 +88,7 @@ def test_procd_start_service_defaults(tmp_path):
     params = {line.split()[1]: " ".join(line.split()[2:]) for line in lines if line.startswith("param ")}
     assert params["command"] == ("/greengrass/ota/ota_agent/ggc-ota --root /greengrass --foreground "
                                  "--log-level INFO")
-    assert params["env"] == "TMPDIR=/tmp" and params["respawn"] == "3600 5 5"
+    assert params["env"] == "TMPDIR=/tmp" and params["respawn"] == "60 5 5"
     assert params["stderr"] == "1" and "stdout" not in params
     assert int(params["term_timeout"]) >= 300
 
@@ -105,9 +110,12 @@ def test_procd_service_triggers_and_config_file(tmp_path):
     assert done.returncode == 0 and out.read_text().split() == ["reload", "ggc-ota"], done.stderr
 
 
-def test_procd_disabled_in_uci_starts_nothing(tmp_path):
-    lines = run_start_service(tmp_path, enabled="0")
-    assert lines == ["config_load ggc-ota"]
+@pytest.mark.parametrize("word, starts", [("0", False), ("no", False), ("off", False), ("false", False),
+                                         ("1", True), ("yes", True), ("on", True), ("true", True)])
+def test_procd_enabled_takes_every_word_uci_takes(tmp_path, word, starts):
+    """`enabled` was compared with `= 1`: `yes`, `on` or `true` silently disabled the service."""
+    lines = run_start_service(tmp_path, enabled=word)
+    assert (lines != ["config_load ggc-ota"]) == starts, lines
 
 
 def test_the_uci_file_parses_and_names_what_the_script_reads():
