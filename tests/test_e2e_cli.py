@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -119,8 +120,9 @@ def test_dry_run_sees_a_running_agent_and_unknown_keys(device):
 
 @pytest.mark.frozen
 def test_only_the_daemon_needs_root(cloud):
-    """--dry-run and --status run as an ordinary user; the agent itself refuses to. Where the
-    state directory is root's alone, --status says so in one line."""
+    """--dry-run and --status run as an ordinary user; the agent itself refuses to. What that
+    user may not read (the key, the state directory) is SKIP (needs root), never FAIL, and
+    --status (--json too) leaves it null and names it."""
     import shutil
     import tempfile
     from pathlib import Path
@@ -148,14 +150,17 @@ def test_only_the_daemon_needs_root(cloud):
         assert status.returncode == 0, status.stderr
         dry = as_nobody("--dry-run")
         assert "must run as root" not in dry.stderr and "OK   config" in dry.stdout
-        assert "FAIL credentials" in dry.stdout  # the key is root's alone, as it should be
+        assert "SKIP credentials" in dry.stdout  # the key is root's alone, as it should be
+        assert "FAIL" not in dry.stdout and dry.returncode == 0, dry.stdout
         daemon = as_nobody("--foreground")
         assert daemon.returncode == 1 and "must run as root" in daemon.stderr
         dev.start()  # as root: its state directory is root's alone
         dev.wait_log("connected to", timeout=30)
         status = as_nobody("--status")
-        assert status.returncode == 1 and "Traceback" not in status.stderr, status.stderr
-        assert len(status.stderr.strip().splitlines()) == 1 and "(run as root)" in status.stderr
+        assert status.returncode == 0 and "Traceback" not in status.stderr, status.stderr
+        assert "run as root" in status.stdout, status.stdout
+        report = json.loads(as_nobody("--status", "--json").stdout)
+        assert report["unreadable"] and report["agentRunning"] is None and report["history"] == []
     finally:
         if dev is not None:
             dev.stop()
@@ -325,19 +330,28 @@ def test_logs_reach_syslog_with_real_priorities(cloud, tmp_path):
     sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sink.bind(path)
     sink.settimeout(0.2)
+    got: list = []
+    done = threading.Event()
+
+    def read() -> None:  # as a syslog daemon does, all along: a datagram queue holds only a few
+        while not done.is_set():
+            try:
+                got.append(sink.recv(65536).decode())
+            except socket.timeout:
+                pass
+            except OSError:
+                return
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     device = Device(cloud, tmp_path, ota={"syslog": path})
     try:
         device.release_core("1.11.6")
         device.dev.fail_script("ggc_post_update.sh", 3, once=True)
         device.start()
         device.wait_status(device.update_job())
-        got = []
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not any(m.startswith("<27>") for m in got):
-            try:
-                got.append(sink.recv(65536).decode())
-            except socket.timeout:
-                pass
+        while time.monotonic() < deadline and not any(": FAILED HOOK_FAILED" in m for m in got):
+            time.sleep(0.1)
         info = [m for m in got if m.startswith("<30>ggc-ota[")]    # daemon.info
         errors = [m for m in got if m.startswith("<27>ggc-ota[")]  # daemon.err
         assert any("connected to" in m for m in info), got[:5]
@@ -347,6 +361,8 @@ def test_logs_reach_syslog_with_real_priorities(cloud, tmp_path):
         assert not any(m.split("]: ", 1)[1][:4].isdigit() for m in got)  # no second timestamp inside
     finally:
         device.stop()
+        done.set()
+        reader.join(5)
         sink.close()
 
 
@@ -559,46 +575,6 @@ def test_a_symlinked_script_is_named_as_a_link(device):
     out = device.run("--root", str(device.root), "--dry-run")
     assert out.returncode == 1 and "ggc_post_update.sh is a symbolic link" in out.stdout, out.stdout
     assert "Too many levels" not in out.stdout
-
-
-def test_without_root_the_dry_run_skips_what_it_cannot_read_and_status_keeps_its_json(cloud):
-    """Neither needs root: what this user may not read (the key, root-only scripts, the state
-    directory) is SKIP (needs root), not FAIL, and --status --json stays JSON, with nulls and
-    `unreadable`."""
-    import shutil
-    import sys
-    import tempfile
-    from pathlib import Path
-    base = Path(tempfile.mkdtemp(prefix="ggc-ota-nonroot-"))
-    os.chmod(base, 0o755)  # a user other than root must reach the root (pytest's own directories are root's)
-    device = Device(cloud, base)
-    try:
-        device.start()
-        device.wait_log("connected to", timeout=30)
-        os.chmod(device.root / "config/config.json", 0o644)
-        python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
-
-        def as_nobody(*args: str) -> subprocess.CompletedProcess:
-            def drop() -> None:
-                os.setgid(65534)
-                os.setuid(65534)
-            return subprocess.run([python, str(device.agent_path), "--root", str(device.root), *args],
-                                  capture_output=True, text=True, timeout=60, preexec_fn=drop)
-        out = as_nobody("--dry-run")
-        assert "Traceback" not in out.stderr, out.stderr
-        lines = out.stdout.splitlines()
-        assert any(line.startswith("SKIP credentials") for line in lines), out.stdout
-        assert any(line.startswith("SKIP script ") for line in lines), out.stdout
-        assert not any(line.startswith("FAIL") for line in lines) and out.returncode == 0, out.stdout
-        status = as_nobody("--status", "--json")
-        assert status.returncode == 0, status.stderr
-        report = json.loads(status.stdout)
-        assert report["history"] == [] and report["unreadable"] and report["agentRunning"] is None
-        human = as_nobody("--status")
-        assert human.returncode == 0 and "run as root" in human.stdout, human.stdout + human.stderr
-    finally:
-        device.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.frozen
