@@ -115,7 +115,7 @@ def test_dry_run_sees_a_running_agent_and_unknown_keys(device):
     cfg = json.loads(device.dev.config_path.read_text())
     cfg["otaAgent"]["colour"] = "blue"
     device.dev.config_path.write_text(json.dumps(cfg))
-    assert "unknown otaAgent keys: colour" in device.run("--root", str(device.root), "--dry-run").stdout
+    assert "unknown otaAgent keys: 'colour'" in device.run("--root", str(device.root), "--dry-run").stdout
 
 
 @pytest.mark.frozen
