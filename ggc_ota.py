@@ -2312,7 +2312,7 @@ class Download:
                 failures = 0
             except _Transient as err:
                 # should_stop first: in the agent it raises AgentStopping, which keeps the job
-                if (self.should_stop is not None and self.should_stop()) or self._aborted:
+                if self.stopped():
                     raise DownloadError("download stopped", "CANCELED") from None
                 # Progress made ends a failure streak, but a stall is a failure however little it brought.
                 failures = 0 if self._have > before and not err.stalled else failures + 1
@@ -3772,6 +3772,11 @@ class State:
         if current is not None and current.get("at") == entry.get("at"):
             os.unlink(path)
 
+    def downloads_by_job(self) -> List[Tuple[str, str]]:
+        """(jobId, path) of every file in downloads/ (a finished download or a partial one)."""
+        named = ((name.split(".", 1)[0], os.path.join(self.downloads, name)) for name in os.listdir(self.downloads))
+        return [(job_id, path) for job_id, path in named if valid_job_id(job_id)]
+
     # ---- postponements: a job a pre-update script said "not now" to ---------------------------
     def postponement(self, job_id: str) -> Optional[dict]:
         """{executionNumber, count, retryAt} of a postponed job, or None."""
@@ -5211,11 +5216,7 @@ class Cloud:
             return
         log.info("check on demand: delivering waiting statuses and listing the jobs now")
         self.deliver_after = 0.0
-        if not self.subscribed:
-            self.on_connected(process)
-        else:
-            self.flush_outbox()
-            self.sync(process)
+        self.on_connected(process)  # subscribes first if it has not yet
         log.info("check on demand: done")
 
     def resync_interval(self) -> float:
@@ -5524,11 +5525,10 @@ class Agent:
         of every update is flash wear for nothing), so a power cut right after it can bring the
         file back: at start, the download of a job the history says has ended goes."""
         ended = {h.get("jobId") for h in self.state.history() if h.get("result") in TERMINAL_RESULTS}
-        for name in os.listdir(self.state.downloads):
-            job_id = name.split(".", 1)[0]
+        for job_id, path in self.state.downloads_by_job():
             if job_id in ended:
                 log.info("removing the download of job %s, which has ended", job_id)
-                os.unlink(os.path.join(self.state.downloads, name))
+                os.unlink(path)
 
     def forget_ended_downloads(self, pending: set) -> None:
         """A download (whole or partial) of a job the cloud no longer lists as pending goes: the
@@ -5536,12 +5536,11 @@ class Agent:
         removed). A retried execution of it is pending again, and keeps its download."""
         if self.state.has_journal():
             return  # the update in flight keeps its files until it ends
-        for name in os.listdir(self.state.downloads):
-            job_id = name.split(".", 1)[0]
-            if valid_job_id(job_id) and job_id not in pending:
+        for job_id, path in self.state.downloads_by_job():
+            if job_id not in pending:
                 log.info("job %s is no longer pending in the cloud (timed out, canceled or removed): removing its "
                          "download", job_id)
-                os.unlink(os.path.join(self.state.downloads, name))
+                os.unlink(path)
 
     def recover_in_place_trial(self, journal: Journal) -> None:
         """A journal of format 1: the previous agent swapped the new agent in and exec'd it, so

@@ -194,6 +194,18 @@ def abort_after(dl, seconds: float) -> None:
     assert errors and errors[0].value.reason == "CANCELED"
 
 
+def accept_each(server, handle) -> None:
+    """Serve each connection `server` accepts on a thread of its own, `handle(conn)`, until the
+    server is closed."""
+    import threading
+    while True:
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            return
+        threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+
 class Dripper:
     """A raw server on loopback that accepts, optionally does TLS, reads what it is sent, then
     drips `reply` one byte every `every` seconds for as long as the client listens."""
@@ -208,16 +220,13 @@ class Dripper:
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
-        import threading
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+        accept_each(self.server, self._drip)
 
     def _drip(self, conn) -> None:
+        self.connections += 1
+        self._drip_on(conn)
+
+    def _drip_on(self, conn) -> None:
         import time
         try:
             if self.tls is not None:

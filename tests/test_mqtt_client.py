@@ -659,12 +659,8 @@ class DrippingHttpsProxy:
         self.server.close()
 
     def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._tunnel, args=(conn,), daemon=True).start()
+        from tests.test_download import accept_each
+        accept_each(self.server, self._tunnel)
 
     def _tunnel(self, conn) -> None:
         try:
