@@ -2311,7 +2311,6 @@ class Download:
                 self._one_request()
                 failures = 0
             except _Transient as err:
-                # should_stop first: in the agent it raises AgentStopping, which keeps the job
                 if self.stopped():
                     raise DownloadError("download stopped", "CANCELED") from None
                 # Progress made ends a failure streak, but a stall is a failure however little it brought.
@@ -2449,8 +2448,9 @@ class Download:
         return max(1, min(self.stall_bytes, int(self.limit.rate * self.read_timeout / 4)))
 
     def stopped(self) -> bool:
-        """Aborted, or told to stop (should_stop raises AgentStopping or JobCanceled itself)."""
-        return self._aborted or (self.should_stop is not None and self.should_stop())
+        """Told to stop, or aborted. should_stop first: in the agent it raises AgentStopping
+        (which keeps the job and its partial file) or JobCanceled itself."""
+        return (self.should_stop is not None and self.should_stop()) or self._aborted
 
     def stream_body(self, resp: http.client.HTTPResponse) -> None:
         """Write what arrives, one socket read at a time (read1: a server that sends one byte
