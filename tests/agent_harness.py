@@ -139,6 +139,8 @@ class Device:
         while True:
             ex = self.execution(job_id)
             if ex["status"] in statuses:
+                if ex["status"] in TERMINAL:
+                    self.wait_job_settled(job_id, deadline=time.monotonic() + 30)
                 return ex
             if self.proc is not None and self.proc.poll() is not None and self.proc.returncode != 0:
                 raise AssertionError(f"the agent exited with {self.proc.returncode} while {job_id} was "
@@ -146,6 +148,28 @@ class Device:
             if time.monotonic() > deadline:
                 raise AssertionError(f"job {job_id} still {ex['status']} after {timeout} s\n{self.log()[-4000:]}")
             time.sleep(0.1)
+
+    def job_leftovers(self, job_id: str) -> list:
+        """What the running agent still holds of a job: its journal, staging, download, postponement."""
+        state = self.root / "ota-state"
+        try:
+            journal = json.loads((state / "journal.json").read_text()).get("jobId")
+        except (OSError, ValueError, AttributeError):
+            journal = None
+        paths = [state / "journal.json"] if journal == job_id else []
+        paths += [state / "staging" / job_id, state / "postponed" / f"{job_id}.json",
+                 state / "downloads" / f"{job_id}.tar.gz", state / "downloads" / f"{job_id}.tar.gz.part"]
+        return [p for p in paths if os.path.lexists(p)]
+
+    def wait_job_settled(self, job_id: str, deadline: float) -> None:
+        """The cloud has a job's end before the agent has cleaned up after it (the report comes
+        first, so that a crash in between loses nothing): a test that looks at the device next
+        waits, bounded, for the cleanup. Not while the agent is stopped or has exited."""
+        while self.job_leftovers(job_id) and self.proc is not None and self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} ended in the cloud, but the agent still holds "
+                                     f"{self.job_leftovers(job_id)}\n{self.log()[-4000:]}")
+            time.sleep(0.05)
 
     def wait_log(self, text: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
