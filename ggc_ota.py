@@ -369,6 +369,7 @@ OTA_AGENT_KEYS: Dict[str, Tuple[tuple, Any]] = {
     "maxDownloadBytesPerSecond": ((int,), 0),    # caps the download's average rate; 0: no cap
     "postponeSeconds": ((int, float), 300),      # a pre-update script's "not now" (exit 75): try again after this
     "postponeLimit": ((int,), 12),               # ... at most this many times, then POSTPONED_TOO_LONG
+    "reinstallSameVersion": ((bool,), False),    # a job for the version installed: install it again
 }
 
 
@@ -517,7 +518,7 @@ def _load_ota_block(block: Any, root: str) -> Tuple[Dict[str, Any], List[str]]:
         if key not in OTA_AGENT_KEYS:
             continue
         types = OTA_AGENT_KEYS[key][0]
-        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+        if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
             raise ConfigError(f"otaAgent.{key} must be of type {'/'.join(t.__name__ for t in types)}")
         if isinstance(value, (int, float)) and value < 0:
             raise ConfigError(f"otaAgent.{key} must not be negative")
@@ -5589,10 +5590,13 @@ class Agent:
             doc = parse_document(execution.get("jobDocument"))
             record.update(component=doc.software, toVersion=doc.version, fromVersion=self.installed(doc.software))
             set_job_log_level(doc.log_level, self.base_level)
-            stage, journal_format = self.prepare(job_id, doc)
-            self.engine.begin(job_id, number, doc, stage, record, journal_format)
-            if doc.software == "ota_agent":
-                cloud.reconnect_if_left()  # the trial failed: this agent goes on
+            if doc.version == record["fromVersion"] and not self.cfg.ota["reinstallSameVersion"]:
+                self.already_installed(record, doc)
+            else:
+                stage, journal_format = self.prepare(job_id, doc)
+                self.engine.begin(job_id, number, doc, stage, record, journal_format)
+                if doc.software == "ota_agent":
+                    cloud.reconnect_if_left()  # the trial failed: this agent goes on
         except Postponed as err:
             postponed = self.postpone(record, doc, err)
         except (Exception, AgentStopping) as err:
@@ -5604,6 +5608,16 @@ class Agent:
                 os.unlink(self.state.current_path)
         if not self.state.has_journal() and not postponed:
             remove_job_files(self.state, job_id)
+
+    def already_installed(self, record: dict, doc: UpdateDocument) -> None:
+        """A job for the version installed: SUCCEEDED at once, with nothing downloaded, stopped
+        or run (a fleet-wide job must not restart the cores already there). reinstallSameVersion
+        installs it again instead, to repair a tree."""
+        message = f"{doc.software} {doc.version} is installed already; nothing was done " \
+                  "(otaAgent.reinstallSameVersion installs it again)"
+        log_event("job %s: %s", record["jobId"], message)
+        self.cloud.finish(record, "SUCCEEDED", None, message, version=doc.version, changed=False,
+                          extra={"alreadyInstalled": "true"})
 
     def postpone(self, record: dict, doc: UpdateDocument, err: Postponed) -> bool:
         """A pre-update script said not now: nothing was changed (the engine withdrew the journal

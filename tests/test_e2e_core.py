@@ -492,3 +492,33 @@ def test_a_postponement_that_never_ends_fails_the_job_and_survives_a_restart(clo
         assert not list((device.root / "ota-state/downloads").iterdir())
     finally:
         device.stop()
+
+
+@pytest.mark.frozen
+@pytest.mark.parametrize("reinstall", [False, True])
+def test_a_job_for_the_version_installed(cloud, tmp_path, reinstall):
+    """A job for the core version already installed (a fleet-wide job reaching a core that has
+    it) ends SUCCEEDED at once: nothing downloaded, stopped or run, `alreadyInstalled` and
+    `changed` "false" in statusDetails. reinstallSameVersion installs it again (a repair)."""
+    device = Device(cloud, tmp_path, ota={"reinstallSameVersion": reinstall})
+    try:
+        art = device.release_core("1.11.5")  # what the device has
+        before = snapshot(device)
+        device.start()
+        job = device.update_job()
+        ex = device.wait_status(job)
+        assert ex["status"] == "SUCCEEDED", device.log()[-3000:]
+        fetched = [r for r in device.stored(art).requests if r[1] in (200, 206)]
+        if reinstall:
+            assert len(fetched) == 1 and "alreadyInstalled" not in details(ex)
+            assert device.dev.hook_calls() == ["ggc_pre_update.sh", "greengrassd stop", "ggc_post_update.sh",
+                                               "greengrassd start"]
+        else:
+            assert details(ex)["alreadyInstalled"] == "true" and details(ex)["changed"] == "false"
+            assert "1.11.5 is installed already" in details(ex)["message"]
+            assert fetched == [] and device.dev.hook_calls() == []
+            assert_untouched(device, *before)
+            assert device.status()["history"][-1]["result"] == "SUCCEEDED"
+        assert device.dev.core_version() == "1.11.5"
+    finally:
+        device.stop()
