@@ -58,15 +58,24 @@ def test_procd_script_parses_under_busybox_ash():
 
 
 STANDINS = r'''
-config_load() { echo "config_load $1" >> "$OUT"; }
-config_get() {  # var section option default: a uci setting when the test gives one
-    eval "v=\${UCI_$3:-$4}"; eval "$1=\$v"
+# stand-ins for OpenWrt's /lib/functions.sh and procd.sh: uci settings come from UCI_<option>
+uci_load_validate() {  # package type section callback spec...: as procd.sh, with validate_data's checks
+    _section="$3"; _callback="$4"; shift 4; _result=0
+    echo "validate $*" >> "$OUT"
+    for _spec in "$@"; do
+        _name=${_spec%%:*}; _rest=${_spec#*:}; _type=${_rest%%:*}; _default=${_rest#*:}
+        [ "$_default" = "$_rest" ] && _default=""
+        eval "_v=\${UCI_$_name-\$_default}"
+        case "$_type" in
+            bool) case "$_v" in 1|on|true|yes|enabled) _v=1;; 0|off|false|no|disabled) _v=0;; *) _result=1;; esac ;;
+            directory) [ -d "$_v" ] || _result=1 ;;
+            or\(*) case "$_type" in *"\"$_v\""*) ;; *) _result=1;; esac ;;
+        esac
+        eval "$_name=\$_v"
+    done
+    "$_callback" "$_section" "$_result"
 }
-config_get_bool() {  # as OpenWrt's /lib/functions.sh: the words uci accepts for a boolean
-    config_get _b "$2" "$3" "$4"
-    case "$_b" in 1|on|true|yes|enabled) _b=1;; 0|off|false|no|disabled) _b=0;; *) _b="$4";; esac
-    eval "$1=\$_b"
-}
+logger() { echo "logger $*" >> "$OUT"; }
 procd_open_instance() { echo "open $*" >> "$OUT"; }
 procd_set_param() { echo "param $*" >> "$OUT"; }
 procd_close_instance() { echo "close" >> "$OUT"; }
@@ -74,6 +83,11 @@ procd_close_instance() { echo "close" >> "$OUT"; }
 
 
 def run_start_service(tmp_path, **uci):
+    """start_service with these uci settings; root defaults to an existing directory (the
+    validator checks that it exists), the defaults themselves are in the `validate` line."""
+    if "root" not in uci:
+        (tmp_path / "greengrass").mkdir(exist_ok=True)
+        uci["root"] = str(tmp_path / "greengrass")
     out = tmp_path / "params"
     script = f"{STANDINS}\n. {PROCD}\nstart_service\n"
     env = {"OUT": str(out), "PATH": "/usr/bin:/bin"} | {f"UCI_{k}": v for k, v in uci.items()}
@@ -82,32 +96,58 @@ def run_start_service(tmp_path, **uci):
     return out.read_text().splitlines()
 
 
+def start_service_refused(tmp_path, **uci) -> tuple:
+    """start_service with a setting that fails its check: (its exit code, stderr, what it did)."""
+    out = tmp_path / "params"
+    script = f"{STANDINS}\n. {PROCD}\nstart_service\n"
+    env = {"OUT": str(out), "PATH": "/usr/bin:/bin"} | {f"UCI_{k}": v for k, v in uci.items()}
+    done = subprocess.run([busybox(), "ash", "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    return done.returncode, done.stderr, out.read_text().splitlines()
+
+
 def test_procd_start_service_defaults(tmp_path):
     lines = run_start_service(tmp_path)
-    assert lines[0] == "config_load ggc-ota" and lines[1] == "open ggc-ota" and lines[-1] == "close"
+    assert lines[0].split()[1:4] == ["enabled:bool:1", "root:directory:/greengrass", "tmpdir:directory:/tmp"]
+    assert lines[0].split()[4].startswith("log_level:or(") and lines[0].endswith(":INFO")
+    assert lines[1] == "open ggc-ota" and lines[-1] == "close"
     params = {line.split()[1]: " ".join(line.split()[2:]) for line in lines if line.startswith("param ")}
-    assert params["command"] == ("/greengrass/ota/ota_agent/ggc-ota --root /greengrass --foreground "
-                                 "--log-level INFO")
+    root = tmp_path / "greengrass"
+    assert params["command"] == f"{root}/ota/ota_agent/ggc-ota --root {root} --foreground --log-level INFO"
     assert params["env"] == "TMPDIR=/tmp" and params["respawn"] == "60 5 5"
     assert params["stderr"] == "1" and "stdout" not in params
     assert int(params["term_timeout"]) >= 300
 
 
 def test_procd_start_service_uci_settings(tmp_path):
-    lines = run_start_service(tmp_path, root="/mnt/gg", tmpdir="/mnt/tmp", log_level="DEBUG")
+    (tmp_path / "gg").mkdir()
+    (tmp_path / "tmp").mkdir()
+    lines = run_start_service(tmp_path, root=f"{tmp_path}/gg", tmpdir=f"{tmp_path}/tmp", log_level="debug")
     params = {line.split()[1]: " ".join(line.split()[2:]) for line in lines if line.startswith("param ")}
-    assert params["command"] == "/mnt/gg/ota/ota_agent/ggc-ota --root /mnt/gg --foreground --log-level DEBUG"
-    assert params["env"] == "TMPDIR=/mnt/tmp"
+    assert params["command"] == f"{tmp_path}/gg/ota/ota_agent/ggc-ota --root {tmp_path}/gg --foreground --log-level debug"
+    assert params["env"] == f"TMPDIR={tmp_path}/tmp"
+
+
+@pytest.mark.parametrize("setting", [{"enabled": "maybe"}, {"root": "/no/such/root"}, {"tmpdir": "/no/such/tmp"},
+                                     {"log_level": "LOUD"}])
+def test_procd_a_setting_that_fails_its_check_stops_the_start_with_a_message(tmp_path, setting):
+    """Every setting is checked as procd's validate_data would (uci_load_validate): a bad one
+    starts nothing, says which file and what each setting must be, and reaches logread."""
+    code, stderr, lines = start_service_refused(tmp_path, **setting)
+    assert code != 0 and not any(line.startswith("open") for line in lines), lines
+    assert "/etc/config/ggc-ota" in stderr and "not starting" in stderr
+    assert any(line.startswith("logger -t ggc-ota -p daemon.err") for line in lines)
 
 
 def test_procd_service_triggers_and_config_file(tmp_path):
     lines = run_start_service(tmp_path)
     params = {line.split()[1]: " ".join(line.split()[2:]) for line in lines if line.startswith("param ")}
-    assert params["file"] == "/greengrass/config/config.json"
+    assert params["file"] == f"{tmp_path}/greengrass/config/config.json"
     out = tmp_path / "triggers"
-    script = f"procd_add_reload_trigger() {{ echo \"reload $*\" >> {out}; }}\n. {PROCD}\nservice_triggers\n"
+    script = (f"procd_add_reload_trigger() {{ echo \"reload $*\" >> {out}; }}\n"
+              f"procd_add_validation() {{ echo \"validation $*\" >> {out}; }}\n. {PROCD}\nservice_triggers\n")
     done = subprocess.run([busybox(), "ash", "-c", script], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and out.read_text().split() == ["reload", "ggc-ota"], done.stderr
+    assert done.returncode == 0, done.stderr
+    assert out.read_text().splitlines() == ["reload ggc-ota", "validation validate_ggc_ota_section"]
 
 
 @pytest.mark.parametrize("word, starts", [("0", False), ("no", False), ("off", False), ("false", False),
@@ -115,7 +155,7 @@ def test_procd_service_triggers_and_config_file(tmp_path):
 def test_procd_enabled_takes_every_word_uci_takes(tmp_path, word, starts):
     """`enabled` was compared with `= 1`: `yes`, `on` or `true` silently disabled the service."""
     lines = run_start_service(tmp_path, enabled=word)
-    assert (lines != ["config_load ggc-ota"]) == starts, lines
+    assert any(line.startswith("open") for line in lines) == starts, lines
 
 
 def test_the_uci_file_parses_and_names_what_the_script_reads():
