@@ -7,6 +7,8 @@
 #   ./build.sh demo                 a whole update, end to end, against the local look-alike cloud
 #   ./build.sh binary               dist/ggc-ota: a static binary for this machine's architecture
 #   ./build.sh binary --arch A      dist/ggc-ota-A for aarch64, armv7l or armv6l (Debian rootfs + qemu)
+#   ./build.sh release [--arch A]   dist/: the binaries (this machine's, and each --arch), a .deb and an
+#                                   .ipk of each, and SHA256SUMS of all
 #   ./build.sh interpreter          only the binary's size-built Python (packaging/small_python.sh)
 #   ./build.sh bench [--quick]      benchmarks against baselines measured in the same run
 #   ./build.sh powercut [--quick]   the power-cut sweep: every cut point of every kind of update
@@ -308,14 +310,39 @@ PY
   echo "dist/ggc-ota-$arch: $(stat -c %s "dist/ggc-ota-$arch") bytes, $(file -b "dist/ggc-ota-$arch" | cut -d, -f1-2)"
 }
 
+# A release: every binary built fresh (this machine's, then each --arch under qemu), packaged
+# (packaging/make_package.py: .deb and .ipk), and SHA256SUMS of it all, in dist/.
+cmd_release() {
+  local machines=("$(uname -m)") version
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --arch) machines+=("${2:?--arch needs aarch64, armv7l or armv6l}"); shift 2 ;;
+      *) echo "build.sh: release takes --arch A (aarch64, armv7l, armv6l), not $1" >&2; exit 2 ;;
+    esac
+  done
+  ensure_venv
+  rm -f dist/ggc-ota-* dist/ggc-ota_* dist/SHA256SUMS
+  cmd_binary
+  cp dist/ggc-ota "dist/ggc-ota-${machines[0]}"
+  for machine in "${machines[@]:1}"; do
+    cross_binary "$machine"
+  done
+  version=$(dist/ggc-ota --version | cut -d' ' -f2)
+  log "packaging ggc-ota $version for ${machines[*]}"
+  "$VENV/bin/python" packaging/make_package.py release dist "$version" "${machines[@]}"
+  (cd dist && sha256sum -c --quiet SHA256SUMS)
+  log "dist/: verify with: sha256sum -c SHA256SUMS"
+}
+
 case "${1:-}" in
   test) shift; cmd_test "$@" ;;
   lint) shift; cmd_lint "$@" ;;
   cloud) shift; cmd_cloud "$@" ;;
   demo) shift; cmd_demo "$@" ;;
   binary) shift; cmd_binary "$@" ;;
+  release) shift; cmd_release "$@" ;;
   interpreter) small_python ;;
   bench) shift; cmd_bench "$@" ;;
   powercut) shift; cmd_powercut "$@" ;;
-  *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
