@@ -27,6 +27,8 @@ from typing import Optional
 
 from .pki import ClientCert
 
+# the managed-respawn scripts an operator starts from (the README's "Configure")
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples/managed-respawn"
 SCRIPTS = ("ggc_pre_update.sh", "ggc_post_update.sh", "ota_pre_update.sh", "ota_post_update.sh")
 KEPT = ("ggc/deployment", "ggc/var")
 
@@ -34,7 +36,8 @@ KEPT = ("ggc/deployment", "ggc/var")
 _LAB = 'root=$(cd "$(dirname "$0")/../.." && pwd)\nlab="$root.lab"\n'
 
 HOOK_SCRIPT = """#!/bin/sh
-# Look-alike managed-respawn script: logs each call, can be told to fail or to hang.
+# Look-alike managed-respawn script: logs each call, can be told to fail or to hang, then runs
+# the example script of its name.
 name=$(basename "$0")
 {lab}mkdir -p "$lab"
 echo "$name job=${{GGC_OTA_JOB_ID:-}} component=${{GGC_OTA_COMPONENT:-}}" \
@@ -49,11 +52,9 @@ if [ -f "$lab/$name.fail-with" ]; then  # fails while the live core is that vers
   live=$(ls "$root/ggc/packages" 2>/dev/null | sort | tail -n 1)
   if [ "$live" = "$(cat "$lab/$name.fail-with")" ]; then exit 2; fi
 fi
-case "$name" in
-  ggc_pre_update.sh) exec "$root/ggc/core/greengrassd" stop ;;
-  ggc_post_update.sh) exec "$root/ggc/core/greengrassd" start ;;
-esac
-exit 0
+# then the example script of that name (examples/managed-respawn/, copied into the lab), as an
+# operator installs it: it stops or starts the core with greengrassd here
+exec "$lab/examples/$name"
 """
 
 GREENGRASSD = """#!/bin/sh
@@ -247,6 +248,7 @@ def make_root(root: Path, thing: str, cert: ClientCert, ca_path: Path, iot_host:
         os.chmod(ota_dir / "ggc-ota", 0o755)
     lab = Path(str(root) + ".lab")
     lab.mkdir(exist_ok=True)
+    shutil.copytree(EXAMPLES, lab / "examples", dirs_exist_ok=True)
     return DeviceRoot(root, thing, config)
 
 
