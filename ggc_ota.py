@@ -101,7 +101,8 @@ REASONS = {
     "URL_EXPIRED": Reason("FAILED", "no", "job", "the presigned URL kept being refused, even fresh ones"),
     "SIZE_MISMATCH": Reason("FAILED", "no", "job", "the server's artifact has another size than the document says"),
     "HASH_MISMATCH": Reason("FAILED", "no", "job", "the artifact's sha256 is not the document's"),
-    "UNSAFE_ARCHIVE": Reason("FAILED", "no", "job", "the artifact is not a safe gzip tar archive (see Archive)"),
+    "UNSAFE_ARCHIVE": Reason("FAILED", "no", "job",
+                             "the artifact is not a safe gzip tar archive (the security model lists what is checked)"),
     "BAD_ARTIFACT_LAYOUT": Reason("FAILED", "no", "job", "the archive does not hold greengrass/ggc or greengrass/ota"),
     "NEW_AGENT_BROKEN": Reason("FAILED", "-", "job", "the new agent failed its self-test from staging, or could not "
                                                      "be started after the swap (then rolled back)"),

@@ -84,8 +84,8 @@ def test_a_typo_in_an_ota_agent_key_is_named_with_the_key_meant(root):
     (lambda d: d.update(otaAgent={"scriptTimeout": "long"}), "otaAgent.scriptTimeout"),
     (lambda d: d.update(otaAgent={"keep": ["../etc"]}), "otaAgent.keep"),
     (lambda d: d.update(otaAgent={"minFreeBytes": -1}), "negative"),
-    (lambda d: d.update(otaAgent={"reinstallSameVersion": "yes"}), "otaAgent.reinstallSameVersion must be of type bool"),
-    (lambda d: d.update(otaAgent={"reinstallSameVersion": 1}), "otaAgent.reinstallSameVersion must be of type bool"),
+    (lambda d: d.update(otaAgent={"reinstallSameVersion": "yes"}), "reinstallSameVersion must be of type bool"),
+    (lambda d: d.update(otaAgent={"reinstallSameVersion": 1}), "reinstallSameVersion must be of type bool"),
     (lambda d: d.update(otaAgent={"scriptTimeout": True}), "otaAgent.scriptTimeout must be of type int/float"),
     (lambda d: d.update(otaAgent=[]), "otaAgent must be an object"),
 ])

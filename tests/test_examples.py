@@ -28,7 +28,8 @@ def run(script: str, tmp_path: Path, with_systemd: bool = False, with_init: bool
     bin_dir = tmp_path / "bin"
     root = tmp_path / "greengrass"
     stand_in(root / "ggc/core/greengrassd", f'echo "greengrassd $*" >> {calls}\n')
-    stand_in(bin_dir / "systemctl", f'[ "$1" = cat ] && exit {0 if with_systemd else 1}\necho "systemctl $*" >> {calls}\n')
+    unit_there = 0 if with_systemd else 1
+    stand_in(bin_dir / "systemctl", f'[ "$1" = cat ] && exit {unit_there}\necho "systemctl $*" >> {calls}\n')
     init = tmp_path / "etc/init.d/greengrass"
     if with_init:
         stand_in(init, f'echo "init $*" >> {calls}\n')
@@ -43,7 +44,8 @@ def run(script: str, tmp_path: Path, with_systemd: bool = False, with_init: bool
 def test_the_core_scripts_use_whatever_starts_the_core(tmp_path, script, verb):
     assert run(script, tmp_path / "own") == [f"greengrassd {verb}"]
     assert run(script, tmp_path / "procd", with_init=True) == [f"init {verb}"]
-    assert run(script, tmp_path / "systemd", with_systemd=True, with_init=True) == [f"systemctl {verb} greengrass.service"]
+    systemd = run(script, tmp_path / "systemd", with_systemd=True, with_init=True)
+    assert systemd == [f"systemctl {verb} greengrass.service"]
 
 
 @pytest.mark.parametrize("script", ["ota_pre_update.sh", "ota_post_update.sh"])

@@ -123,7 +123,8 @@ def test_procd_start_service_uci_settings(tmp_path):
     (tmp_path / "tmp").mkdir()
     lines = run_start_service(tmp_path, root=f"{tmp_path}/gg", tmpdir=f"{tmp_path}/tmp", log_level="debug")
     params = {line.split()[1]: " ".join(line.split()[2:]) for line in lines if line.startswith("param ")}
-    assert params["command"] == f"{tmp_path}/gg/ota/ota_agent/ggc-ota --root {tmp_path}/gg --foreground --log-level debug"
+    root = f"{tmp_path}/gg"
+    assert params["command"] == f"{root}/ota/ota_agent/ggc-ota --root {root} --foreground --log-level debug"
     assert params["env"] == f"TMPDIR={tmp_path}/tmp"
 
 

@@ -35,8 +35,9 @@ def packaged_agent(tmp: Path) -> Path:
 
 def build(kind: str, tmp: Path, arch: str, version: str = "0.1.0", binary=None) -> Path:
     out = tmp / f"ggc-ota_{version}_{arch}.{kind}"
-    done = subprocess.run([sys.executable, str(MAKE), kind, str(binary or packaged_agent(tmp)), version, arch, str(out)],
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ, SOURCE_DATE_EPOCH="1767225600"))
+    command = [sys.executable, str(MAKE), kind, str(binary or packaged_agent(tmp)), version, arch, str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, SOURCE_DATE_EPOCH="1767225600"))
     assert done.returncode == 0, done.stderr
     return out
 

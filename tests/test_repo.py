@@ -52,7 +52,7 @@ def test_ruff_is_clean():
 
 
 # Modules an idle agent must not load: each costs memory on a router (the import diet in the
-# README's benchmark notes), and `inspect` is excluded from the frozen binary altogether.
+# bench/README.md), and `inspect` is excluded from the frozen binary altogether.
 NOT_AT_IDLE = ("inspect", "dataclasses", "argparse", "http.client", "email", "tarfile", "subprocess",
                "logging.handlers", "pickle", "uuid", "urllib.parse", "tempfile", "typing", "shutil", "fnmatch")
 
