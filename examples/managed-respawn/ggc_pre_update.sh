@@ -10,11 +10,12 @@
 #   [ -e /run/production-line-busy ] && exit 75
 # Install as <root>/usr/scripts/ggc_pre_update.sh, owned by root, mode 0700.
 set -eu
+root=${GGC_ROOT:-$(cd "$(dirname "$0")/../.." && pwd)}  # run by hand: <root>/usr/scripts/<this>
 init=${GREENGRASS_INIT_SCRIPT:-/etc/init.d/greengrass}
 if command -v systemctl >/dev/null 2>&1 && systemctl cat greengrass.service >/dev/null 2>&1; then
 	exec systemctl stop greengrass.service
 elif [ -x "$init" ]; then
 	exec "$init" stop
 else
-	exec "$GGC_ROOT/ggc/core/greengrassd" stop
+	exec "$root/ggc/core/greengrassd" stop
 fi

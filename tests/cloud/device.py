@@ -54,6 +54,8 @@ if [ -f "$lab/$name.fail-with" ]; then  # fails while the live core is that vers
 fi
 # then the example script of that name (examples/managed-respawn/, copied into the lab), as an
 # operator installs it: it stops or starts the core with greengrassd here
+GGC_ROOT=${{GGC_ROOT:-$root}}
+export GGC_ROOT
 exec "$lab/examples/$name"
 """
 

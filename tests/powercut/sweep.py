@@ -259,7 +259,8 @@ class Rig:
         shutil.copytree(self.pristine, self.backing)
         lab = self.device.dev.lab
         for p in lab.iterdir():
-            p.unlink()
+            if p.name != "examples":  # the scripts the look-alike's scripts run
+                p.unlink()
         if self.kind == "rollback":
             self.device.dev.fail_script_with("ggc_post_update.sh", NEW_CORE)
         self.device.log_path.write_text("")
