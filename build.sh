@@ -184,7 +184,7 @@ cmd_binary() {
     cross_binary "${2:?--arch needs aarch64, armv7l or armv6l}"
     return
   fi
-  ensure_debs patchelf binutils
+  ensure_debs binutils musl-tools liblzma-dev
   local py_prefix bvenv="$HERE/.venv-build" stamp want
   py_prefix=$(small_python)
   # that Python's libraries, for the build's commands only (the tests that follow must not see them)
@@ -200,24 +200,37 @@ cmd_binary() {
   local work="$HERE/build/binary" excl=()
   rm -rf "$work" && mkdir -p "$work" dist
   for m in "${EXCLUDES[@]}"; do excl+=(--exclude-module "$m"); done
-  log "freezing ggc_ota.py with PyInstaller (the archive beside the bootloader: packaging/tailor_spec.py)"
-  "${with_lib[@]}" "$bvenv/bin/pyi-makespec" --onefile --strip --optimize 2 --name ggc-ota-dynamic \
-    --specpath "$work" "${excl[@]}" "$HERE/ggc_ota.py" > /dev/null
-  "${with_lib[@]}" "$bvenv/bin/python" packaging/tailor_spec.py "$work/ggc-ota-dynamic.spec"
+  log "freezing ggc_ota.py with PyInstaller, as one flat directory"
+  "${with_lib[@]}" "$bvenv/bin/pyi-makespec" --onedir --contents-directory . --strip --optimize 2 \
+    --name ggc-ota-dynamic --specpath "$work" "${excl[@]}" "$HERE/ggc_ota.py" > /dev/null
   "${with_lib[@]}" "$bvenv/bin/pyinstaller" --noconfirm --log-level WARN --distpath "$work/dist" \
     --workpath "$work/build" "$work/ggc-ota-dynamic.spec"
-  log "making it static with staticx (the archive travels as a file of the bundle)"
-  "${with_lib[@]}" "$bvenv/bin/python" packaging/staticx_split.py "$work/dist/ggc-ota-dynamic" dist/ggc-ota
-  chmod 755 dist/ggc-ota
-  dist/ggc-ota --version
+  log "the launcher (packaging/launcher.c: static, musl and liblzma)"
+  build_launcher "$work/launcher"
+  log "the binary: the launcher, then that directory and its C libraries as one xz stream (packaging/bundle.py)"
+  "${with_lib[@]}" "$bvenv/bin/python" packaging/bundle.py "$work/dist/ggc-ota-dynamic" "$work/launcher" dist/ggc-ota
+  rm -rf dist/.ggc-ota-*  # what a run of an earlier build from dist/ unpacked
+  mkdir -p "$work/smoke" && cp dist/ggc-ota "$work/smoke/" && "$work/smoke/ggc-ota" --version
   echo "dist/ggc-ota: $(stat -c %s dist/ggc-ota) bytes, $(uname -m), $(file -b dist/ggc-ota 2>/dev/null | cut -d, -f1-2)"
+}
+
+# The launcher, static with musl: liblzma is Debian's static library (it calls nothing of glibc
+# that musl lacks), its headers copied apart from glibc's. Here and inside a cross build's rootfs.
+build_launcher() {
+  local out=$1 lib inc
+  lib=$(dpkg -L liblzma-dev | grep '/liblzma\.a$' | head -n 1)
+  inc=$(mktemp -d)
+  cp -r /usr/include/lzma.h /usr/include/lzma "$inc/"
+  musl-gcc -static -Os -s -Wall -Wextra -Werror -Wno-format-truncation -I"$inc" -o "$out" \
+    packaging/launcher.c "$lib"
+  rm -rf "$inc"
 }
 
 # Cross builds: a Debian rootfs of the target architecture (debootstrap --foreign, cached in
 # .cache/), run by qemu-user-static through binfmt_misc. The size-built Python is cross-compiled
 # here with Debian's cross compiler against that rootfs (packaging/small_python.sh, into the
-# rootfs's /opt/python; the native one is its build Python), then PyInstaller and staticx run
-# inside the rootfs under qemu (staticx builds its bootloader with musl-gcc there), and the
+# rootfs's /opt/python; the native one is its build Python), then PyInstaller, the launcher
+# (musl-gcc) and the bundle are made inside the rootfs under qemu, and the
 # binary is smoke-run under qemu (armv6l with an ARMv6 CPU model) and runs the frozen core and
 # crash tests there. About 20 minutes from nothing, 10 once the rootfs is cached. Not in CI.
 cross_binary() {
@@ -244,15 +257,16 @@ cross_binary() {
     log "making a Debian $debarch rootfs in $rootfs"
     rm -rf "$rootfs"
     debootstrap --foreign --arch="$debarch" --variant=minbase \
-      --include=python3,python3-venv,python3-dev,gcc,libc6-dev,zlib1g-dev,patchelf,binutils,musl-tools,scons,file \
+      --include=python3,python3-venv,python3-dev,gcc,libc6-dev,zlib1g-dev,binutils,musl-tools,file \
       bookworm "$rootfs" "$mirror"
     cp "/usr/bin/$qemu" "$rootfs/usr/bin/"
     chroot "$rootfs" /debootstrap/debootstrap --second-stage
     touch "$rootfs/.ready"
   fi
   rm -rf "$rootfs/build" && mkdir -p "$rootfs/build"
-  cp ggc_ota.py requirements-build.txt packaging/staticx_split.py packaging/xz_blocks.py packaging/tailor_spec.py \
-    "$rootfs/build/"
+  mkdir -p "$rootfs/build/packaging"
+  cp ggc_ota.py requirements-build.txt "$rootfs/build/"
+  cp packaging/bundle.py packaging/launcher.c "$rootfs/build/packaging/"
   # pip inside the rootfs trusts what this machine trusts (a registry may sit behind a proxy
   # with its own CA) and reads its index settings
   mkdir -p "$rootfs/etc/ssl/certs"
@@ -270,7 +284,7 @@ cross_binary() {
   env ${qemu_cpu:+QEMU_CPU=$qemu_cpu} CROSS="$triple" SYSROOT="$rootfs" BUILD_PYTHON="$py_prefix/bin/python3.11" \
     packaging/small_python.sh /opt/python "$mirror"
   log "building ggc-ota for $arch inside the rootfs (under qemu)"
-  chroot "$rootfs" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root BOOTLOADER_CC=musl-gcc \
+  chroot "$rootfs" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
     PIP_CERT=/etc/ssl/certs/host-ca-certificates.crt SSL_CERT_FILE=/etc/ssl/certs/host-ca-certificates.crt \
     PIP_DEFAULT_TIMEOUT=180 \
     ${qemu_cpu:+QEMU_CPU=$qemu_cpu} /bin/sh -ec "
@@ -280,10 +294,12 @@ cross_binary() {
         rm -rf /venv && /opt/python/bin/python3.11 -m venv /venv && /venv/bin/pip install -q -r requirements-build.txt
         cp /opt/python/.ready /venv/.python
       fi
-      /venv/bin/pyi-makespec --onefile --strip --optimize 2 --name ggc-ota-dynamic $chroot_excludes ggc_ota.py >/dev/null
-      /venv/bin/python tailor_spec.py ggc-ota-dynamic.spec
+      /venv/bin/pyi-makespec --onedir --contents-directory . --strip --optimize 2 --name ggc-ota-dynamic $chroot_excludes ggc_ota.py >/dev/null
       /venv/bin/pyinstaller --noconfirm --log-level WARN ggc-ota-dynamic.spec
-      /venv/bin/python staticx_split.py dist/ggc-ota-dynamic dist/ggc-ota"
+      lib=\$(dpkg -L liblzma-dev | grep '/liblzma\\.a\$' | head -n 1)
+      mkdir -p inc && cp -r /usr/include/lzma.h /usr/include/lzma inc/
+      musl-gcc -static -Os -s -Wall -Wextra -Werror -Wno-format-truncation -Iinc -o launcher packaging/launcher.c \$lib
+      /venv/bin/python packaging/bundle.py dist/ggc-ota-dynamic launcher dist/ggc-ota"
   mkdir -p dist
   cp "$rootfs/build/dist/ggc-ota" "dist/ggc-ota-$arch"
   log "smoke run under qemu${qemu_cpu:+ (CPU $qemu_cpu)}: --version, and --dry-run on a sample root"

@@ -4167,10 +4167,16 @@ TRIAL_ENV = "GGC_OTA_TRIAL"  # set for a new agent on trial: <jobId>:<pid of the
 DAEMON_CHILD_FLAG = "--daemon-child"
 FRESH_ENV = "GGC_OTA_FRESH_INTERPRETER"
 JOURNAL_FORMAT_FLAG = "--journal-format"  # internal: print the journal format this agent writes
-# What the launchers of a frozen binary tell the process they start (staticx: STATICX_PROG_PATH,
-# ...; PyInstaller: _PYI_*, _MEIPASS2 in older releases). A program this agent starts, a new
-# agent binary above all, must not take them as its own.
-LAUNCHER_ENV_PREFIXES = ("STATICX_", "_PYI_", "_MEIPASS")
+# What the launchers of a frozen binary tell the process they start: ours (packaging/launcher.c,
+# the static binary's first part), the binary itself, the directory its libraries were unpacked
+# into, and whether that is beside it (flash, or flash-new on the first start of a version) or in
+# TMPDIR ("tmpdir: <why>"); staticx's in the binaries before it (STATICX_*); PyInstaller's (_PYI_*,
+# _MEIPASS2 in older releases). A program this agent starts, a new agent binary above all, must
+# not take them as its own.
+LAUNCHER_EXE_ENV = "GGC_OTA_LAUNCHER_EXE"    # the binary itself
+LAUNCHER_LIBS_ENV = "GGC_OTA_LAUNCHER_LIBS"  # the directory the libraries were unpacked into
+LAUNCHER_MODE_ENV = "GGC_OTA_LAUNCHER_MODE"  # flash, flash-new, or "tmpdir: <why not beside the binary>"
+LAUNCHER_ENV_PREFIXES = ("GGC_OTA_LAUNCHER_", "STATICX_", "_PYI_", "_MEIPASS")
 
 
 class NewAgentBroken(OtaError):
@@ -4209,10 +4215,10 @@ def without_options(argv: List[str], names: Dict[str, bool]) -> List[str]:
 
 
 def running_agent_file() -> str:
-    """The agent file this process runs: under staticx the real program (not the copy it
-    extracted to TMPDIR), for PyInstaller alone sys.executable, for the script itself."""
+    """The agent file this process runs: for the static binary the binary (not the unpacked
+    program its launcher ran), for PyInstaller alone sys.executable, for the script itself."""
     if getattr(sys, "frozen", False):
-        return os.environ.get("STATICX_PROG_PATH") or sys.executable
+        return os.environ.get(LAUNCHER_EXE_ENV) or sys.executable
     return os.path.abspath(sys.argv[0])
 
 
@@ -4222,6 +4228,59 @@ def agent_command(path: str, args: List[str]) -> List[str]:
     if getattr(sys, "frozen", False):
         return [path] + args
     return [sys.executable, path] + args
+
+
+# ---- the static binary: its launcher ---------------------------------------------------------
+# The binary is a launcher (packaging/launcher.c) carrying this agent frozen by PyInstaller as a
+# directory, with its C libraries. The launcher unpacks them once per version beside the binary
+# (flash: page cache the kernel can drop), or into TMPDIR where it cannot, then becomes this
+# process with exec: nothing of it stays running. It says how through GGC_OTA_LAUNCHER_*.
+
+
+def launcher_libraries() -> Optional[Tuple[str, str]]:
+    """(where the binary's libraries are, what that means for the device) when this process is
+    the static binary; None for the script."""
+    libs, mode = os.environ.get(LAUNCHER_LIBS_ENV), os.environ.get(LAUNCHER_MODE_ENV, "")
+    if not getattr(sys, "frozen", False) or not libs:
+        return None
+    if mode.startswith("tmpdir"):
+        why = mode.partition(":")[2].strip() or "no reason given"
+        return libs, f"in TMPDIR, RAM on most devices, unpacked at every start (not beside the binary: {why})"
+    first = " (unpacked at this start: the first of this version)" if mode == "flash-new" else ""
+    return libs, f"beside the binary, unpacked once for this version, page cache the kernel can reclaim{first}"
+
+
+def settle_into_binary() -> None:
+    """What the static binary does first, in every mode: name the process ggc-ota (the kernel
+    named it after the C library's loader), keep host lookups to files and DNS (the device's own
+    NSS modules were built for another C library than the one unpacked), and remove the
+    libraries at exit when they are in TMPDIR (the agent logs that they are, once, at its start)."""
+    prctl = libc_function("prctl")
+    if prctl is not None:
+        pr_set_name = 15
+        prctl(pr_set_name, ctypes_buffer(b"ggc-ota"), 0, 0, 0)
+    configure = libc_function("__nss_configure_lookup")
+    if configure is not None:
+        for database in (b"hosts", b"services", b"protocols"):
+            configure(database, b"files dns" if database == b"hosts" else b"files")
+    where = launcher_libraries()
+    if where is not None and os.environ.get(LAUNCHER_MODE_ENV, "").startswith("tmpdir"):
+        import atexit
+        atexit.register(remove_tmpdir_libraries, where[0], os.getpid())
+
+
+def ctypes_buffer(data: bytes) -> Any:
+    import ctypes
+    return ctypes.create_string_buffer(data)
+
+
+def remove_tmpdir_libraries(path: str, pid: int) -> None:
+    """At exit: the libraries this process unpacked into TMPDIR (not in a forked child)."""
+    if os.getpid() == pid and os.path.basename(path) == f"ggc-ota-{pid}":
+        try:
+            remove_tree(path)
+        except OSError:
+            pass  # the next start of the binary removes what a gone agent left in TMPDIR
 
 
 def write_pid(path: str, pid: Optional[int] = None) -> None:
@@ -5879,6 +5938,9 @@ def preflight(root: str, config_path: Optional[str]) -> List[Check]:
     arch, os_name = detect_platform(cfg.ota)
     supported = any(arch == a and (os_name is None or os_name == o) for o, a in SUPPORTED_PLATFORMS)
     checks.append(Check("platform", supported, f"{os_name or 'unknown OS'}/{arch}"))
+    libraries = launcher_libraries()
+    if libraries is not None:
+        checks.append(Check("libraries", True, f"{libraries[1]}: {libraries[0]}"))
     try:
         holder = State(cfg.ota["stateDir"]).lock_holder()
     except PermissionError:
@@ -6211,13 +6273,9 @@ def run_agent(args: Any, argv: List[str]) -> int:
     restart_without_syntax_tree(argv)
     setup_logging(args.log_file or cfg.ota["logFile"], args.log_level, to_stderr=not args.daemon_child,
                   max_bytes=cfg.ota["logMaxBytes"], backups=cfg.ota["logBackups"], syslog_socket=cfg.ota["syslog"])
-    if getattr(sys, "frozen", False):
-        die_with_launcher()
-        for path in clean_stale_extractions():
-            log.info("removed the stale extraction directory %s", path)
-        freed = drop_unpacked_archive()
-        if freed:
-            log.debug("deleted the unpacked PyInstaller archive (%d KiB freed in TMPDIR)", freed // 1024)
+    where = launcher_libraries()
+    if where is not None and os.environ.get(LAUNCHER_MODE_ENV, "").startswith("tmpdir"):
+        log.warning("the binary's libraries are %s: %s", where[1], where[0])
     agent = Agent(cfg, argv, args.log_level, pid_file if (args.daemon_child or args.pid_file) else None,
                   daemon=args.daemon_child)
     handle_signals(agent)
@@ -6272,140 +6330,10 @@ def restart_without_syntax_tree(argv: List[str]) -> None:
         print(f"ggc-ota: could not restart without the syntax tree ({err}); going on", file=sys.stderr)
 
 
-# ---- frozen binaries (PyInstaller onefile + staticx) ------------------------------------------
-
-
-def die_with_launcher() -> None:
-    """A frozen binary is a stack of launchers (staticx, then PyInstaller, then this Python
-    process). When its top launcher is killed, even with SIGKILL, this process must stop too
-    rather than live on as an orphan beside a respawned agent: PR_SET_PDEATHSIG covers the
-    direct parent, and a watchdog thread the top launcher of this stack. Only this stack's own:
-    whatever started it (a shell, an init system, the `ggc-ota` that daemonized it, an old agent
-    that handed over) may exit as it likes."""
-    prctl = libc_function("prctl")
-    if prctl is not None:
-        pr_set_pdeathsig = 1
-        prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-    top = own_top_launcher()
-    if top is not None:
-        watch_process(top[0], top[1], "the launcher process")
-
-
-def drop_unpacked_archive() -> int:
-    """staticx unpacks PyInstaller's archive (`<program>.pkg`, 5.3 MiB: the libraries and
-    modules, built as a file of its own beside the bootloader) into TMPDIR and would keep it
-    for the agent's whole life, although its work is done once Python runs. Only one part of it
-    is read again: the archive of Python modules (PYZ, 1 MiB), at each later import. That part
-    is copied into PyInstaller's own directory, the module importer pointed at the copy, and the
-    archive deleted: TMPDIR is RAM on OpenWrt. Returns the bytes freed (0: not a staticx
-    binary, or not done). Both launchers remove their directories at exit as before."""
-    importers = sys.modules.get("pyimod02_importers")
-    reader = getattr(importers, "pyz_archive", None)
-    archive, offset = getattr(reader, "_filename", None), getattr(reader, "_start_offset", None)
-    meipass = getattr(sys, "_MEIPASS", None)
-    if not os.environ.get("STATICX_PROG_PATH") or not meipass or not isinstance(archive, str) \
-            or not isinstance(offset, int) or not os.path.basename(os.path.dirname(archive)).startswith("staticx-"):
-        return 0
-    try:
-        end = max((entry[1] + entry[2] for entry in reader.toc.values()), default=0)
-        with open(archive, "rb") as f:
-            f.seek(offset)
-            modules = f.read(end)
-        copy = os.path.join(meipass, "PYZ.pyz")
-        fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o400)
-        with os.fdopen(fd, "wb") as out:
-            out.write(modules)
-        size = os.path.getsize(archive)
-        reader._filename, reader._start_offset = copy, 0
-        os.unlink(archive)
-    except (OSError, AttributeError, TypeError, ValueError) as err:
-        log.warning("could not free the unpacked PyInstaller archive in TMPDIR: %s", err)
-        return 0
-    return size - len(modules)
-
-
-def own_top_launcher() -> Optional[Tuple[int, str]]:
-    """(pid, start time) of the outermost launcher of this process's own stack: its parent (the
-    PyInstaller bootloader) and, when staticx started that (STATICX_PROG_PATH is set), the
-    grandparent. Never further up."""
-    levels = 2 if os.environ.get("STATICX_PROG_PATH") else 1
-    pid, found = os.getpid(), None
-    for _ in range(levels):
-        fields = proc_stat(pid)
-        if fields is None or int(fields[1]) <= 1:
-            break
-        pid = int(fields[1])
-        started = process_start_time(pid)
-        if not started:
-            break
-        found = (pid, started)
-    return found
-
-
-STALE_EXTRACTION_AGE = 60.0
-
-
-def clean_stale_extractions(tmpdir: Optional[str] = None) -> List[str]:
-    """Remove the extraction directories (PyInstaller _MEI*, staticx-*) of earlier runs that no
-    live process uses any more: a killed launcher leaves them in TMPDIR, which is RAM on OpenWrt."""
-    tmpdir = tmpdir or extraction_parent()
-    try:
-        candidates = [os.path.join(tmpdir, n) for n in os.listdir(tmpdir)
-                      if (n.startswith("_MEI") or n.startswith("staticx-"))]
-    except OSError:
-        return []
-    # Another binary starting right now has a fresh directory that no process maps yet: only
-    # directories older than a minute can be stale.
-    cutoff = time.time() - STALE_EXTRACTION_AGE
-    candidates = [c for c in candidates if os.path.isdir(c) and not os.path.islink(c)
-                  and os.lstat(c).st_uid == os.geteuid() and os.lstat(c).st_mtime < cutoff]
-    if not candidates:
-        return []
-    in_use = paths_in_use()
-    removed = []
-    for path in candidates:
-        if not any(used == path or used.startswith(path + os.sep) for used in in_use):
-            try:
-                remove_tree(path)
-            except OSError as err:
-                log.warning("could not remove the stale extraction directory %s: %s", path, err)
-                continue
-            removed.append(path)
-    return removed
-
-
-def extraction_parent() -> str:
-    """Where the launchers unpacked this binary, and so where earlier runs left theirs: the
-    parent of PyInstaller's directory (it honours TMPDIR, TEMP and TMP, else /tmp)."""
-    meipass = getattr(sys, "_MEIPASS", None)
-    if meipass:
-        return os.path.dirname(meipass)
-    return os.environ.get("TMPDIR") or os.environ.get("TEMP") or os.environ.get("TMP") or "/tmp"
-
-
-def paths_in_use() -> set:
-    """Files mapped or executed by any process (from /proc), to tell live extractions from stale."""
-    used = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            used.add(os.readlink(f"/proc/{pid}/exe"))
-        except OSError:
-            pass
-        try:
-            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    parts = line.split(None, 5)
-                    if len(parts) == 6 and parts[5].startswith("/"):
-                        used.add(parts[5].strip())
-        except OSError:
-            pass
-    return used
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if getattr(sys, "frozen", False):
+        settle_into_binary()
     try:
         args = parse_args(argv)
     except UsageError as err:

@@ -262,8 +262,8 @@ def agent_pids(root: Path) -> list:
 
 
 def extraction_usage(tmpdir: Path) -> tuple:
-    """(directories, KiB allocated) of the frozen binary's self-extractions in `tmpdir`."""
-    dirs = [p for p in tmpdir.iterdir() if p.name.startswith(("staticx-", "_MEI"))]
+    """(directories, KiB allocated) of what the frozen binary unpacked into `tmpdir`."""
+    dirs = [p for p in tmpdir.iterdir() if p.name.startswith(("ggc-ota-", "staticx-", "_MEI"))]
     seen, blocks = set(), 0
     for d in dirs:
         for dirpath, _, files in os.walk(d):

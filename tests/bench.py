@@ -79,38 +79,38 @@ def timed(cmd, **kw) -> float:
     return time.perf_counter() - start
 
 
-def ram_tree_kib(pid: int, extraction: Path) -> dict:
-    """The RAM a process tree costs, counting each page once: its files in `extraction` (a
-    tmpfs on a device: RAM) in full, mapped or not; in the mappings of those files only the
-    pages the processes made private (relocations, written data: anonymous copies); every
-    other resident page by PSS (pages shared between the processes split among them). Summing
-    RSS and the extraction would count the mapped libraries twice (libc three times)."""
-    inodes = {}
-    for f in extraction.rglob("*"):
-        st = f.lstat()  # symlinks (staticx makes three) are not files: counted once, by inode
-        if stat.S_ISREG(st.st_mode):
-            inodes[st.st_ino] = st.st_blocks * 512  # what the file takes on the tmpfs
-    files = sum(inodes.values())
-    other = 0
-    prefix = str(extraction) + "/"
-    per = []
+def idle_memory_kib(pid: int, tmpdir: Path) -> dict:
+    """What a process tree costs a device, in three kinds (kB), from /proc/<pid>/smaps_rollup:
+    `anonymous` (its private memory: heap, stacks, written pages of libraries), `tmpfs` (every
+    file unpacked into `tmpdir`, a tmpfs on a device: RAM, mapped or not) and `evictable` (the
+    pages of files it maps from a disk or flash: page cache, which the kernel drops and reads
+    again under pressure). Unreclaimable, without swap (a router has none): anonymous + tmpfs.
+    Pages shared between processes are split among them (PSS)."""
+    tmpfs = 0
+    seen = set()
+    for f in tmpdir.rglob("*"):
+        st = f.lstat()
+        if stat.S_ISREG(st.st_mode) and st.st_ino not in seen:
+            seen.add(st.st_ino)
+            tmpfs += st.st_blocks * 512
+    anonymous = evictable = 0
     for p in [pid, *descendants(pid)]:
-        before = other
         try:
-            text = Path(f"/proc/{p}/smaps").read_text()
+            text = Path(f"/proc/{p}/smaps_rollup").read_text()
         except (FileNotFoundError, ProcessLookupError):
             continue
-        in_extraction = False
-        for line in text.splitlines():
-            fields = line.split()
-            if "-" in fields[0] and not fields[0].endswith(":"):
-                in_extraction = len(fields) > 5 and fields[5].startswith(prefix)
-            elif fields[0] == "Pss:" and not in_extraction:
-                other += int(fields[1])
-            elif fields[0] == "Anonymous:" and in_extraction:
-                other += int(fields[1])
-        per.append(other - before)
-    return {"extraction": files // 1024, "processes": other, "total": files // 1024 + other, "per_process": per}
+        fields = {line.split(":")[0]: int(line.split()[1]) for line in text.splitlines()[1:]}
+        anonymous += fields["Pss_Anon"]
+        evictable += fields["Pss_File"]
+    tmpfs_kib = tmpfs // 1024
+    return {"anonymous": anonymous, "tmpfs": tmpfs_kib, "evictable": evictable, "unreclaimable": anonymous + tmpfs_kib}
+
+
+def vm_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
 
 
 def anon_and_shmem_kib() -> int:
@@ -268,28 +268,41 @@ class Bench:
                  ">= 0.7x (speed)", ratio >= 0.7, self.args.runs)
 
     def memory(self) -> None:
+        """Peak RSS during a 100 MiB update against the same process's RSS idle just before, for
+        the script and the binary (goal: at most idle + 8 MiB); and the script's peak again for
+        a 1 GiB update (goal: flat, within 10%)."""
         sizes = [100 * 2**20, (200 if self.args.quick else 1024) * 2**20]
         print("peak memory of the agent during updates of " + " and ".join(f"{s >> 20} MiB" for s in sizes),
               flush=True)
-        peaks = []
-        for n, size in enumerate(sizes):
-            dev = self.device(f"mem{n}", ota={"minFreeBytes": 0})
+        binary = REPO / "dist/ggc-ota"
+        runs = [("script", sizes[0]), ("script", sizes[1])] + ([("binary", sizes[0])] if binary.exists() else [])
+        peaks = {}
+        for n, (kind, size) in enumerate(runs):
+            dev = self.device(f"mem{n}", agent=binary if kind == "binary" else REPO / "ggc_ota.py",
+                              ota={"minFreeBytes": 0})
             self.core_release(f"2.0.{n}", size)
-            proc = self.start_agent(dev)
+            proc = self.start_agent(dev, binary=(kind == "binary"))
             try:
                 self.wait_log(dev, "connected to")
+                time.sleep(2.0)
+                idle = vm_rss_kib(proc.pid) / 1024
                 job = self.job(dev)
                 ex = self.wait_done(dev, job)
                 assert ex["status"] == "SUCCEEDED", ex
-                peaks.append(vm_hwm_kib(proc.pid) / 1024)
+                peaks[(kind, size)] = (vm_hwm_kib(proc.pid) / 1024, idle)
+                print(f"  {kind}, {size >> 20} MiB: idle {idle:.1f} MiB, peak {peaks[(kind, size)][0]:.1f} MiB",
+                      flush=True)
             finally:
                 stop_process(proc)
             shutil.rmtree(dev.root.parent, ignore_errors=True)
-        flat = peaks[1] / peaks[0]
-        self.row(f"peak RSS, {sizes[0] >> 20} MiB update", peaks[0], "MiB", None, None, None, "<= 30 MiB",
-                 peaks[0] <= 30, 1)
-        self.row(f"peak RSS, {sizes[1] >> 20} MiB update", peaks[1], "MiB", f"the {sizes[0] >> 20} MiB update",
-                 peaks[0], flat, "<= 30 MiB, within 10%", peaks[1] <= 30 and flat <= 1.10, 1)
+        for kind in ("script", "binary"):
+            if (kind, sizes[0]) in peaks:
+                peak, idle = peaks[(kind, sizes[0])]
+                self.row(f"peak RSS, {sizes[0] >> 20} MiB update, {kind}", peak, "MiB", "RSS idle, just before",
+                         idle, peak / idle, "<= idle + 8 MiB", peak <= idle + 8, 1)
+        big, small = peaks[("script", sizes[1])][0], peaks[("script", sizes[0])][0]
+        self.row(f"peak RSS, {sizes[1] >> 20} MiB update, script", big, "MiB", f"the {sizes[0] >> 20} MiB update",
+                 small, big / small, "flat: within 10%", big / small <= 1.10, 1)
 
     def latency(self) -> None:
         jobs = 8 if self.args.quick else 20
@@ -423,22 +436,33 @@ class Bench:
         self.row("binary size", size_mb, "MB", None, None, None, "<= 8 MB", size_mb <= 8.0, 1)
         starts = {"binary": [], "script": []}
         rams = {}
+        firsts = []
         for kind in ("binary", "script"):
             for i in range(self.args.runs + 2):
-                elapsed, ram = self.start_to_connect(kind, binary, i, measure_ram=(i == 0))
+                elapsed, first, ram = self.start_to_connect(kind, binary, i, measure_ram=(i == 0))
                 starts[kind].append(elapsed)
+                if first is not None:
+                    firsts.append(first)
                 if ram is not None:
                     rams[kind] = ram
         b, s = median(starts["binary"]), median(starts["script"])
         self.row("start to first CONNECT", b, "s", "python3 ggc_ota.py", s, b / s, "<= 0.3 s", b <= 0.3,
                  len(starts["binary"]))
-        b_ram, s_ram = rams["binary"]["total"], rams["script"]["total"]
-        self.row("idle RAM incl. extraction", b_ram, "MiB", "python3 ggc_ota.py", s_ram, b_ram / s_ram,
-                 "<= 24 MiB", b_ram <= 24.0, 1)
-        system = rams["binary"].get("system")
+        first = median(firsts)
+        self.row("first start of a version (unpacks its libraries)", first, "s", "the start above", b, first / b,
+                 "reported", True, len(firsts))
+        b_ram, s_ram = rams["binary"], rams["script"]
+        for kind in ("anonymous", "tmpfs", "evictable"):
+            self.row(f"idle: {kind}, binary", b_ram[kind], "MiB", "python3 ggc_ota.py", s_ram[kind],
+                     b_ram[kind] / s_ram[kind] if s_ram[kind] else None, "reported", True, 1)
+        self.row("idle: unreclaimable (anonymous + tmpfs), binary", b_ram["unreclaimable"], "MiB",
+                 "python3 ggc_ota.py", s_ram["unreclaimable"], b_ram["unreclaimable"] / s_ram["unreclaimable"],
+                 "<= 12 MiB", b_ram["unreclaimable"] <= 12.0, 1)
+        system = b_ram.get("system")
         if system is not None:  # the same, seen from the kernel: what the machine lost
-            self.row("idle RAM, /proc/meminfo view", system, "MiB", "the figure above", b_ram, system / b_ram,
-                     "agrees within 5%", abs(system / b_ram - 1) <= 0.05, 1)
+            self.row("idle: unreclaimable, /proc/meminfo view", system, "MiB", "the figure above",
+                     b_ram["unreclaimable"], system / b_ram["unreclaimable"], "agrees within 1 MiB",
+                     abs(system - b_ram["unreclaimable"]) <= 1.0, 1)
         self.binary_update(binary)
 
     def binary_update(self, binary: Path) -> None:
@@ -486,6 +510,12 @@ class Bench:
         on_tmpfs = measure_ram and kind == "binary" and subprocess.run(
             ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(tmpdir)], capture_output=True).returncode == 0
         system_before = anon_and_shmem_kib() if on_tmpfs else None
+        first = None
+        if kind == "binary":  # its first start unpacks the libraries beside it: timed apart
+            started = time.perf_counter()
+            subprocess.run([str(dev.root / "ota/ota_agent/ggc-ota"), "--version"], check=True, capture_output=True,
+                           env={**os.environ, "TMPDIR": str(tmpdir)})
+            first = time.perf_counter() - started
         start = time.perf_counter()
         proc = self.start_agent(dev, binary=(kind == "binary"), env={"TMPDIR": str(tmpdir)})
         try:
@@ -498,10 +528,9 @@ class Bench:
             ram = None
             if measure_ram:
                 time.sleep(2.0)
-                kib = ram_tree_kib(proc.pid, tmpdir)
-                ram = {k: kib[k] / 1024 for k in ("extraction", "processes", "total")}
-                print(f"  {kind}: extraction {ram['extraction']:.1f} MiB + processes {ram['processes']:.1f} MiB "
-                      f"({', '.join(f'{k / 1024:.1f}' for k in kib['per_process'])})", flush=True)
+                ram = {k: v / 1024 for k, v in idle_memory_kib(proc.pid, tmpdir).items()}
+                print(f"  {kind}: anonymous {ram['anonymous']:.1f} MiB, tmpfs {ram['tmpfs']:.1f} MiB, evictable "
+                      f"{ram['evictable']:.1f} MiB", flush=True)
                 if system_before is not None:
                     ram["system"] = (anon_and_shmem_kib() - system_before) / 1024
                     print(f"  {kind}: /proc/meminfo AnonPages + Shmem grew by {ram['system']:.1f} MiB", flush=True)
@@ -511,7 +540,7 @@ class Bench:
             listener.close()
             if on_tmpfs:
                 subprocess.run(["umount", "-l", str(tmpdir)], check=False)
-        return elapsed, ram
+        return elapsed, first, ram
 
 
 def wear(bench: Bench) -> None:

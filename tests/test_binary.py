@@ -1,5 +1,6 @@
 """The static binary (dist/ggc-ota, from ./build.sh binary): no libc from the device, an empty
-chroot, daemon mode as systemd's Type=forking drives it, the launcher's death, and a self-update
+chroot, daemon mode as systemd's Type=forking drives it, its libraries unpacked once beside it
+(page cache, not tmpfs) or in TMPDIR where that cannot be, no room anywhere, and a self-update
 binary -> binary. Skipped when the binary has not been built."""
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_harness import Device, extraction_usage
+from tests.agent_harness import Device
 from tests.cloud.device import build_agent_artifact
 from tests.conftest import REPO
 
@@ -40,7 +41,22 @@ def alive(pid: int) -> bool:
 
 
 def extractions(tmpdir: Path) -> list:
-    return [p.name for p in tmpdir.iterdir() if p.name.startswith(("staticx-", "_MEI"))]
+    return [p.name for p in tmpdir.iterdir() if p.name.startswith(("ggc-ota-", "staticx-", "_MEI"))]
+
+
+def lib_dir(agent: Path) -> Path:
+    """Where the launcher unpacked this binary's libraries: beside it, one directory per version."""
+    [found] = [p for p in agent.parent.iterdir() if p.name.startswith(".ggc-ota-") and ".tmp-" not in p.name]
+    return found
+
+
+def mapped_files(pid: int) -> set:
+    out = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            out.add(fields[5])
+    return out
 
 
 @pytest.fixture
@@ -114,6 +130,8 @@ def test_empty_chroot_version_dry_run_and_a_real_connection(chroot):
 
 
 def test_daemon_mode_like_systemd(device, tmp_path):
+    """One process: the launcher became the agent (exec), so the PID file names the agent
+    itself, named ggc-ota, running the unpacked loader beside the binary; nothing in TMPDIR."""
     tmpdir = tmp_path / "t"
     tmpdir.mkdir()
     pid_file = tmp_path / "ggc-ota.pid"
@@ -121,18 +139,18 @@ def test_daemon_mode_like_systemd(device, tmp_path):
                          capture_output=True, text=True, timeout=60, env={**os.environ, "TMPDIR": str(tmpdir)})
     assert out.returncode == 0, out.stderr
     pid = int(pid_file.read_text())
-    assert alive(pid) and os.getsid(pid) == pid
-    assert os.readlink(f"/proc/{pid}/exe") == str(device.agent_path)  # the top process: the binary itself
+    assert alive(pid) and os.getsid(pid) == pid and descendants(pid) == []
+    assert Path(os.readlink(f"/proc/{pid}/exe")).parent == lib_dir(device.agent_path)
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == "ggc-ota"
     device.wait_log("connected to", timeout=30)
-    tree = [pid, *descendants(pid)]
-    assert len(tree) >= 2 and extractions(tmpdir)
+    time.sleep(10)  # still there, alone, ten seconds on
+    assert alive(pid) and descendants(pid) == [] and extractions(tmpdir) == []
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 5
-    while any(alive(p) for p in tree):
-        assert time.monotonic() < deadline, "the daemon's tree did not stop within 5 s of SIGTERM"
+    while alive(pid):
+        assert time.monotonic() < deadline, "the daemon did not stop within 5 s of SIGTERM"
         time.sleep(0.05)
-    time.sleep(0.2)
-    assert extractions(tmpdir) == []
+    assert not pid_file.exists()
 
 
 def shmem_kib() -> int:
@@ -140,84 +158,109 @@ def shmem_kib() -> int:
     return int(fields["Shmem"].split()[0])
 
 
-# read by the importer at each later import, so never mapped: PyInstaller's module archives
-READ_NOT_MAPPED = {"PYZ.pyz", "base_library.zip"}
-
-
-def assert_every_unpacked_file_is_in_use(tmpdir: Path, top: int) -> None:
-    """Every byte unpacked into TMPDIR is RAM on OpenWrt, so every file there must be one a
-    process of the agent's tree maps (a library, the bootloader), or one of the module archives
-    the importer reads. A second copy of a library, an extension module nothing imports, or a
-    part of the archive left behind fails here, by name."""
-    mapped = set()
-    for pid in [top, *descendants(top)]:
-        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6:
-                mapped.add(os.path.realpath(fields[5]))
-    unused = [str(f.relative_to(tmpdir)) for f in sorted(tmpdir.rglob("*"))
-              if f.is_file() and not f.is_symlink() and f.name not in READ_NOT_MAPPED
-              and os.path.realpath(f) not in mapped]
-    assert unused == [], f"unpacked into TMPDIR but used by no process: {unused}"
-
-
-def test_the_archive_copy_is_freed_once_python_runs_and_later_imports_still_work(device, tmp_path):
-    """staticx unpacks PyInstaller's archive (6.6 MiB) into TMPDIR; once Python runs, the agent
-    keeps only its module archive (1 MiB, in PyInstaller's directory) and deletes the rest. The
-    kernel must see it freed (a file still open or mapped would keep its pages), and the modules
-    the agent imports only later (http.client and tarfile for an update) must still load."""
+def test_the_libraries_are_unpacked_once_beside_the_binary_and_take_no_tmpfs(device, tmp_path):
+    """Every library the agent maps comes from the directory beside the binary (page cache the
+    kernel can drop), TMPDIR stays empty and the kernel's tmpfs count does not grow; a second
+    start writes nothing there; the modules an update imports late still load; --dry-run says
+    where the libraries are."""
     tmpdir = tmp_path / "t"
     tmpdir.mkdir()
     on_tmpfs = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(tmpdir)],
                               capture_output=True).returncode == 0
+    env = {**os.environ, "TMPDIR": str(tmpdir)}
     try:
-        before = shmem_kib()
+        first = subprocess.run(device.command("--version"), capture_output=True, text=True, timeout=60, env=env)
+        assert first.returncode == 0, first.stderr
+        libs = lib_dir(device.agent_path)
+        before = {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in libs.iterdir()}, libs.stat().st_mtime_ns
+        shmem = shmem_kib()
         device.release_core("1.11.6")
-        device.proc = subprocess.Popen(device.command("--root", str(device.root), "--foreground"),
-                                       env={**os.environ, "TMPDIR": str(tmpdir)}, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL, start_new_session=True)
+        device.proc = subprocess.Popen(device.command("--root", str(device.root), "--foreground"), env=env,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         device.wait_log("connected to", timeout=30)
         time.sleep(1)
-        pkgs = list(tmpdir.glob("staticx-*/*.pkg"))
-        modules = list(tmpdir.glob("_MEI*/PYZ.pyz"))
-        assert pkgs == [] and len(modules) == 1, sorted(str(p) for p in tmpdir.rglob("*"))
-        _, kib = extraction_usage(tmpdir)
-        # 24 MiB with the archive kept, 18.4 with Debian's Python and OpenSSL, 14.8 built for size
-        assert kib < 16 * 1024, kib
-        assert_every_unpacked_file_is_in_use(tmpdir, device.proc.pid)
-        # every extension module is inside libpython (packaging/Setup.local): none is a file
-        assert list(tmpdir.glob("_MEI*/python3*/lib-dynload/*.so")) == []
-        if on_tmpfs:  # what the machine lost agrees: no deleted file is kept alive
-            assert shmem_kib() - before < kib + 2048, (shmem_kib() - before, kib)
+        libraries = {f for f in mapped_files(device.proc.pid) if ".so" in f}
+        assert libraries and all(Path(f).parent == libs for f in libraries), libraries
+        assert extractions(tmpdir) == [] and list(tmpdir.iterdir()) == []
+        if on_tmpfs:
+            assert shmem_kib() - shmem < 2048, shmem_kib() - shmem
+        after = {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in libs.iterdir()}, libs.stat().st_mtime_ns
+        assert after == before  # a start that finds them in place writes nothing there
         assert device.wait_status(device.update_job())["status"] == "SUCCEEDED", device.log()[-3000:]
+        dry = subprocess.run(device.command("--root", str(device.root), "--dry-run"), capture_output=True,
+                             text=True, timeout=60, env=env)
+        line = next(x for x in dry.stdout.splitlines() if x.split()[1:2] == ["libraries:"])
+        assert line.startswith("OK") and "beside the binary, unpacked once for this version" in line, line
     finally:
         device.stop()
         if on_tmpfs:
             subprocess.run(["umount", "-l", str(tmpdir)], check=False)
 
 
-def test_launcher_killed_the_agent_follows_and_the_next_start_cleans_up(device, tmp_path):
+def test_with_no_room_beside_the_binary_the_libraries_live_in_tmpdir_for_the_agents_life(device, tmp_path):
+    """The binary's directory read-only: the libraries go into TMPDIR, the log says so once at
+    WARNING with the reason, --dry-run shows it, a clean stop removes them, and what a SIGKILL
+    leaves is removed by the next start."""
+    agent_dir = device.agent_path.parent
+    if subprocess.run(["mount", "--bind", str(agent_dir), str(agent_dir)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here (needs root)")
     tmpdir = tmp_path / "t"
     tmpdir.mkdir()
     env = {**os.environ, "TMPDIR": str(tmpdir)}
-    proc = subprocess.Popen(device.command("--root", str(device.root), "--foreground"), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    device.wait_log("connected to", timeout=30)
-    tree = descendants(proc.pid)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(5)
-    deadline = time.monotonic() + 10
-    while any(alive(p) for p in tree):
-        assert time.monotonic() < deadline, "the agent outlived its launcher (PR_SET_PDEATHSIG)"
-        time.sleep(0.05)
-    stale = extractions(tmpdir)
-    assert stale  # SIGKILL left the extraction behind...
-    for name in stale:
-        os.utime(tmpdir / name, (time.time() - 3600, time.time() - 3600))
-    device.proc = subprocess.Popen(device.command("--root", str(device.root), "--foreground"), env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    device.wait_log("removed the stale extraction directory", timeout=30)  # ...and the next start removes it
-    assert not set(stale) & set(extractions(tmpdir))
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(agent_dir)], check=True)
+        dry = subprocess.run(device.command("--root", str(device.root), "--dry-run"), capture_output=True,
+                             text=True, timeout=60, env=env)
+        line = next(x for x in dry.stdout.splitlines() if x.split()[1:2] == ["libraries:"])
+        assert "in TMPDIR" in line and "Read-only file system" in line, line
+        assert extractions(tmpdir) == []  # the dry-run's own copy went with it
+        device.proc = subprocess.Popen(device.command("--root", str(device.root), "--foreground"), env=env,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        device.wait_log("connected to", timeout=30)
+        assert device.log().count("WARNING [MainThread] the binary's libraries are in TMPDIR") == 1
+        assert extractions(tmpdir) == [f"ggc-ota-{device.proc.pid}"]
+        device.stop()
+        assert extractions(tmpdir) == []
+        connects = device.log().count("connected to")
+        device.proc = subprocess.Popen(device.command("--root", str(device.root), "--foreground"), env=env,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while device.log().count("connected to") == connects:  # this start's own connect
+            assert time.monotonic() < deadline, device.log()[-3000:]
+            time.sleep(0.1)
+        killed = device.proc.pid
+        device.kill9()
+        assert extractions(tmpdir) == [f"ggc-ota-{killed}"]
+        again = subprocess.run(device.command("--version"), capture_output=True, text=True, timeout=60, env=env)
+        assert again.returncode == 0 and extractions(tmpdir) == [], extractions(tmpdir)
+    finally:
+        device.stop()
+        subprocess.run(["umount", "-l", str(agent_dir)], check=False)
+
+
+def test_with_no_room_anywhere_a_start_fails_clearly_and_leaves_nothing(device, tmp_path):
+    """A full flash beside the binary and a full TMPDIR: exit 1 (not a usage error), one line
+    that names both places and what to do, and nothing left in either for the next try."""
+    flash, tmpdir = tmp_path / "flash", tmp_path / "t"
+    flash.mkdir()
+    tmpdir.mkdir()
+    size = BINARY.stat().st_size
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size + 256 * 1024}", "tmpfs", str(flash)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tmpdir)], check=True)
+        shutil.copy(BINARY, flash / "ggc-ota")
+        for _ in range(2):
+            out = subprocess.run([str(flash / "ggc-ota"), "--root", str(device.root), "--dry-run"],
+                                 capture_output=True, text=True, timeout=60, env={**os.environ, "TMPDIR": str(tmpdir)})
+            assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stdout + out.stderr
+            assert "cannot unpack the agent's libraries" in out.stderr and "No space left on device" in out.stderr
+            assert "point TMPDIR at a directory with room" in out.stderr
+            assert sorted(p.name for p in flash.iterdir()) == ["ggc-ota"] and list(tmpdir.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(tmpdir)], check=False)
+        subprocess.run(["umount", "-l", str(flash)], check=False)
 
 
 def test_self_update_in_the_foreground_exits_75_and_the_next_start_commits(device, cloud):

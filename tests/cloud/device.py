@@ -29,6 +29,8 @@ from .pki import ClientCert
 
 # the managed-respawn scripts an operator starts from (the README's "Configure")
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples/managed-respawn"
+# where the static binary's launcher unpacks its libraries, beside the binary (packaging/launcher.c)
+LAUNCHER_CACHE = ".ggc-ota-"
 SCRIPTS = ("ggc_pre_update.sh", "ggc_post_update.sh", "ota_pre_update.sh", "ota_post_update.sh")
 KEPT = ("ggc/deployment", "ggc/var")
 
@@ -140,9 +142,13 @@ class DeviceRoot:
         return out
 
     def tree_digest(self, sub: str) -> dict[str, str]:
+        """Every name under <root>/<sub>, with its content. The static binary's unpacked libraries
+        (.ggc-ota-<id> beside it) are left out: a cache of the binary, verified at each start."""
         out = {}
         for p in sorted((self.root / sub).rglob("*")):
             rel = str(p.relative_to(self.root))
+            if any(part.startswith(LAUNCHER_CACHE) for part in p.relative_to(self.root).parts):
+                continue
             if p.is_symlink():
                 out[rel] = "link:" + os.readlink(p)
             elif p.is_file():

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from tests.agent_harness import TERMINAL, Device, agent_pids, alive, release_agent
+from tests.cloud.device import LAUNCHER_CACHE
 from tests.conftest import REPO
 from tests.powercut.fs import device_processes, kill_marked
 
@@ -129,7 +130,7 @@ def tree_state(path: Path) -> Dict[str, str]:
     if not path.is_dir():
         return {"<missing>": str(path)}
     for dirpath, dirnames, filenames in os.walk(path):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(LAUNCHER_CACHE))  # the binary's own cache
         for name in sorted(dirnames + filenames):
             p = os.path.join(dirpath, name)
             st = os.lstat(p)
