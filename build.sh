@@ -22,7 +22,8 @@ HERE=$(pwd)
 VENV="$HERE/.venv"
 # what packaging/small_python.sh needs, here and inside a cross build's rootfs
 INTERPRETER_DEBS=(gcc make perl patch xz-utils libffi-dev zlib1g-dev libexpat1-dev liblzma-dev debian-archive-keyring)
-DEBS=(mosquitto mosquitto-clients fuse3 openssl ca-certificates busybox shellcheck systemd file tinyproxy socat iproute2)
+DEBS=(mosquitto mosquitto-clients fuse3 openssl ca-certificates busybox shellcheck systemd file tinyproxy socat iproute2
+  musl-tools liblzma-dev dpkg)
 
 log() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
 

@@ -3418,7 +3418,7 @@ def session_members(sid: int) -> List[int]:
     return out
 
 
-# ---- other processes: the agent's own launchers, a new agent on trial, a daemon handed over to ----
+# ---- other processes: a new agent on trial, a daemon handed over to, what a script started -----
 
 
 def proc_stat(pid: int) -> Optional[List[str]]:
@@ -4294,16 +4294,17 @@ def write_pid(path: str, pid: Optional[int] = None) -> None:
 def start_daemon(command: List[str], pid_file: str, lock_fd: Optional[int] = None, timeout: float = 30.0) -> int:
     """Start `command` (an agent with --foreground --daemon-child) detached, in a session of its
     own, and wait until it has written `pid_file` (it does so once it holds the lock and runs).
-    Then name its top process there, as systemd's Type=forking expects: for a frozen binary the
-    outermost launcher, which forwards signals to the agent. `lock_fd`: the lock is handed to it.
+    Then name its top process there, as systemd's Type=forking expects (the agent itself; for a
+    binary of staticx, which a downgrade may start, its outermost launcher, which forwards
+    signals to the agent). `lock_fd`: the lock is handed to it.
     Returns that pid; raises OtaError with the daemon's last words when it dies or is late."""
     import subprocess
     if os.path.lexists(pid_file):
         os.unlink(pid_file)
     env = child_environment({LOCK_FD_ENV: str(lock_fd)} if lock_fd is not None else None)
-    # Started with SIGHUP ignored, which exec keeps: a frozen binary's launchers do not forward
-    # SIGHUP and would die of it (a logrotate's HUP to the PID file's process would stop the
-    # agent). The agent itself installs its own SIGHUP handler: reopen the log.
+    # Started with SIGHUP ignored, which exec keeps: the launchers of a staticx binary (which a
+    # downgrade may start) do not forward SIGHUP and would die of it (a logrotate's HUP to the PID
+    # file's process would stop the agent). The agent installs its own SIGHUP handler: reopen the log.
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN) if in_main else None
     try:
@@ -5844,8 +5845,9 @@ class Agent:
     # ---- handing over to another agent file ---------------------------------------------------
     def restart_as(self, path: str) -> None:
         """Replace this agent with the one at `path` without nesting one process stack in
-        another. The script: exec (same PID). The frozen binary, whose launchers would stay
-        behind an exec: as a daemon, start a new daemon, name it in the PID file (systemd
+        another. The script: exec (same PID). The frozen binary (whose successor may be a binary
+        of staticx, a stack of launchers that an exec would nest): as a daemon, start a new
+        daemon, name it in the PID file (systemd
         follows the PID file when the old main process exits) and exit; in the foreground,
         exit with 75 so that the init system (procd, runit, systemd Restart=) starts it.
         Raises OtaError when the new agent cannot be started; returns never otherwise."""
@@ -6236,8 +6238,8 @@ def describe_flight(flight: dict) -> str:
 
 
 def ask_for_a_check(root: str, config_path: Optional[str]) -> int:
-    """--check-now: SIGUSR1 to the agent process that holds this root's lock (never to a
-    launcher of the binary, which would die of it)."""
+    """--check-now: SIGUSR1 to the agent process that holds this root's lock (never to the PID
+    file's process, which for a binary of staticx was a launcher that would die of it)."""
     cfg = load_config(root, config_path)
     holder = State(cfg.ota["stateDir"]).lock_holder()
     if holder is None or not holder.isdigit():
@@ -6250,8 +6252,8 @@ def ask_for_a_check(root: str, config_path: Optional[str]) -> int:
 
 
 def daemonize(argv: List[str], pid_file: str) -> int:
-    """Start a detached fresh copy of this executable (never a double fork: a frozen onefile
-    binary deletes its extraction directory when its launcher exits) and exit 0 once it has
+    """Start a detached fresh copy of this executable (a new process rather than a double fork:
+    it starts clean, as an init system would start it) and exit 0 once it has
     written the PID file; 1 (3 when another agent runs) with its reason if it dies first."""
     try:
         start_daemon(agent_command(running_agent_file(), argv + ["--foreground", DAEMON_CHILD_FLAG]), pid_file)

@@ -270,7 +270,9 @@ class Bench:
     def memory(self) -> None:
         """Peak RSS during a 100 MiB update against the same process's RSS idle just before, for
         the script and the binary (goal: at most idle + 8 MiB); and the script's peak again for
-        a 1 GiB update (goal: flat, within 10%)."""
+        a 1 GiB update (goal: flat, within 10%). The peak is the kernel's VmHWM, reset when the
+        job is created (/proc/<pid>/clear_refs): the script's start peaks higher (compiling
+        ggc_ota.py), and that is not the update's."""
         sizes = [100 * 2**20, (200 if self.args.quick else 1024) * 2**20]
         print("peak memory of the agent during updates of " + " and ".join(f"{s >> 20} MiB" for s in sizes),
               flush=True)
@@ -286,6 +288,8 @@ class Bench:
                 self.wait_log(dev, "connected to")
                 time.sleep(2.0)
                 idle = vm_rss_kib(proc.pid) / 1024
+                # the peak from here on: the start's own (the script compiles itself) is not the update's
+                Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
                 job = self.job(dev)
                 ex = self.wait_done(dev, job)
                 assert ex["status"] == "SUCCEEDED", ex
@@ -510,12 +514,12 @@ class Bench:
         on_tmpfs = measure_ram and kind == "binary" and subprocess.run(
             ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(tmpdir)], capture_output=True).returncode == 0
         system_before = anon_and_shmem_kib() if on_tmpfs else None
-        first = None
+        first_start = None
         if kind == "binary":  # its first start unpacks the libraries beside it: timed apart
             started = time.perf_counter()
             subprocess.run([str(dev.root / "ota/ota_agent/ggc-ota"), "--version"], check=True, capture_output=True,
                            env={**os.environ, "TMPDIR": str(tmpdir)})
-            first = time.perf_counter() - started
+            first_start = time.perf_counter() - started
         start = time.perf_counter()
         proc = self.start_agent(dev, binary=(kind == "binary"), env={"TMPDIR": str(tmpdir)})
         try:
@@ -540,7 +544,7 @@ class Bench:
             listener.close()
             if on_tmpfs:
                 subprocess.run(["umount", "-l", str(tmpdir)], check=False)
-        return elapsed, first, ram
+        return elapsed, first_start, ram
 
 
 def wear(bench: Bench) -> None:
