@@ -22,10 +22,8 @@ MAKE = REPO / "packaging/make_package.py"
 
 
 def packaged_agent(tmp: Path) -> Path:
-    """What a package carries: the binary under test, or the script as an executable file."""
+    """What a package carries: a copy of the binary under test, or of the script, executable."""
     agent = agent_under_test()
-    if os.environ.get("GGC_OTA_AGENT"):
-        return agent
     copy = tmp / "packaged" / "ggc-ota"
     copy.parent.mkdir(exist_ok=True)
     shutil.copyfile(agent, copy)
@@ -150,6 +148,8 @@ def test_install_agent_puts_the_packaged_agent_where_it_runs_once(device_root, t
         ["ggc-ota"]
     again = install_agent(root, packaged_agent(tmp_path))
     assert again.returncode == 0 and "is ggc-ota 0.1.0 already" in again.stdout
+    # the package's own copy is never run: a binary unpacks its libraries only where it runs
+    assert sorted(p.name for p in packaged_agent(tmp_path).parent.iterdir()) == ["ggc-ota"]
 
 
 def test_install_agent_leaves_an_update_in_flight_alone(device_root, tmp_path):
