@@ -97,7 +97,8 @@ def test_size_figures_agree_with_the_benchmark_everywhere():
     performance = readme.split("## Performance")[1].split("\n## ")[0]
     for table in (requirements, performance):
         assert size in table and ram in table, (size, ram)
-    files = [REPO / "README.md", REPO / "systemd/ggc-ota.service", REPO / "openwrt/ggc-ota", REPO / "openwrt/ggc-ota.config"]
+    files = [REPO / "README.md", REPO / "systemd/ggc-ota.service", REPO / "openwrt/ggc-ota",
+             REPO / "openwrt/ggc-ota.config"]
     texts = {p: p.read_text() for p in files}
     for path, text in texts.items():
         for other in re.findall(r"\b\d+(?:\.\d+)? MB\b", text):
