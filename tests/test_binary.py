@@ -278,3 +278,45 @@ def test_self_update_in_the_foreground_exits_75_and_the_next_start_commits(devic
     ex = device.wait_status(job)
     assert ex["status"] == "SUCCEEDED", device.log()[-3000:]
     assert device.dev.hook_calls() == ["ota_pre_update.sh", "ota_post_update.sh"]
+
+
+def with_another_library_id(binary: bytes) -> bytes:
+    """The same binary, as another version's would be: its manifest's id changed (same length),
+    so that it unpacks its libraries into a directory of its own."""
+    head, _, rest = binary.rpartition(b"\nid ")
+    ident, newline, tail = rest.partition(b"\n")
+    assert len(ident) == 16 and newline
+    other = bytes(b"0123456789abcdef"[(b"0123456789abcdef".index(c) + 1) % 16] for c in ident)
+    return head + b"\nid " + other + b"\n" + tail
+
+
+@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+def test_a_self_update_replaces_the_binary_and_its_libraries_together(device, cloud, tmp_path, outcome):
+    """The new binary's first start, on trial from staging, unpacks its libraries there; the
+    swap moves them in with it and the commit removes the old ones with the old tree. When the
+    trial fails, the old binary and its libraries stay, and nothing of the new is left."""
+    device.start()
+    device.wait_log("connected to", timeout=30)
+    old_dir = lib_dir(device.agent_path).name
+    new_binary = tmp_path / "new" / "ota/ota_agent/ggc-ota"
+    new_binary.parent.mkdir(parents=True)
+    new_binary.write_bytes(with_another_library_id(BINARY.read_bytes()))
+    new_binary.chmod(0o755)
+    art = build_agent_artifact(device.tmp / "agent.tar.gz", new_binary)
+    cloud.publish_release(software="ota_agent", version="0.1.1", architecture="x86_64", operating_system="ubuntu",
+                          tarball=art.path)
+    if outcome == "rollback":
+        device.dev.fail_script("ota_post_update.sh", 1, once=True)  # the new agent's trial fails
+    job = device.update_job(software="ota_agent")
+    if outcome == "commit":
+        assert device.wait_exit(90) == 75, device.log()[-3000:]
+        device.start()
+    ex = device.wait_status(job)
+    assert ex["status"] == ("SUCCEEDED" if outcome == "commit" else "FAILED"), device.log()[-3000:]
+    dirs = sorted(p.name for p in device.agent_path.parent.iterdir() if p.name.startswith(".ggc-ota-"))
+    if outcome == "commit":
+        assert dirs == [lib_dir(device.agent_path).name] and dirs != [old_dir]
+        assert device.agent_path.read_bytes() == new_binary.read_bytes()
+    else:
+        assert dirs == [old_dir] and device.agent_path.read_bytes() == BINARY.read_bytes()
+    assert not list((device.root / "ota-state/staging").glob("*"))  # the new one's copy went with its staging
