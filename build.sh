@@ -338,13 +338,16 @@ cmd_release() {
     esac
   done
   ensure_venv
+  # the packages' file times: the release's commit (reproducible), unless given
+  SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
+  export SOURCE_DATE_EPOCH
   rm -f dist/ggc-ota-* dist/ggc-ota_* dist/SHA256SUMS
   cmd_binary
   cp dist/ggc-ota "dist/ggc-ota-${machines[0]}"
   for machine in "${machines[@]:1}"; do
     cross_binary "$machine"
   done
-  version=$(dist/ggc-ota --version | cut -d' ' -f2)
+  version=$("$HERE/build/binary/smoke/ggc-ota" --version | cut -d' ' -f2)  # run where it unpacks nothing of dist/
   log "packaging ggc-ota $version for ${machines[*]}"
   "$VENV/bin/python" packaging/make_package.py release dist "$version" "${machines[@]}"
   (cd dist && sha256sum -c --quiet SHA256SUMS)
