@@ -4243,7 +4243,7 @@ def launcher_libraries() -> Optional[Tuple[str, str]]:
     libs, mode = os.environ.get(LAUNCHER_LIBS_ENV), os.environ.get(LAUNCHER_MODE_ENV, "")
     if not getattr(sys, "frozen", False) or not libs:
         return None
-    if mode.startswith("tmpdir"):
+    if libraries_in_tmpdir():
         why = mode.partition(":")[2].strip() or "no reason given"
         return libs, f"in TMPDIR, RAM on most devices, unpacked at every start (not beside the binary: {why})"
     first = " (unpacked at this start: the first of this version)" if mode == "flash-new" else ""
@@ -4258,20 +4258,21 @@ def settle_into_binary() -> None:
     prctl = libc_function("prctl")
     if prctl is not None:
         pr_set_name = 15
-        prctl(pr_set_name, ctypes_buffer(b"ggc-ota"), 0, 0, 0)
+        prctl(pr_set_name, b"ggc-ota", 0, 0, 0)
     configure = libc_function("__nss_configure_lookup")
     if configure is not None:
         for database in (b"hosts", b"services", b"protocols"):
             configure(database, b"files dns" if database == b"hosts" else b"files")
-    where = launcher_libraries()
-    if where is not None and os.environ.get(LAUNCHER_MODE_ENV, "").startswith("tmpdir"):
+    in_tmpdir = libraries_in_tmpdir()
+    if in_tmpdir is not None:
         import atexit
-        atexit.register(remove_tmpdir_libraries, where[0], os.getpid())
+        atexit.register(remove_tmpdir_libraries, in_tmpdir, os.getpid())
 
 
-def ctypes_buffer(data: bytes) -> Any:
-    import ctypes
-    return ctypes.create_string_buffer(data)
+def libraries_in_tmpdir() -> Optional[str]:
+    """The directory of the binary's libraries when its launcher put them in TMPDIR, else None."""
+    in_tmpdir = getattr(sys, "frozen", False) and os.environ.get(LAUNCHER_MODE_ENV, "").startswith("tmpdir")
+    return os.environ.get(LAUNCHER_LIBS_ENV) if in_tmpdir else None
 
 
 def remove_tmpdir_libraries(path: str, pid: int) -> None:
@@ -5652,6 +5653,7 @@ class Agent:
             record.update(component=doc.software, toVersion=doc.version, fromVersion=self.installed(doc.software))
             set_job_log_level(doc.log_level, self.base_level)
             if doc.version == record["fromVersion"] and not self.cfg.ota["reinstallSameVersion"]:
+                check_platform(doc, *detect_platform(self.cfg.ota))  # another platform's job is REJECTED even so
                 self.already_installed(record, doc)
             else:
                 stage, journal_format = self.prepare(job_id, doc)
@@ -6276,7 +6278,7 @@ def run_agent(args: Any, argv: List[str]) -> int:
     setup_logging(args.log_file or cfg.ota["logFile"], args.log_level, to_stderr=not args.daemon_child,
                   max_bytes=cfg.ota["logMaxBytes"], backups=cfg.ota["logBackups"], syslog_socket=cfg.ota["syslog"])
     where = launcher_libraries()
-    if where is not None and os.environ.get(LAUNCHER_MODE_ENV, "").startswith("tmpdir"):
+    if where is not None and libraries_in_tmpdir():
         log.warning("the binary's libraries are %s: %s", where[1], where[0])
     agent = Agent(cfg, argv, args.log_level, pid_file if (args.daemon_child or args.pid_file) else None,
                   daemon=args.daemon_child)

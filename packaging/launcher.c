@@ -257,6 +257,16 @@ static int sync_dir(const char *dir)
     return rc;
 }
 
+/* A new file <dir>/<name> for writing (its path left in `path`), or -1 with why_not set. */
+static int create_file(const char *dir, const char *name, char *path, size_t size)
+{
+    snprintf(path, size, "%s/%s", dir, name);
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0)
+        note("%s: %s", path, strerror(errno));
+    return fd;
+}
+
 /* Decode the payload into `dir` (which exists and is empty), file by file in manifest order,
  * each checked against its CRC-64 as it is written; `durable`: each file synced, then the
  * directory. Returns 0, or -1 with why_not set. */
@@ -293,14 +303,8 @@ static int unpack(const struct payload *p, const char *dir, int durable)
                 note("this binary's payload is longer than its manifest says");
                 goto out;
             }
-            if (fd < 0) {
-                snprintf(path, sizeof path, "%s/%s", dir, M.files[i].name);
-                fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-                if (fd < 0) {
-                    note("%s: %s", path, strerror(errno));
-                    goto out;
-                }
-            }
+            if (fd < 0 && (fd = create_file(dir, M.files[i].name, path, sizeof path)) < 0)
+                goto out;
             size_t n = have < left ? have : (size_t)left;
             if (write_all(fd, cursor, n) < 0) {
                 note("%s: %s", path, strerror(errno));
@@ -324,14 +328,8 @@ static int unpack(const struct payload *p, const char *dir, int durable)
                 crc = 0;
                 if (++i < M.count) {
                     left = M.files[i].size;
-                    if (left == 0) {
-                        snprintf(path, sizeof path, "%s/%s", dir, M.files[i].name);
-                        fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-                        if (fd < 0) {
-                            note("%s: %s", path, strerror(errno));
-                            goto out;
-                        }
-                    }
+                    if (left == 0 && (fd = create_file(dir, M.files[i].name, path, sizeof path)) < 0)
+                        goto out;
                 }
             }
         }

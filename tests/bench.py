@@ -106,13 +106,6 @@ def idle_memory_kib(pid: int, tmpdir: Path) -> dict:
     return {"anonymous": anonymous, "tmpfs": tmpfs_kib, "evictable": evictable, "unreclaimable": anonymous + tmpfs_kib}
 
 
-def vm_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def anon_and_shmem_kib() -> int:
     """The machine's anonymous memory plus its tmpfs pages (kB), from /proc/meminfo."""
     fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
@@ -131,9 +124,10 @@ def descendants(pid: int) -> list:
     return out
 
 
-def vm_hwm_kib(pid: int) -> int:
+def status_kib(pid: int, field: str) -> int:
+    """A memory figure of /proc/<pid>/status (VmRSS, VmHWM), in kB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
 
@@ -287,13 +281,13 @@ class Bench:
             try:
                 self.wait_log(dev, "connected to")
                 time.sleep(2.0)
-                idle = vm_rss_kib(proc.pid) / 1024
+                idle = status_kib(proc.pid, "VmRSS") / 1024
                 # the peak from here on: the start's own (the script compiles itself) is not the update's
                 Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
                 job = self.job(dev)
                 ex = self.wait_done(dev, job)
                 assert ex["status"] == "SUCCEEDED", ex
-                peaks[(kind, size)] = (vm_hwm_kib(proc.pid) / 1024, idle)
+                peaks[(kind, size)] = (status_kib(proc.pid, "VmHWM") / 1024, idle)
                 print(f"  {kind}, {size >> 20} MiB: idle {idle:.1f} MiB, peak {peaks[(kind, size)][0]:.1f} MiB",
                       flush=True)
             finally:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 import ggc_ota
-from tests.bench import REPO, ROLE, publish_core_release, vm_hwm_kib
+from tests.bench import REPO, ROLE, publish_core_release, status_kib
 from tests.cloud.cloud import Cloud
 from tests.cloud.device import make_root
 
@@ -231,7 +231,7 @@ class Fleet:
             "jobsRequestsPerCoreByApi": {op: round(c / self.n, 2) for op, c in sorted(by_op.items())},
             "peakRequestsPerSecond": max(collections.Counter(int(r["at"]) for r in requests).values()),
             "stillAlive": self.alive(),
-            "peakAgentRssMiB": round(max(vm_hwm_kib(c.proc.pid) for c in self.cores) / 1024, 1),
+            "peakAgentRssMiB": round(max(status_kib(c.proc.pid, "VmHWM") for c in self.cores) / 1024, 1),
         }
         if throttle:
             throttled = sum(r["code"] == "RequestThrottled" for r in requests)

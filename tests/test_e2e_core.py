@@ -146,12 +146,15 @@ def test_foreign_job_is_left_alone(cloud, device):
     assert [h["source"] for h in device.history(foreign)] == ["create"]
 
 
-@pytest.mark.parametrize("arch,os_name,override", [("aarch64", "ubuntu", None), ("x86_64", "ubuntu", "raspbian")])
-def test_wrong_platform_is_rejected(cloud, tmp_path, arch, os_name, override):
+@pytest.mark.parametrize("arch,os_name,override,version", [("aarch64", "ubuntu", None, "1.11.6"),
+                                                           ("x86_64", "ubuntu", "raspbian", "1.11.6"),
+                                                           ("aarch64", "ubuntu", None, "1.11.5")])
+def test_wrong_platform_is_rejected(cloud, tmp_path, arch, os_name, override, version):
+    """Also for the version installed: a job for another platform is not this device's."""
     device = Device(cloud, tmp_path, ota={"operatingSystem": override} if override else None)
     try:
-        art = device.release_core("1.11.6")
-        cloud.publish_release(software="core", version="1.11.6", architecture=arch, operating_system=os_name,
+        art = device.release_core(version)
+        cloud.publish_release(software="core", version=version, architecture=arch, operating_system=os_name,
                               tarball=art.path)
         before = snapshot(device)
         seen = len(cloud.store.log)
